@@ -1,0 +1,316 @@
+"""Typed, self-validating run configuration: YAML files plus `key.sub=value` overrides."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for a person: the key, the value and the rule."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a mistyped key must fail, not be silently ignored);
+    # assignment is validated so overrides applied after load obey the same rules.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """The built-in procedural data set (METHOD.md: known posterior, long tail, ambiguity)."""
+
+    num_classes: int = Field(100, ge=2, description="number of classes L")
+    num_train: int = Field(20000, ge=1, description="training images")
+    num_val: int = Field(5000, ge=1, description="validation images (calibration and model selection)")
+    num_test: int = Field(5000, ge=1, description="test images (final metrics only)")
+    image_size: int = Field(32, ge=8, description="side of the square images, pixels")
+    zipf_exponent: float = Field(1.0, ge=0.0, description="class prior ∝ 1/(rank+1)^exponent; 0 = balanced")
+    ambiguity_rate: float = Field(0.3, ge=0.0, le=1.0, description="fraction of images mixing 2-3 classes")
+    seed: int = Field(0, description="generation seed (prototypes and samples)")
+
+
+class DataConfig(_Section):
+    """Where the images come from, where the shards go, and how they are read."""
+
+    source: Literal["synthetic", "imagefolder", "plantnet300k", "cifar100"] = Field(
+        "synthetic", description="input layout converted by `avgk prepare`"
+    )
+    root: str | None = Field(None, description="input folder of the source (not needed for synthetic)")
+    shards: str = Field("data/synthetic", description="output/input folder of WebDataset shards + manifest.json")
+    shard_maxcount: int = Field(1000, ge=1, description="samples per shard when writing")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    resize: int = Field(32, ge=8, description="eval: resize the shorter side to this")
+    crop: int = Field(32, ge=8, description="train random crop / eval center crop side")
+    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training rank")
+    shuffle_buffer: int = Field(1000, ge=1, description="per-worker sample shuffle buffer")
+    resampled: bool = Field(False, description="draw shards with replacement (allows fewer shards than ranks x workers)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.crop > self.resize:
+            raise ValueError(f"data.crop must be <= data.resize, got crop={self.crop} resize={self.resize}")
+        if self.source != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required for data.source={self.source!r}")
+        return self
+
+
+class ModelConfig(_Section):
+    """Backbone and the two heads (METHOD.md section 3)."""
+
+    backbone: str = Field(
+        "small_cnn",
+        description="'small_cnn', 'timm:<name>' or 'torchvision:<name>' (e.g. timm:resnet50)",
+    )
+    pretrained: str | None = Field(
+        None, description="local path to backbone weights (state dict); never downloaded at run time"
+    )
+    width: int = Field(64, ge=8, description="small_cnn base channel count")
+    channels_last: bool = Field(False, description="channels_last memory format (GPU)")
+    compile: bool = Field(False, description="torch.compile the model")
+
+
+class LossConfig(_Section):
+    """The training objective, chosen by name from the loss registry."""
+
+    name: str = Field("two_head", description="registered loss name (avgk.losses.LOSSES)")
+    k: float = Field(2.0, gt=0, description="the K targeted (sets of K labels on average)")
+    pseudo_k: float | None = Field(None, description="K_pl of the pseudo-label rule; default: k; must be >= 1")
+    ml_weight: float = Field(1.0, ge=0, description="mu: weight of the multi-label BCE term")
+    ml_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="BCE over classes: 'sum' (then mean over batch) or 'mean' over all entries"
+    )
+    pseudo_warmup_epochs: int = Field(0, ge=0, description="epochs with the multi-label term off")
+    pseudo_labels: Literal["online", "offline"] = Field(
+        "online", description="per-batch pseudo-labels, or the global table from `avgk pseudolabel`"
+    )
+    refresh_epochs: int = Field(1, ge=1, description="offline mode: recompute global pseudo-labels every R epochs")
+    score_head: Literal["multilabel", "softmax"] | None = Field(
+        None, description="head whose scores are thresholded; default: the loss's own"
+    )
+    reduction: Literal["sum", "mean"] = Field(
+        "sum", description="baselines: sum over classes + mean over batch, or mean over all entries"
+    )
+    eps: float = Field(0.1, ge=0, lt=1, description="an_ls: label smoothing coefficient")
+    alpha: float = Field(0.1, ge=0, description="em/em_apl: entropy weight")
+    beta: float = Field(1.0, ge=0, description="em_apl: weight of the negative pseudo-labels")
+    apl_warmup_epochs: int = Field(1, ge=0, description="em_apl: epochs before pseudo-labelling starts")
+    apl_neg_proportion: float = Field(0.01, gt=0, le=1, description="em_apl: share of unobserved entries pseudo-labelled negative per class")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.pseudo_k is not None and self.pseudo_k < 1:
+            raise ValueError(f"loss.pseudo_k must be >= 1, got {self.pseudo_k}")
+        return self
+
+    @property
+    def effective_pseudo_k(self) -> float:
+        return self.k if self.pseudo_k is None else self.pseudo_k
+
+
+class TrainConfig(_Section):
+    """Optimisation and distribution."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="GLOBAL batch size, split evenly over num_workers")
+    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="per-step lr schedule")
+    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length, epochs (fractions allowed)")
+    grad_clip: float | None = Field(None, gt=0, description="clip global grad norm to this")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype (GPU; bf16 also on CPU)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    seed: int = 0
+    max_failures: int = Field(0, ge=-1, description="Ray Train worker-failure restarts (-1 = unlimited)")
+    log_every: int = Field(20, ge=1, description="print progress every N steps")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})"
+            )
+        bad = [m for m in self.milestones if not 0 < m < self.epochs]
+        if bad or self.milestones != sorted(self.milestones):
+            raise ValueError(
+                f"train.milestones must be increasing epochs in (0, {self.epochs}), got {self.milestones}"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    """Which K are evaluated, and the class-frequency bins."""
+
+    ks: list[float] = Field(default_factory=lambda: [1, 2, 3, 5, 10], min_length=1)
+    freq_bins: tuple[int, int] = Field((20, 100), description="few < a <= medium <= b < many (train counts)")
+    batch_size: int = Field(256, ge=1)
+    checkpoint: Literal["best", "last"] = Field("best", description="checkpoint evaluated at the end")
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, ks: list[float]) -> list[float]:
+        for k in ks:
+            if not (k > 0 and math.isfinite(k)):
+                raise ValueError(f"every K in eval.ks must be > 0, got {k}")
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"eval.ks has duplicates: {ks}")
+        return sorted(ks)
+
+    @field_validator("freq_bins")
+    @classmethod
+    def _bins(cls, bins: tuple[int, int]) -> tuple[int, int]:
+        if not 0 < bins[0] <= bins[1]:
+            raise ValueError(f"eval.freq_bins must satisfy 0 < few <= many, got {bins}")
+        return bins
+
+
+class TrackingConfig(_Section):
+    """MLflow."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None, description="tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<run.storage>/mlflow.db"
+    )
+    experiment: str = "avgk"
+
+
+class RunConfig(_Section):
+    """Where a run lives."""
+
+    name: str = Field("demo", min_length=1, description="run name: <storage>/<name> is the run directory")
+    storage: str = Field("runs", description="local folder or pyarrow filesystem URI (s3://, gs://) holding runs")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if "/" in name or name in {".", ".."}:
+            raise ValueError(f"run.name must be a plain folder name, got {name!r}")
+        return name
+
+
+class Config(_Section):
+    """A whole avgk run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.data.source == "synthetic":
+            self.validate_num_classes(self.data.synthetic.num_classes)
+        return self
+
+    def validate_num_classes(self, num_classes: int) -> None:
+        """Rules that need L, which real data sets only reveal in their manifest."""
+        for k in self.eval.ks:
+            if k >= num_classes:
+                raise ValueError(f"eval.ks: K must be < number of classes {num_classes}, got {k}")
+        if self.loss.k >= num_classes:
+            raise ValueError(f"loss.k must be < number of classes {num_classes}, got {self.loss.k}")
+        if self.loss.effective_pseudo_k >= num_classes:
+            raise ValueError(f"loss.pseudo_k must be < number of classes {num_classes}, got {self.loss.effective_pseudo_k}")
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        return flatten(self.to_dict())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        elif "input" in e and e["type"] not in {"value_error", "assertion_error"}:
+            parts.append(f"{loc}={e['input']!r}: {msg}" if loc else msg)
+        else:
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings -> (key, YAML-parsed value)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    tree = copy.deepcopy(tree or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"config error: {_format_errors(err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (None: the embedded defaults) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    return build_config(tree, overrides)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,62 @@
+"""The only place that talks to torch.distributed: rank queries and sum reductions."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _reduce_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(array: np.ndarray) -> np.ndarray:
+    """Elementwise sum of `array` over all ranks (the identity on one process).
+
+    Counts and histograms are int64 and stay exact; float sums are reduced in float64.
+    """
+    if not is_distributed():
+        return array
+    dtype = torch.int64 if np.issubdtype(array.dtype, np.integer) else torch.float64
+    tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=dtype).to(_reduce_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy().astype(array.dtype, copy=False)
+
+
+def all_reduce_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """all_reduce_sum applied to every array of a mergeable state dict (same keys on every rank)."""
+    return {key: all_reduce_sum(value) for key, value in sorted(state.items())}
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

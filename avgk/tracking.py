@@ -1,0 +1,105 @@
+"""MLflow bookkeeping through an explicit client and run id (no global active run, so no duplicates).
+
+The driver creates the run (or finds the one a resumed run directory already names), the
+rank-0 worker logs into it by id, and the driver ends it with the final status.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from avgk import storage
+from avgk.config import Config
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+# MLflow rejects param values longer than this.
+_MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(config: Config) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store beside the runs."""
+    if config.tracking.uri:
+        return config.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    storage_dir = config.run.storage
+    if "://" in storage_dir:
+        raise ValueError(
+            f"run.storage={storage_dir!r} is remote: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server"
+        )
+    Path(storage_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(storage_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """The MLflow run of this run directory: reopened if a resumed run already has one, else created."""
+    from mlflow.entities import RunStatus
+
+    uri = tracking_uri(config)
+    client = _client(uri)
+    id_file = storage.join(storage.absolute(config.run_dir), RUN_ID_FILE)
+    if storage.exists(id_file):
+        run_id = storage.read_bytes(id_file).decode().strip()
+        try:
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return run_id
+        except Exception:  # the store was wiped or moved: start a fresh run
+            pass
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+    all_tags = {"avgk.run_dir": storage.absolute(config.run_dir), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=config.run.name, tags=all_tags)
+    run_id = run.info.run_id
+    log_params(uri, run_id, config.flat())
+    storage.write_bytes(id_file, run_id.encode())
+    return run_id
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    client = _client(uri)
+    for start in range(0, len(items), 100):  # MLflow caps params per batch at 100
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], *, step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if v is not None and math.isfinite(v)]
+    client = _client(uri)
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_artifact(uri: str, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(local_path), artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def end_run(uri: str, run_id: str, *, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)

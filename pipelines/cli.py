@@ -1,0 +1,115 @@
+"""The `avgk` console script: avgk <verb> CONFIG [key.sub=value ...]."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from avgk.config import Config, ConfigError, load_config
+
+# Ray prints a banner per worker and a deprecation hint per run; keep a person's terminal readable.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TQDM_MININTERVAL", "5")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pipelines.prepare import prepare
+
+    config = _config(args)
+    manifest = prepare(config)
+    counts = ", ".join(f"{split} {info.num_samples}" for split, info in manifest.splits.items())
+    print(f"shards ready in {config.data.shards}: {manifest.num_classes} classes; {counts}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.report import format_summary
+    from pipelines.train import run_training
+
+    config = _config(args)
+    evaluation = run_training(config)
+    print(f"run directory: {config.run_dir}")
+    if evaluation is not None:
+        print(format_summary({config.loss.name: evaluation.metrics}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    run_demo(args.overrides)
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    if optional:
+        parser.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded defaults)")
+    else:
+        parser.add_argument("config", help="YAML config file, e.g. configs/smoke.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avgk", description="Average-K classifiers at cluster scale.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs: list[tuple[str, str, Callable[[argparse.Namespace], int], bool]] = [
+        ("prepare", "convert data.source into WebDataset shards + manifest at data.shards", cmd_prepare, False),
+        ("train", "train on Ray Train (data.*, model.*, loss.*, train.*), evaluate on test", cmd_train, False),
+    ]
+    for name, help_text, func, optional in verbs:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p, optional=optional)
+        p.set_defaults(func=func)
+    demo = sub.add_parser(
+        "demo",
+        help="the embedded default end to end: synthetic data, two-head vs CE on Ray, MLflow",
+        description="Synthetic data -> shards -> Ray Train (two-head and CE) -> test evaluation -> comparison table.",
+    )
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the embedded defaults")
+    demo.set_defaults(func=cmd_demo, config=None)
+    return parser
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The user's error inside Ray's wrappers (TrainingFailedError -> worker error -> cause)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "worker_failures", None)
+        if isinstance(inner, dict) and inner:
+            err = next(iter(inner.values()))
+            continue
+        cause = err.__cause__ or getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            err = cause
+            continue
+        break
+    return err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("avgk: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line for the errors a user can fix
+        cause = _root_cause(err)
+        if isinstance(cause, (ConfigError, ValueError, FileNotFoundError, FloatingPointError)):
+            message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            print(f"avgk: error: {message}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

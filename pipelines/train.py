@@ -1,0 +1,125 @@
+"""Ray Train entry: a TorchTrainer (DDP over N workers) whose worker loop is avgk.engine.fit."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from avgk import engine, storage, tracking
+from avgk.config import Config
+from avgk.data.shards import read_manifest, write_synthetic_shards
+from pipelines import ray_env
+
+
+class RayReporter:
+    """engine.Reporter over ray.train: every rank reports, rank 0 attaches the checkpoint."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint_dir(self) -> str | None:
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint else None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    config = Config.model_validate(loop_config["config"])
+    run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
+    rank = ray.train.get_context().get_world_rank()
+
+    def on_epoch_end(metrics: dict[str, float], epoch: int) -> None:
+        if run_id:
+            tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
+
+    result = engine.fit(
+        config,
+        reporter=RayReporter(),
+        device=ray.train.torch.get_device(),
+        wrap_model=ray.train.torch.prepare_model,
+        on_epoch_end=on_epoch_end,
+        log=lambda line: print(line, flush=True),
+    )
+    if rank == 0 and run_id and result.evaluation is not None:
+        log_evaluation(uri, run_id, result.evaluation, run_dir=storage.absolute(config.run_dir))
+
+
+def log_evaluation(uri: str, run_id: str, evaluation: engine.Evaluation, *, run_dir: str) -> None:
+    """Test metrics as flat MLflow metrics, plus the run directory's result files as artifacts."""
+    test = evaluation.metrics["test"]
+    flat: dict[str, float] = {}
+    for name in ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",
+                 "macro_top_k_accuracy", "oracle_avg_k_accuracy", "gap_to_oracle"):
+        for key, value in (test.get(name) or {}).items():
+            if value is not None:
+                flat[f"test_{name}@{key}"] = value
+    tracking.log_metrics(uri, run_id, flat, step=0)
+    for name in ("metrics.json", "thresholds.json", "per_class.parquet", "config.yaml"):
+        local = Path(run_dir) / name
+        if local.is_file():
+            tracking.log_artifact(uri, run_id, local)
+
+
+def ensure_shards(config: Config) -> None:
+    """Synthetic data is generated on first use; real sources must have been prepared."""
+    if config.data.source == "synthetic":
+        s = config.data.synthetic
+        write_synthetic_shards(
+            shards_dir=config.data.shards, num_classes=s.num_classes, num_train=s.num_train, num_val=s.num_val,
+            num_test=s.num_test, image_size=s.image_size, zipf_exponent=s.zipf_exponent,
+            ambiguity_rate=s.ambiguity_rate, seed=s.seed, maxcount=config.data.shard_maxcount,
+        )
+    manifest = read_manifest(config.data.shards)
+    config.validate_num_classes(manifest.num_classes)
+
+
+def build_trainer(config: Config, *, mlflow_run_id: str | None, tracking_uri: str | None) -> TorchTrainer:
+    storage_path = storage.absolute(config.run.storage)
+    if "://" not in storage_path:
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker, **({"GPU": 1} if config.train.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            # The last checkpoint is what resumes; the best model is kept apart in <run_dir>/best.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.Evaluation | None:
+    """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
+    ensure_shards(config)
+    ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(config.train.num_workers * config.train.cpus_per_worker)))
+    uri = run_id = None
+    if config.tracking.enabled:
+        uri = tracking.tracking_uri(config)
+        run_id = tracking.start_run(config, parent_run_id=parent_run_id)
+    trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri)
+    try:
+        trainer.fit()
+    except BaseException:
+        if run_id:
+            tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    if run_id:
+        tracking.end_run(uri, run_id, status="FINISHED")
+    metrics_file = storage.join(storage.absolute(config.run_dir), "metrics.json")
+    if not storage.exists(metrics_file):
+        return None
+    return engine.Evaluation(metrics=storage.read_json(metrics_file), per_class={}, thresholds={})

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny synthetic shards built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_shards(tmp_path_factory) -> Path:
+    """Shards of configs/smoke.yaml's synthetic data, written once."""
+    from avgk.config import load_config
+    from pipelines.prepare import prepare
+
+    shards = tmp_path_factory.mktemp("smoke") / "shards"
+    config = load_config(ROOT / "configs" / "smoke.yaml", [f"data.shards={shards}"])
+    prepare(config)
+    return shards

@@ -1,0 +1,68 @@
+"""Config loading, overrides and the errors a user sees."""
+
+import pytest
+
+from avgk.config import Config, ConfigError, build_config, load_config
+from tests.conftest import ROOT
+
+
+def test_defaults_are_valid_and_flatten():
+    config = Config()
+    flat = config.flat()
+    assert flat["loss.name"] == "two_head"
+    assert flat["data.synthetic.num_classes"] == 100
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["loss.nme=ce"], "unknown key 'loss.nme'"),
+        (["train.lr=-1"], "train.lr=-1"),
+        (["loss.k=100"], "loss.k must be < number of classes 100, got 100.0"),
+        (["eval.ks=[1,150]"], "K must be < number of classes 100, got 150"),
+        (["loss.pseudo_k=0.5"], "loss.pseudo_k must be >= 1, got 0.5"),
+        (["train.batch_size=10", "train.num_workers=3"], "must be divisible"),
+        (["data.source=imagefolder"], "data.root is required"),
+        (["data.crop=64", "data.resize=32"], "data.crop must be <= data.resize"),
+        (["loss.ml_reduction=max"], "loss.ml_reduction='max'"),
+        (["train.milestones=[5,3]", "train.epochs=10"], "train.milestones must be increasing"),
+        (["run.name=a/b"], "run.name must be a plain folder name"),
+        (["trainepochs"], "must look like key.sub=value"),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        build_config({}, overrides)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_overrides_parse_yaml_values():
+    config = build_config({}, ["eval.ks=[1, 1.5, 3]", "train.amp=bf16", "tracking.uri=null"])
+    assert config.eval.ks == [1, 1.5, 3]
+    assert config.train.amp == "bf16"
+    assert config.tracking.uri is None
+
+
+def test_every_shipped_config_loads():
+    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert files
+    for path in files:
+        if "sweeps" in path.parts:
+            continue
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+
+
+def test_real_sources_validate_k_against_manifest_classes():
+    config = build_config({"data": {"source": "imagefolder", "root": "/x"}, "eval": {"ks": [1, 5]}})
+    with pytest.raises(ValueError, match="K must be < number of classes 4, got 5"):
+        config.validate_num_classes(4)
