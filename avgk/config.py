@@ -100,11 +100,29 @@ class LossConfig(_Section):
     beta: float = Field(1.0, ge=0, description="em_apl: weight of the negative pseudo-labels")
     apl_warmup_epochs: int = Field(1, ge=0, description="em_apl: epochs before pseudo-labelling starts")
     apl_neg_proportion: float = Field(0.01, gt=0, le=1, description="em_apl: share of unobserved entries pseudo-labelled negative per class")
+    role_lr: float = Field(
+        1.0,
+        gt=0,
+        description="role: SGD step size of the label-estimate table (per-sample gradient, not divided by the batch size)",
+    )
+    role_table_device: Literal["model", "cpu", "memmap"] = Field(
+        "model",
+        description="role: where the N x L float32 table lives: with the loss on the model's device, in CPU RAM, "
+        "or in a memory-mapped file at role_table_path (4 * N * L bytes: 4.3 GB per million samples at L=1081)",
+    )
+    role_table_path: str | None = Field(
+        None, description="role: file of the memory-mapped table (role_table_device=memmap only; one file per rank)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
         if self.pseudo_k is not None and self.pseudo_k < 1:
             raise ValueError(f"loss.pseudo_k must be >= 1, got {self.pseudo_k}")
+        if (self.role_table_device == "memmap") != (self.role_table_path is not None):
+            raise ValueError(
+                "loss.role_table_path must be set exactly when loss.role_table_device is 'memmap', got "
+                f"role_table_device={self.role_table_device!r} role_table_path={self.role_table_path!r}"
+            )
         return self
 
     @property

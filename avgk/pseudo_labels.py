@@ -9,12 +9,14 @@ import math
 
 import torch
 
+from avgk.thresholds import round_count
+
 
 def num_pseudo_positives(*, batch_size: int, num_classes: int, k: float) -> int:
     """M = floor(K_pl * B + 1/2), the number of positives in a batch (METHOD.md section 3)."""
     if not k >= 1:
         raise ValueError(f"pseudo-label K_pl must be >= 1 (every true label is a positive), got {k}")
-    m = math.floor(k * batch_size + 0.5)
+    m = round_count(n=batch_size, k=k)
     if m > batch_size * num_classes:
         raise ValueError(
             f"pseudo-label K_pl={k} asks for {m} positives, more than the {batch_size} x {num_classes} batch entries"

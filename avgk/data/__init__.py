@@ -1,0 +1,33 @@
+"""Data layer: synthetic data, WebDataset shards with their manifest, loaders and transforms."""
+
+from avgk.data.shards import (
+    Manifest,
+    SplitInfo,
+    eval_loader,
+    num_train_batches,
+    read_manifest,
+    train_loader,
+    write_manifest,
+    write_split,
+    write_synthetic_shards,
+)
+from avgk.data.synthetic import SyntheticSplit, generate_synthetic, posterior_dense
+from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Manifest",
+    "SplitInfo",
+    "SyntheticSplit",
+    "build_transform",
+    "eval_loader",
+    "generate_synthetic",
+    "num_train_batches",
+    "posterior_dense",
+    "read_manifest",
+    "train_loader",
+    "write_manifest",
+    "write_split",
+    "write_synthetic_shards",
+]
