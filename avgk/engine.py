@@ -395,8 +395,8 @@ def validate(parts: Parts) -> dict[str, float]:
         chunks, num_classes=parts.num_classes, ks=ks, thresholds=thresholds,
         train_class_counts=None, freq_bins=cfg.eval.freq_bins, reduce=dist.all_reduce_sum,
     ).compute()
-    out = {f"val_avg_k_accuracy@{key}": value for key, value in metrics["avg_k_accuracy"].items()}
-    out.update({f"val_macro_avg_k_accuracy@{key}": v for key, v in metrics["macro_avg_k_accuracy"].items()})
+    out = {f"val_avg_k_accuracy_k{key}": value for key, value in metrics["avg_k_accuracy"].items()}
+    out.update({f"val_macro_avg_k_accuracy_k{key}": v for key, v in metrics["macro_avg_k_accuracy"].items()})
     out["val_avg_k_accuracy"] = metrics["avg_k_accuracy"][format_k(cfg.loss.k)]
     return out
 

@@ -27,7 +27,10 @@ def connect(*, num_cpus: float | None = None, quiet: bool = True) -> None:
     ray.init(
         _node_ip_address="127.0.0.1",
         num_cpus=cpus,
-        include_dashboard=False,
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+        # without it the driver prints a warning every few seconds.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         configure_logging=True,
         **common,
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import ray.train
 import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from avgk import engine, storage, tracking
@@ -30,7 +32,21 @@ class RayReporter:
         return checkpoint.to_directory() if checkpoint else None
 
 
+def _console(line: str) -> None:
+    # Ray Train patches print() to log *and* echo each line (twice on the driver); write directly.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    # Ray Train logs every report at INFO on the workers; the engine prints its own progress.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this one is named by its file path, outside the ray.train hierarchy (ray 2.60)
+        from ray.train.v2._internal.execution import context as _train_context
+
+        _train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
     config = Config.model_validate(loop_config["config"])
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
     rank = ray.train.get_context().get_world_rank()
@@ -45,7 +61,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         wrap_model=ray.train.torch.prepare_model,
         on_epoch_end=on_epoch_end,
-        log=lambda line: print(line, flush=True),
+        log=_console,
     )
     if rank == 0 and run_id and result.evaluation is not None:
         log_evaluation(uri, run_id, result.evaluation, run_dir=storage.absolute(config.run_dir))
@@ -59,7 +75,7 @@ def log_evaluation(uri: str, run_id: str, evaluation: engine.Evaluation, *, run_
                  "macro_top_k_accuracy", "oracle_avg_k_accuracy", "gap_to_oracle"):
         for key, value in (test.get(name) or {}).items():
             if value is not None:
-                flat[f"test_{name}@{key}"] = value
+                flat[f"test_{name}_k{key}"] = value
     tracking.log_metrics(uri, run_id, flat, step=0)
     for name in ("metrics.json", "thresholds.json", "per_class.parquet", "config.yaml"):
         local = Path(run_dir) / name
@@ -98,12 +114,26 @@ def build_trainer(config: Config, *, mlflow_run_id: str | None, tracking_uri: st
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             # The last checkpoint is what resumes; the best model is kept apart in <run_dir>/best.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),  # the engine prints its own progress
         ),
     )
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """Workers do not share the driver's working directory: local paths become absolute."""
+    config = config.model_copy(deep=True)
+    config.data.shards = storage.absolute(config.data.shards)
+    config.run.storage = storage.absolute(config.run.storage)
+    if config.data.root:
+        config.data.root = storage.absolute(config.data.root)
+    if config.model.pretrained:
+        config.model.pretrained = storage.absolute(config.model.pretrained)
+    return config
+
+
 def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
+    config = with_absolute_paths(config)
     ensure_shards(config)
     ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(config.train.num_workers * config.train.cpus_per_worker)))
     uri = run_id = None

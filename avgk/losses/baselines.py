@@ -533,7 +533,9 @@ class RoleLoss(SinglePositiveLoss):
     def checked_idx(self, idx: torch.Tensor, batch_size: int) -> torch.Tensor:
         """`idx` as int64 on the table's device, after checking it holds B sample ids in [0, N)."""
         if idx.shape != (batch_size,) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-            raise ValueError(f"role needs idx as {batch_size} integer sample ids, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+            raise ValueError(
+                f"role needs idx as {batch_size} integer sample ids, got shape {tuple(idx.shape)} dtype {idx.dtype}"
+            )
         idx_B = idx.to(self.table_NL.device, torch.int64)
         low, high = int(idx_B.min()), int(idx_B.max())
         if low < 0 or high >= self.num_train:
