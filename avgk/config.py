@@ -1,4 +1,8 @@
-"""Typed, self-validating run configuration: YAML files plus `key.sub=value` overrides."""
+"""Typed, self-validating run configuration: YAML files plus `key.sub=value` overrides.
+
+The defaults are the embedded demo (`avgk demo`): 100 synthetic classes, a small CNN,
+a few minutes on a 2-core CPU. configs/*.yaml override them for real data sets.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +29,9 @@ class SyntheticConfig(_Section):
     """The built-in procedural data set (METHOD.md: known posterior, long tail, ambiguity)."""
 
     num_classes: int = Field(100, ge=2, description="number of classes L")
-    num_train: int = Field(20000, ge=1, description="training images")
-    num_val: int = Field(5000, ge=1, description="validation images (calibration and model selection)")
-    num_test: int = Field(5000, ge=1, description="test images (final metrics only)")
+    num_train: int = Field(12000, ge=1, description="training images")
+    num_val: int = Field(3000, ge=1, description="validation images (calibration and model selection)")
+    num_test: int = Field(3000, ge=1, description="test images (final metrics only)")
     image_size: int = Field(32, ge=8, description="side of the square images, pixels")
     zipf_exponent: float = Field(1.0, ge=0.0, description="class prior ∝ 1/(rank+1)^exponent; 0 = balanced")
     ambiguity_rate: float = Field(0.3, ge=0.0, le=1.0, description="fraction of images mixing 2-3 classes")
@@ -46,9 +50,48 @@ class DataConfig(_Section):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     resize: int = Field(32, ge=8, description="eval: resize the shorter side to this")
     crop: int = Field(32, ge=8, description="train random crop / eval center crop side")
-    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training rank")
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per training rank")
     shuffle_buffer: int = Field(1000, ge=1, description="per-worker sample shuffle buffer")
     resampled: bool = Field(False, description="draw shards with replacement (allows fewer shards than ranks x workers)")
+    # --- `avgk prepare` of the image sources (imagefolder, plantnet300k, cifar100) ---
+    shard_maxsize_mb: float = Field(
+        0.0, ge=0, description="also start a new shard past about this many MB (0 = count only; not for synthetic)"
+    )
+    resize_shorter: int = Field(
+        0,
+        ge=0,
+        description="prepare: shrink images whose shorter side exceeds this to exactly this many pixels (aspect kept) "
+        "and re-encode them as JPEG; never enlarges; 0 = keep every JPEG/PNG's original bytes",
+    )
+    jpeg_quality: int = Field(90, ge=1, le=100, description="prepare: JPEG quality of every re-encoded image")
+    strict: bool = Field(
+        False,
+        description="prepare: fail on the first unreadable image or non-image file, naming it, instead of skipping "
+        "and listing it in the manifest (hidden files such as .DS_Store are always only listed)",
+    )
+    split_ratios: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1),
+        description="imagefolder without train/val/test folders: train, val, test fractions of every class",
+    )
+    split_seed: int = Field(
+        0, ge=0, description="seed of the ratio split (imagefolder) and of the 45k/5k train/val split (cifar100)"
+    )
+    cifar_val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="cifar100: share of each class of the training set held out as val (5k of 50k)"
+    )
+    cifar_noise_p: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="cifar100: probability that a train label is redrawn uniformly from its block of 5 consecutive ids",
+    )
+    cifar_noise_seed: int = Field(0, ge=0, description="cifar100: seed of the label noise")
+    plantnet_metadata: str | None = Field(
+        None,
+        description="plantnet300k: JSON mapping species id -> name (relative paths from data.root); "
+        "default: <root>/plantnet300K_species_id_2_name.json if present, else the ids are the names",
+    )
+    prepare_workers: int = Field(0, ge=0, description="prepare: conversion processes (0 = every available CPU)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -56,6 +99,30 @@ class DataConfig(_Section):
             raise ValueError(f"data.crop must be <= data.resize, got crop={self.crop} resize={self.resize}")
         if self.source != "synthetic" and not self.root:
             raise ValueError(f"data.root is required for data.source={self.source!r}")
+        if 0 < self.resize_shorter < 8:
+            raise ValueError(f"data.resize_shorter must be 0 (keep) or >= 8 pixels, got {self.resize_shorter}")
+        ratios = self.split_ratios
+        sums_to_one = math.isclose(sum(ratios), 1.0, abs_tol=1e-6)
+        if min(ratios) < 0 or ratios[0] <= 0 or ratios[1] + ratios[2] <= 0 or not sums_to_one:
+            raise ValueError(
+                "data.split_ratios must be (train, val, test) fractions >= 0 summing to 1, with train > 0 and "
+                f"val + test > 0, got {list(ratios)}"
+            )
+        if self.source == "synthetic" and self.shard_maxsize_mb > 0:
+            raise ValueError(
+                f"data.shard_maxsize_mb must be 0 for data.source='synthetic' (its shards are cut by "
+                f"shard_maxcount only), got {self.shard_maxsize_mb}"
+            )
+        if self.cifar_noise_p > 0 and self.source != "cifar100":
+            raise ValueError(
+                f"data.cifar_noise_p applies to data.source='cifar100' only, got {self.cifar_noise_p} "
+                f"with source={self.source!r}"
+            )
+        if self.plantnet_metadata is not None and self.source != "plantnet300k":
+            raise ValueError(
+                f"data.plantnet_metadata applies to data.source='plantnet300k' only, got {self.plantnet_metadata!r} "
+                f"with source={self.source!r}"
+            )
         return self
 
 
@@ -69,7 +136,7 @@ class ModelConfig(_Section):
     pretrained: str | None = Field(
         None, description="local path to backbone weights (state dict); never downloaded at run time"
     )
-    width: int = Field(64, ge=8, description="small_cnn base channel count")
+    width: int = Field(16, ge=4, description="small_cnn base channel count")
     channels_last: bool = Field(False, description="channels_last memory format (GPU)")
     compile: bool = Field(False, description="torch.compile the model")
 
@@ -133,9 +200,9 @@ class LossConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation and distribution."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1, description="GLOBAL batch size, split evenly over num_workers")
-    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(128, ge=1, description="GLOBAL batch size, split evenly over num_workers")
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
@@ -149,6 +216,9 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    extra_resources: dict[str, float] = Field(
+        default_factory=dict, description="more Ray resources per worker, e.g. a custom node resource to pin workers"
+    )
     seed: int = 0
     max_failures: int = Field(0, ge=-1, description="Ray Train worker-failure restarts (-1 = unlimited)")
     log_every: int = Field(20, ge=1, description="print progress every N steps")

@@ -60,3 +60,14 @@ def broadcast_object(obj: object) -> object:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on all ranks) concatenated along dim 0, rank order."""
+    if not is_distributed():
+        return tensor
+    device = tensor.device
+    local = tensor.contiguous().to(_reduce_device())
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(device)

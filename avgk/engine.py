@@ -131,7 +131,11 @@ def build_parts(
     config.validate_num_classes(num_classes)
     train_info = manifest.splits["train"]
     seed_everything(config.train.seed)  # identical initial weights on every rank
-    loss = build_loss(config.loss, num_classes=num_classes, num_train=train_info.num_samples)
+    loss_config = config.loss
+    if loss_config.role_table_device == "memmap" and dist.world_size() > 1:
+        # Each rank keeps its own copy of the table; they must not share one file.
+        loss_config = loss_config.model_copy(update={"role_table_path": f"{loss_config.role_table_path}.rank{dist.rank()}"})
+    loss = build_loss(loss_config, num_classes=num_classes, num_train=train_info.num_samples)
     score_head = score_head_for(config.loss)
     model = build_model(config.model, num_classes=num_classes, heads=loss.heads).to(device)
     if config.model.channels_last:
@@ -211,6 +215,11 @@ def train_epoch(
         with autocast(cfg, device):
             logits = model(images)
         out = parts.loss(logits=logits, labels=labels, idx=idx, epoch=epoch, pseudo_targets=targets)
+        if parts.loss.stateful and world > 1:
+            # Per-sample tables (ROLE): each rank stepped its own rows; every rank takes all of
+            # them so the tables stay identical (and rank 0's checkpoint holds every update).
+            rows = parts.loss.read_rows(idx)
+            parts.loss.write_rows(dist.all_gather_cat(idx), dist.all_gather_cat(rows))
         batch_size = labels.shape[0]
         # Ranks see equal batch sizes (the loaders drop partial batches), so the mean of
         # per-rank means that DDP's gradient averaging takes is the global mean.

@@ -1,15 +1,26 @@
-"""Pseudo-label rules of the two-head loss: per batch (online) and global (given a selection threshold).
+"""Pseudo-label rules of the two-head loss: per batch (online) and global (exact, streamed), and the global table.
 
-Legend: B batch size, L classes, N samples.
+Legend: B batch size, L classes, N samples, M positives of the whole training set,
+R rows of a part of the table, P positives of those rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
-from avgk.thresholds import round_count
+from avgk import storage
+from avgk.thresholds import StreamingSelector, float_to_key, round_count
 
 
 def num_pseudo_positives(*, batch_size: int, num_classes: int, k: float) -> int:
@@ -61,3 +72,382 @@ def global_pseudo_labels(*, probs: torch.Tensor, labels: torch.Tensor, threshold
     """
     forced = force_labels(probs_BL=probs.float(), labels_B=labels)
     return (forced >= threshold).to(probs.dtype)
+
+
+# =====================================================================================
+# The global rule at scale: exact selection over a streamed N x L matrix, and its table
+# =====================================================================================
+
+PSEUDO_LABELS_DIR = "pseudo_labels"
+"""Folder of the global pseudo-label table inside a run directory."""
+METADATA_KEY = b"avgk.pseudo_labels"
+"""Parquet schema-metadata key holding the table's JSON description (GlobalSelection + provenance)."""
+
+
+def _forced(probs_NL: Any, labels_N: Any) -> np.ndarray:
+    """float32 N x L numpy copy of the scores with every true label forced to +inf."""
+    probs = torch.as_tensor(np.asarray(probs_NL, dtype=np.float32))
+    labels = torch.as_tensor(np.asarray(labels_N, dtype=np.int64))
+    if probs.ndim != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(f"probs must be N x L and labels N, got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):
+        raise ValueError(f"labels must lie in [0, {probs.shape[1]}), got min {int(labels.min())} max {int(labels.max())}")
+    return force_labels(probs_BL=probs, labels_B=labels).numpy()
+
+
+def _checked_idx(idx_N: Any, *, num_rows: int, num_samples: int) -> np.ndarray:
+    idx = np.asarray(idx_N, dtype=np.int64).reshape(-1)
+    if idx.shape != (num_rows,):
+        raise ValueError(f"idx must hold one sample index per row ({num_rows}), got shape {idx.shape}")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= num_samples):
+        raise ValueError(f"sample idx must lie in [0, N={num_samples}), got min {int(idx.min())} max {int(idx.max())}")
+    return idx
+
+
+def _key(value: float) -> np.uint32:
+    return float_to_key(np.array([value], dtype=np.float32))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalSelection:
+    """The global pseudo-label rule of one training set: exactly M = round(K_pl * N) positives.
+
+    With forced scores (softmax probabilities, every true label set to +inf), entry (i, j)
+    is positive iff its score is above `threshold` (the M-th largest forced score), or it
+    equals `threshold` (same float32 bits) and is among the first M - num_greater tied
+    entries in (sample idx, class id) order: every tie of the rows idx < tie_idx, plus the
+    first `tie_take` ties (by class id) of row tie_idx. Taking exactly M, rather than every
+    tie, keeps "K_pl positives per sample on average" exact even when many scores tie
+    (underflowed zeros, a constant model), and the (idx, class) order is the per-batch
+    rule's flat-index order; it depends only on idx and class, so the result is the same
+    however the rows are split over processes.
+    """
+
+    k: float
+    num_samples: int
+    num_classes: int
+    num_positives: int
+    threshold: float
+    """The M-th largest forced score (+inf when K_pl = 1: exactly the true labels)."""
+    num_greater: int
+    """Entries strictly above the threshold."""
+    num_equal: int
+    """Entries equal to the threshold; num_greater < num_positives <= num_greater + num_equal."""
+    tie_idx: int
+    """Rows with idx < tie_idx take all their ties (num_samples when every tie is taken)."""
+    tie_take: int
+    """Ties taken in row tie_idx, the lowest class ids first."""
+
+    def select(self, *, probs_NL: Any, labels_N: Any, idx_N: Any) -> np.ndarray:
+        """N x L bool matrix of the positives of some rows (softmax probabilities, labels, sample idx)."""
+        keys_NL = float_to_key(_forced(probs_NL, labels_N))
+        if keys_NL.shape[1] != self.num_classes:
+            raise ValueError(f"probs must have L={self.num_classes} columns, got shape {keys_NL.shape}")
+        idx_N = _checked_idx(idx_N, num_rows=keys_NL.shape[0], num_samples=self.num_samples)
+        key = _key(self.threshold)
+        positive_NL = keys_NL > key
+        tied_NL = keys_NL == key
+        positive_NL |= tied_NL & (idx_N < self.tie_idx)[:, None]
+        boundary = np.flatnonzero(idx_N == self.tie_idx)
+        if boundary.size:
+            tied_BL = tied_NL[boundary]
+            positive_NL[boundary] |= tied_BL & (np.cumsum(tied_BL, axis=1) <= self.tie_take)
+        return positive_NL
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class GlobalPseudoLabeler:
+    """Exact global pseudo-labels over a streamed N x L matrix, with summable int64 state.
+
+    Every process streams its own chunks (softmax probabilities, labels, and sample idx in
+    [0, N)) once per pass, and every process loads the same summed state after each pass:
+
+        labeler = GlobalPseudoLabeler(k=2)
+        while not labeler.done:
+            for probs_NL, labels_N, idx_N in my_chunks:
+                labeler.update(probs_NL=probs_NL, labels_N=labels_N, idx_N=idx_N)
+            labeler.load_state(sum_over_processes(labeler.state()))   # DDP all_reduce, or a Ray driver's sum
+        labeler.selection                                             # a GlobalSelection
+
+    Passes 1 and 2 are StreamingSelector's (the exact M-th largest forced score and its tie
+    counts: 65,536-bin histograms). Only when some but not all of the ties at that value are
+    taken, a third pass counts the ties of every sample (a dense N-vector, 8 bytes a sample)
+    to place the (idx, class) cut-off. A stateless worker (a Ray task) rebuilds the labeler
+    of any pass from the totals so far with `resume`.
+    """
+
+    def __init__(self, *, k: float) -> None:
+        if not k >= 1:
+            raise ValueError(f"pseudo-label K_pl must be >= 1 (every true label is a positive), got {k}")
+        self.k = float(k)
+        self._selector = StreamingSelector(ranks_fn=self._rank)
+        self._num_positives = 0
+        self._phase = "pass1"
+        self._tie_key = np.uint32(0)
+        self._tie_counts_N = np.zeros(0, dtype=np.int64)
+        self._ranked: Any = None
+        self.selection: GlobalSelection | None = None
+
+    @classmethod
+    def resume(cls, *, k: float, totals: list[Any]) -> "GlobalPseudoLabeler":
+        """The labeler of the pass that follows `totals` (the summed states of the passes done)."""
+        labeler = cls(k=k)
+        for total in totals:
+            labeler.load_state(total)
+        return labeler
+
+    def _rank(self, num_rows: int, num_cols: int) -> list[int]:
+        self._num_positives = num_pseudo_positives(batch_size=num_rows, num_classes=num_cols, k=self.k)
+        return [self._num_positives]
+
+    @property
+    def phase(self) -> str:
+        """'pass1', 'pass2', 'ties' or 'done'."""
+        return self._phase
+
+    @property
+    def done(self) -> bool:
+        return self._phase == "done"
+
+    def update(self, *, probs_NL: Any, labels_N: Any, idx_N: Any) -> None:
+        """Adds a chunk: n x L softmax probabilities, n labels, n sample idx."""
+        if self._phase == "done":
+            raise RuntimeError("update after the selection is complete; read .selection")
+        forced_NL = _forced(probs_NL, labels_N)
+        if self._phase in ("pass1", "pass2"):
+            self._selector.update(forced_NL)
+            return
+        idx_N = _checked_idx(idx_N, num_rows=forced_NL.shape[0], num_samples=self._tie_counts_N.size)
+        tied_N = np.count_nonzero(float_to_key(forced_NL) == self._tie_key, axis=1)
+        np.add.at(self._tie_counts_N, idx_N, tied_N)
+
+    def state(self) -> np.ndarray:
+        """This process's int64 state of the current pass; sum it over processes, then load_state the total."""
+        if self._phase in ("pass1", "pass2"):
+            return self._selector.state()
+        if self._phase == "ties":
+            return self._tie_counts_N.copy()
+        raise RuntimeError("state after the selection is complete; read .selection")
+
+    def load_state(self, total: Any) -> None:
+        """Loads the sum over processes of state() of the current pass and moves to the next."""
+        if self._phase == "pass1":
+            self._selector.load_state(total)
+            self._selector.next_pass()
+            self._phase = "pass2"
+        elif self._phase == "pass2":
+            self._selector.load_state(total)
+            self._ranked = self._selector.values_at_ranks()[self._num_positives]
+            if self._num_positives - self._ranked.num_greater == self._ranked.num_equal:
+                self._finish(tie_idx=self._selector.num_rows, tie_take=0)  # every tie is taken
+            else:
+                self._tie_key = _key(self._ranked.value)
+                self._tie_counts_N = np.zeros(self._selector.num_rows, dtype=np.int64)
+                self._phase = "ties"
+        elif self._phase == "ties":
+            self._load_ties(np.asarray(total))
+        else:
+            raise RuntimeError("load_state after the selection is complete")
+
+    def _load_ties(self, counts_N: np.ndarray) -> None:
+        if counts_N.shape != self._tie_counts_N.shape or not np.issubdtype(counts_N.dtype, np.integer):
+            raise ValueError(
+                f"tie-pass state must be an integer array of shape {self._tie_counts_N.shape}, "
+                f"got {counts_N.dtype} of shape {counts_N.shape}"
+            )
+        if int(counts_N.sum()) != self._ranked.num_equal:
+            raise ValueError(
+                f"the tie pass counted {int(counts_N.sum())} ties, pass 2 counted {self._ranked.num_equal}: "
+                "every pass must stream the same chunks, each sample idx once"
+            )
+        wanted = self._num_positives - self._ranked.num_greater
+        cum_N = np.cumsum(counts_N)
+        tie_idx = int(np.searchsorted(cum_N, wanted, side="left"))
+        self._finish(tie_idx=tie_idx, tie_take=wanted - (int(cum_N[tie_idx - 1]) if tie_idx else 0))
+
+    def _finish(self, *, tie_idx: int, tie_take: int) -> None:
+        self.selection = GlobalSelection(
+            k=self.k,
+            num_samples=self._selector.num_rows,
+            num_classes=self._selector.num_cols,
+            num_positives=self._num_positives,
+            threshold=self._ranked.value,
+            num_greater=self._ranked.num_greater,
+            num_equal=self._ranked.num_equal,
+            tie_idx=tie_idx,
+            tie_take=tie_take,
+        )
+        self._phase = "done"
+
+
+# ---------------------------------------------------------------- the table
+
+
+def positives_as_rows(positive_NL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(counts_N int64, labels_P int32): each row's positive class ids, ascending, rows concatenated."""
+    _, cols = np.nonzero(positive_NL)  # row-major: rows in order, class ids ascending
+    return np.count_nonzero(positive_NL, axis=1).astype(np.int64), cols.astype(np.int32)
+
+
+@dataclasses.dataclass
+class PseudoLabelTable:
+    """Global pseudo-labels as a dense CSR lookup over sample idx 0..N-1 (about 4 * (M + 2N) bytes)."""
+
+    offsets_N1: np.ndarray
+    """int64, N + 1: the labels of sample i are labels_M[offsets_N1[i]:offsets_N1[i + 1]]."""
+    labels_M: np.ndarray
+    """int32 class ids, ascending within each sample."""
+    metadata: dict[str, Any]
+
+    @property
+    def num_samples(self) -> int:
+        return self.offsets_N1.size - 1
+
+    @property
+    def num_positives(self) -> int:
+        return self.labels_M.size
+
+    @classmethod
+    def from_rows(
+        cls, *, idx_R: Any, counts_R: Any, labels_P: Any, num_samples: int, metadata: Mapping[str, Any]
+    ) -> "PseudoLabelTable":
+        """The table of rows given in any order; every idx in 0..num_samples-1 exactly once."""
+        idx_R = np.asarray(idx_R, dtype=np.int64)
+        counts_R = np.asarray(counts_R, dtype=np.int64)
+        labels_P = np.asarray(labels_P, dtype=np.int32)
+        if idx_R.shape != counts_R.shape or int(counts_R.sum()) != labels_P.size:
+            raise ValueError(
+                f"rows disagree: {idx_R.size} idx, {counts_R.size} counts summing to {int(counts_R.sum())}, "
+                f"{labels_P.size} labels"
+            )
+        if idx_R.size != num_samples or not np.array_equal(np.sort(idx_R), np.arange(num_samples)):
+            raise ValueError(
+                f"a pseudo-label table needs every sample idx 0..{num_samples - 1} exactly once, got {idx_R.size} rows"
+            )
+        order = np.argsort(idx_R, kind="stable")
+        starts_R = np.concatenate([[0], np.cumsum(counts_R)[:-1]]).astype(np.int64)
+        offsets_N1 = np.zeros(num_samples + 1, dtype=np.int64)
+        np.cumsum(counts_R[order], out=offsets_N1[1:])
+        labels_M = labels_P[concat_ranges(starts_R[order], counts_R[order])]
+        return cls(offsets_N1=offsets_N1, labels_M=labels_M, metadata=dict(metadata))
+
+    def labels_of(self, idx: int) -> np.ndarray:
+        return self.labels_M[self.offsets_N1[idx] : self.offsets_N1[idx + 1]]
+
+    def targets(self, idx_B: Any, *, num_classes: int) -> torch.Tensor:
+        """B x L float32 0/1 targets of the samples idx_B (a torch tensor or array of sample idx)."""
+        idx_B = np.asarray(idx_B.cpu() if isinstance(idx_B, torch.Tensor) else idx_B, dtype=np.int64)
+        if idx_B.size and (int(idx_B.min()) < 0 or int(idx_B.max()) >= self.num_samples):
+            raise ValueError(
+                f"sample idx must lie in [0, {self.num_samples}) (the table's N), got {int(idx_B.min())}..{int(idx_B.max())}"
+            )
+        starts_B = self.offsets_N1[idx_B]
+        counts_B = self.offsets_N1[idx_B + 1] - starts_B
+        targets_BL = torch.zeros(idx_B.size, num_classes, dtype=torch.float32)
+        rows_P = np.repeat(np.arange(idx_B.size), counts_B)
+        cols_P = self.labels_M[concat_ranges(starts_B, counts_B)]
+        targets_BL[torch.from_numpy(rows_P), torch.from_numpy(cols_P.astype(np.int64))] = 1.0
+        return targets_BL
+
+
+def concat_ranges(starts_R: np.ndarray, counts_R: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + count) for each row, vectorised."""
+    total = int(counts_R.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends_R = np.cumsum(counts_R)
+    return np.arange(total, dtype=np.int64) - np.repeat(ends_R - counts_R - starts_R, counts_R)
+
+
+def pseudo_label_arrow_table(*, idx_R: Any, counts_R: Any, labels_P: Any, metadata: Mapping[str, Any]):
+    """A pyarrow table (idx int64, labels list<int32>) with `metadata` as JSON in its schema metadata."""
+    import pyarrow as pa
+
+    counts_R = np.asarray(counts_R, dtype=np.int64)
+    offsets = np.zeros(counts_R.size + 1, dtype=np.int32)
+    np.cumsum(counts_R, out=offsets[1:])
+    labels = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(np.asarray(labels_P, dtype=np.int32)))
+    table = pa.table({"idx": pa.array(np.asarray(idx_R, dtype=np.int64)), "labels": labels})
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(dict(metadata)).encode()})
+
+
+def write_parquet(uri: str, table) -> None:
+    """One parquet file on a local path or a pyarrow filesystem URI."""
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue())
+
+
+def read_pseudo_label_table(uri: str) -> PseudoLabelTable:
+    """The table in folder `uri` (every *.parquet part), checked complete: N rows, M positives, one description.
+
+    Raises FileNotFoundError when the folder holds no table, ValueError when it is incomplete
+    or its parts disagree.
+    """
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    parts = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no pseudo-label table in {uri} (no *.parquet files)")
+    idx, counts, labels, descriptions = [], [], [], set()
+    for part in parts:
+        table = pq.read_table(part, filesystem=fs)
+        raw = (table.schema.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{part} has no {METADATA_KEY.decode()!r} metadata: not a pseudo-label table part")
+        descriptions.add(raw)
+        idx.append(table.column("idx").to_numpy())
+        column = table.column("labels").combine_chunks()
+        offsets = column.offsets.to_numpy()
+        counts.append(np.diff(offsets).astype(np.int64))
+        labels.append(column.values.to_numpy()[offsets[0] : offsets[-1]])
+    if len(descriptions) != 1:
+        raise ValueError(f"the parts of {uri} come from {len(descriptions)} different selections: a mixed table")
+    metadata = json.loads(descriptions.pop())
+    num_samples, num_positives = int(metadata["num_samples"]), int(metadata["num_positives"])
+    table = PseudoLabelTable.from_rows(
+        idx_R=np.concatenate(idx), counts_R=np.concatenate(counts), labels_P=np.concatenate(labels),
+        num_samples=num_samples, metadata=metadata,
+    )
+    if table.num_positives != num_positives:
+        raise ValueError(f"{uri} holds {table.num_positives} positives, its metadata says M={num_positives}: incomplete")
+    return table
+
+
+def temporary_dir_for(final_uri: str) -> str:
+    """A fresh hidden sibling of `final_uri` to write a table into before publish_dir."""
+    parent, _, name = final_uri.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def publish_dir(tmp_uri: str, final_uri: str) -> None:
+    """Moves a completely written folder to `final_uri`, replacing what was there.
+
+    Local paths: renames (a reader sees the old table or the new one, never a partial one).
+    Object stores cannot rename folders: the old folder is deleted and the new one copied;
+    read_pseudo_label_table's count checks reject a table caught half-copied.
+    """
+    import pyarrow.fs as pafs
+
+    fs, tmp = storage.resolve(tmp_uri)
+    _, final = storage.resolve(final_uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        trash = None
+        if os.path.exists(final):
+            trash = f"{final}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(final, trash)
+        os.replace(tmp, final)
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True)
+        return
+    if fs.get_file_info(final).type != pafs.FileType.NotFound:
+        fs.delete_dir(final)
+    pafs.copy_files(tmp, final, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(tmp)

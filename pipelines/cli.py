@@ -42,6 +42,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.calibrate import run_evaluate
+    from pipelines.report import format_summary
+
+    config = _config(args)
+    evaluation = run_evaluate(config, run=args.run, checkpoint=args.checkpoint)
+    print(format_summary({config.loss.name: evaluation.metrics}))
+    return 0
+
+
+def cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from pipelines.pseudolabel import run_pseudolabel
+
+    run_pseudolabel(_config(args), run=args.run, checkpoint=args.checkpoint)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -67,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, func, optional in verbs:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p, optional=optional)
+        p.set_defaults(func=func)
+    run_jobs: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("evaluate", "score val and test with a run's checkpoint on Ray: thresholds.json, metrics.json, "
+         "per_class.parquet into the run directory (and its MLflow run)", cmd_evaluate),
+        ("pseudolabel", "global pseudo-labels of the training split from a run's checkpoint on Ray: "
+         "<run>/pseudo_labels/*.parquet", cmd_pseudolabel),
+    ]
+    for name, help_text, func in run_jobs:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p)
+        p.add_argument("--run", metavar="RUN_DIR", default=None,
+                       help="the training's run directory (default: run.storage/run.name of CONFIG)")
+        p.add_argument("--checkpoint", metavar="best|last|PATH", default=None,
+                       help="best (<run>/best), last (newest checkpoint_*), or a checkpoint file or folder "
+                            "(default: the run's eval.checkpoint, as its final evaluation used)")
         p.set_defaults(func=func)
     demo = sub.add_parser(
         "demo",
@@ -96,7 +128,14 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse stops collecting positionals at the first option, so overrides may also
+        # follow one: `avgk evaluate CONFIG --run DIR train.use_gpu=true`.
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import sys
+
 from avgk.config import Config
-from avgk.data.shards import write_synthetic_shards
+from avgk.data.shards import Manifest, write_synthetic_shards
+from avgk.data.sources import (
+    ConvertOptions,
+    available_cpus,
+    prepare_cifar100,
+    prepare_imagefolder,
+    prepare_plantnet300k,
+)
 
 
-def prepare(config: Config):
-    """Write shards for `data.source` into `data.shards` (idempotent) and return the manifest."""
+def convert_options(config: Config, *, progress: bool = True) -> ConvertOptions:
+    """data.* conversion settings -> ConvertOptions (prepare_workers=0: every available CPU)."""
+    data = config.data
+    return ConvertOptions(
+        resize_shorter=data.resize_shorter,
+        jpeg_quality=data.jpeg_quality,
+        strict=data.strict,
+        maxcount=data.shard_maxcount,
+        maxsize_mb=data.shard_maxsize_mb,
+        workers=data.prepare_workers or available_cpus(),
+        progress=progress,
+    )
+
+
+def prepare(config: Config, *, progress: bool = True) -> Manifest:
+    """Write shards for `data.source` into `data.shards` and return the manifest.
+
+    Idempotent: a complete output written from the same inputs and settings is reused
+    untouched. Conversion runs in data.prepare_workers processes with tqdm bars on stderr;
+    skipped files are listed in the manifest and summarised on stderr.
+    """
     data = config.data
     if data.source == "synthetic":
         s = data.synthetic
@@ -16,6 +44,33 @@ def prepare(config: Config):
             num_test=s.num_test, image_size=s.image_size, zipf_exponent=s.zipf_exponent,
             ambiguity_rate=s.ambiguity_rate, seed=s.seed, maxcount=data.shard_maxcount,
         )
-    raise ValueError(
-        f"data.source={data.source!r} cannot be prepared by this version yet; supported: 'synthetic'"
-    )
+    assert data.root is not None  # DataConfig requires it for every non-synthetic source
+    options = convert_options(config, progress=progress)
+    if data.source == "imagefolder":
+        manifest = prepare_imagefolder(
+            root=data.root, shards_dir=data.shards, options=options,
+            split_ratios=data.split_ratios, split_seed=data.split_seed,
+        )
+    elif data.source == "plantnet300k":
+        manifest = prepare_plantnet300k(
+            root=data.root, shards_dir=data.shards, options=options, metadata=data.plantnet_metadata
+        )
+    elif data.source == "cifar100":
+        manifest = prepare_cifar100(
+            root=data.root, shards_dir=data.shards, options=options, val_fraction=data.cifar_val_fraction,
+            split_seed=data.split_seed, noise_p=data.cifar_noise_p, noise_seed=data.cifar_noise_seed,
+        )
+    else:  # the config's Literal makes this unreachable; a new source must be added here
+        raise ValueError(f"data.source={data.source!r} has no converter; known: synthetic, imagefolder, "
+                         "plantnet300k, cifar100")
+    if "train" in manifest.splits:
+        empty = [manifest.classes[c] for c, n in enumerate(manifest.split("train").class_counts) if n == 0]
+        if empty:
+            print(f"avgk prepare: {len(empty)} of {manifest.num_classes} classes have no training image "
+                  f"(kept, so class ids stay the sorted folder names): {empty[:10]}", file=sys.stderr)
+    skipped = {split: len(info.skipped) for split, info in manifest.splits.items() if info.skipped}
+    if skipped:
+        counts = ", ".join(f"{split} {n}" for split, n in skipped.items())
+        print(f"avgk prepare: skipped files ({counts}), listed with reasons under splits.<split>.skipped in "
+              f"{manifest.root / 'manifest.json'}", file=sys.stderr)
+    return manifest

@@ -16,8 +16,10 @@ from ray.train.torch import TorchTrainer
 
 from avgk import engine, storage, tracking
 from avgk.config import Config
-from avgk.data.shards import read_manifest, write_synthetic_shards
+from avgk.data.shards import read_manifest
 from pipelines import ray_env
+from pipelines.prepare import prepare
+from pipelines.pseudolabel import OfflinePseudoLabels, check_offline_config
 
 
 class RayReporter:
@@ -55,12 +57,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if run_id:
             tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
 
+    pseudo_targets = None
+    if config.loss.pseudo_labels == "offline":
+        # The global table, recomputed every loss.refresh_epochs by all ranks together.
+        pseudo_targets = OfflinePseudoLabels(
+            run_dir=storage.absolute(config.run_dir), k=config.loss.effective_pseudo_k,
+            refresh_epochs=config.loss.refresh_epochs, log=_console,
+        )
     result = engine.fit(
         config,
         reporter=RayReporter(),
         device=ray.train.torch.get_device(),
         wrap_model=ray.train.torch.prepare_model,
         on_epoch_end=on_epoch_end,
+        pseudo_targets_for_epoch=pseudo_targets,
         log=_console,
     )
     if rank == 0 and run_id and result.evaluation is not None:
@@ -86,12 +96,7 @@ def log_evaluation(uri: str, run_id: str, evaluation: engine.Evaluation, *, run_
 def ensure_shards(config: Config) -> None:
     """Synthetic data is generated on first use; real sources must have been prepared."""
     if config.data.source == "synthetic":
-        s = config.data.synthetic
-        write_synthetic_shards(
-            shards_dir=config.data.shards, num_classes=s.num_classes, num_train=s.num_train, num_val=s.num_val,
-            num_test=s.num_test, image_size=s.image_size, zipf_exponent=s.zipf_exponent,
-            ambiguity_rate=s.ambiguity_rate, seed=s.seed, maxcount=config.data.shard_maxcount,
-        )
+        prepare(config)
     manifest = read_manifest(config.data.shards)
     config.validate_num_classes(manifest.num_classes)
 
@@ -106,7 +111,11 @@ def build_trainer(config: Config, *, mlflow_run_id: str | None, tracking_uri: st
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers,
             use_gpu=config.train.use_gpu,
-            resources_per_worker={"CPU": config.train.cpus_per_worker, **({"GPU": 1} if config.train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": config.train.cpus_per_worker,
+                **({"GPU": 1} if config.train.use_gpu else {}),
+                **config.train.extra_resources,
+            },
         ),
         run_config=RunConfig(
             name=config.run.name,
@@ -134,6 +143,7 @@ def with_absolute_paths(config: Config) -> Config:
 def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
     config = with_absolute_paths(config)
+    check_offline_config(config)
     ensure_shards(config)
     ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(config.train.num_workers * config.train.cpus_per_worker)))
     uri = run_id = None

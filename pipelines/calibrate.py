@@ -1,0 +1,160 @@
+"""`avgk evaluate`: a trained checkpoint -> val thresholds for every K -> every test metric, on Ray.
+
+The model runs once per split (Ray Data actor pool, scores kept in the object store);
+lambda_K for all of eval.ks comes from one two-pass streamed selection over the val
+scores, and the test metrics from one counting pass; only int64 states reach the driver.
+The result has the schema of the training's own final evaluation (engine.evaluate_scores)
+and, for the same checkpoint, the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import ray
+
+from avgk import engine, storage, tracking
+from avgk.config import Config
+from avgk.data.shards import read_manifest
+from avgk.losses import score_head_for
+from avgk.metrics import format_k
+from pipelines import ray_env
+from pipelines.score import (
+    ScoringModel,
+    calibrate_dataset,
+    load_scoring_model,
+    metrics_dataset,
+    quiet_ray_data,
+    resolve_checkpoint,
+    run_dir_of,
+    saved_run_config,
+    score_dataset,
+)
+from pipelines.train import log_evaluation, with_absolute_paths
+
+
+def _print(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def evaluate_datasets(
+    *,
+    val: ray.data.Dataset,
+    test: ray.data.Dataset,
+    ks: list[float],
+    num_classes: int,
+    train_class_counts: np.ndarray,
+    freq_bins: tuple[int, int],
+    score_head: str,
+    with_posterior: bool,
+    num_tasks: int | None = None,
+) -> engine.Evaluation:
+    """engine.evaluate_scores over Ray Datasets of score rows: the same document, key for key.
+
+    Thresholds are calibrated on val only; with posteriors (synthetic data) the Bayes oracle
+    thresholds the true posteriors the same way.
+    """
+    thresholds = calibrate_dataset(val, ks=ks, num_tasks=num_tasks)
+    test_metrics = metrics_dataset(
+        test, num_classes=num_classes, ks=ks, thresholds=thresholds,
+        train_class_counts=train_class_counts, freq_bins=freq_bins, num_tasks=num_tasks,
+    )
+    test_doc = test_metrics.compute()
+    if with_posterior:
+        oracle_thresholds = calibrate_dataset(val, ks=ks, column="posterior", num_tasks=num_tasks)
+        oracle = metrics_dataset(
+            test, num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
+            freq_bins=freq_bins, column="posterior", num_tasks=num_tasks,
+        ).compute()
+        test_doc["oracle_avg_k_accuracy"] = oracle["avg_k_accuracy"]
+        test_doc["oracle_macro_avg_k_accuracy"] = oracle["macro_avg_k_accuracy"]
+        test_doc["gap_to_oracle"] = {
+            key: oracle["avg_k_accuracy"][key] - test_doc["avg_k_accuracy"][key] for key in test_doc["avg_k_accuracy"]
+        }
+    document = {
+        "ks": ks,
+        "score_head": score_head,
+        "val": {"thresholds": {format_k(k): v for k, v in thresholds.items()}},
+        "test": test_doc,
+    }
+    return engine.Evaluation(metrics=document, per_class=test_metrics.per_class(), thresholds=thresholds)
+
+
+def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> tuple[Config, str, ScoringModel]:
+    """Checks the inputs (before any Ray start) and loads the checkpoint: (config, run_dir, model)."""
+    config = with_absolute_paths(config)
+    run_dir = run_dir_of(config, run)
+    saved = saved_run_config(run_dir)
+    default = (saved or config).eval.checkpoint
+    uri = resolve_checkpoint(run_dir, checkpoint, default=default)
+    scoring = load_scoring_model(uri)
+    manifest = read_manifest(config.data.shards)
+    if scoring.num_classes != manifest.num_classes:
+        raise ValueError(
+            f"the checkpoint {uri} has L={scoring.num_classes} classes, the shards at {config.data.shards} have "
+            f"{manifest.num_classes}"
+        )
+    config.validate_num_classes(manifest.num_classes)
+    return config, run_dir, scoring
+
+
+def log_to_run(config: Config, run_dir: str, evaluation: engine.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
+    """Test metrics and result files into the run's MLflow run (RUN_DIR/mlflow_run_id.txt), unless tracking is off."""
+    if not config.tracking.enabled:
+        return
+    id_file = storage.join(run_dir, tracking.RUN_ID_FILE)
+    if not storage.exists(id_file):
+        log(f"no {tracking.RUN_ID_FILE} in {run_dir}: the training was not tracked, nothing logged to MLflow")
+        return
+    run_id = storage.read_bytes(id_file).decode().strip()
+    parent, _, name = run_dir.rstrip("/").rpartition("/")
+    # The default store is sqlite:///<run.storage>/mlflow.db: the run directory's parent.
+    located = config.model_copy(update={"run": config.run.model_copy(update={"storage": parent, "name": name})})
+    uri = tracking.tracking_uri(located)
+    log_evaluation(uri, run_id, evaluation, run_dir=run_dir)
+    tracking.set_tags(uri, run_id, {"avgk.evaluated_checkpoint": checkpoint})
+
+
+def run_evaluate(
+    config: Config,
+    *,
+    run: str | None = None,
+    checkpoint: str | None = None,
+    num_actors: int | None = None,
+    log: Callable[[str], None] = _print,
+) -> engine.Evaluation:
+    """Scores val and test with a run's checkpoint, writes thresholds.json, metrics.json, per_class.parquet.
+
+    `config` gives the data location, eval.ks, eval.freq_bins, the device (train.use_gpu)
+    and tracking; the model, its score head, transform, precision and batching come from
+    the checkpoint's own config, so the scores are those of the training's evaluation.
+    """
+    config, run_dir, scoring = prepare_job(config, run=run, checkpoint=checkpoint)
+    manifest = read_manifest(config.data.shards)
+    ray_env.connect()
+    quiet_ray_data()
+    head = score_head_for(scoring.config.loss)
+    with_posterior = manifest.source == "synthetic"
+    log(f"evaluating {scoring.uri} ({head} head) on {config.data.shards}")
+    splits = {}
+    for split in ("val", "test"):
+        start = time.perf_counter()
+        splits[split] = score_dataset(
+            scoring, shards_dir=config.data.shards, split=split, head=head, with_posterior=with_posterior,
+            use_gpu=config.train.use_gpu, num_actors=num_actors,
+        ).materialize()
+        log(f"scored {split}: {splits[split].count()} samples in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    evaluation = evaluate_datasets(
+        val=splits["val"], test=splits["test"], ks=config.eval.ks, num_classes=manifest.num_classes,
+        train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
+        freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior,
+    )
+    log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")
+    engine.write_evaluation(evaluation, run_dir)
+    log_to_run(config, run_dir, evaluation, checkpoint=scoring.uri, log=log)
+    return evaluation

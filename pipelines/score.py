@@ -1,0 +1,518 @@
+"""Ray Data batch inference over a split's shards, and exact streamed reductions over score datasets.
+
+Legend: N samples, L classes, B model batch.
+
+Scoring (`score_dataset`): read tasks decode the shards into model batches, an actor pool
+runs the model, and the output holds one row per sample: idx (int64), label (int64),
+scores (float32 L-vector) and, on synthetic data, posterior (float32 L-vector).
+
+Reductions (`calibrate_dataset`, `metrics_dataset`, `run_passes`): parallel Ray tasks
+stream the blocks of a score dataset and return only mergeable int64 states (threshold
+histograms, SetMetrics counts, pseudo-label tie counts), which the driver sums. No process,
+driver included, ever holds the N x L matrix; the blocks live in Ray's object store, which
+spills to disk beyond its memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+import torch
+
+from avgk import engine, storage
+from avgk.config import Config
+from avgk.data.shards import eval_loader
+from avgk.data.transforms import build_transform
+from avgk.losses import loss_class
+from avgk.metrics import SetMetrics
+from avgk.models import build_model
+from avgk.thresholds import StreamingThresholds
+
+__all__ = [
+    "PassSpec",
+    "ScoringActor",
+    "ScoringModel",
+    "ScoringPlan",
+    "calibrate_dataset",
+    "load_scoring_model",
+    "metrics_dataset",
+    "plan_scoring",
+    "quiet_ray_data",
+    "resolve_checkpoint",
+    "run_passes",
+    "score_dataset",
+]
+
+# ====================================================================== checkpoints
+
+
+def _run_dir_error(run_dir: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"run directory {run_dir} does not exist: train it first (`avgk train CONFIG`) or pass --run RUN_DIR"
+    )
+
+
+def _list_dirs(uri: str, prefix: str) -> list[str]:
+    fs, path = storage.resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+    return [storage.join(uri, name) for name in names]
+
+
+def _latest_checkpoint(run_dir: str) -> str:
+    """checkpoint.pt of the newest Ray Train checkpoint_<timestamp> folder (names sort by time), else the local one."""
+    ray_dirs = [d for d in _list_dirs(run_dir, "checkpoint_") if storage.exists(storage.join(d, engine.CHECKPOINT_FILE))]
+    if ray_dirs:
+        return storage.join(ray_dirs[-1], engine.CHECKPOINT_FILE)
+    local = storage.join(run_dir, "checkpoints", "latest", engine.CHECKPOINT_FILE)
+    if storage.exists(local):
+        return local
+    raise FileNotFoundError(f"no checkpoint_*/{engine.CHECKPOINT_FILE} in run directory {run_dir}: nothing to load")
+
+
+def resolve_checkpoint(run_dir: str, checkpoint: str | None, *, default: str = "best") -> str:
+    """The checkpoint file a job loads: --checkpoint best | last | PATH, or the run's own choice.
+
+    checkpoint=None takes `default` (the run's eval.checkpoint) the way the training's final
+    evaluation did: "best" is <run_dir>/best/checkpoint.pt, or the last checkpoint when no
+    epoch ever improved; "last" is the newest Ray Train checkpoint_* folder. An explicit
+    "best" must exist. PATH is a checkpoint.pt file or a folder holding one.
+    """
+    if not storage.exists(run_dir):
+        raise _run_dir_error(run_dir)
+    which = checkpoint or default
+    if which == "best":
+        best = storage.join(run_dir, "best", engine.CHECKPOINT_FILE)
+        if storage.exists(best):
+            return best
+        if checkpoint == "best":
+            raise FileNotFoundError(f"no best checkpoint at {best}; use --checkpoint last or a PATH")
+        return _latest_checkpoint(run_dir)
+    if which == "last":
+        return _latest_checkpoint(run_dir)
+    path = storage.absolute(which)
+    fs, local = storage.resolve(path)
+    if fs.get_file_info(local).type == pafs.FileType.Directory:
+        path = storage.join(path, engine.CHECKPOINT_FILE)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"--checkpoint {which}: no checkpoint file at {path} (expected best, last or a PATH)")
+    return path
+
+
+@dataclasses.dataclass
+class ScoringModel:
+    """What a scoring actor needs: the weights, and the config they were trained with."""
+
+    model_state: dict[str, torch.Tensor]
+    config: Config
+    """The checkpoint's own config: architecture, heads, eval transform, precision and batching."""
+    num_classes: int
+    uri: str
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return loss_class(self.config.loss.name).heads
+
+
+def load_scoring_model(uri: str) -> ScoringModel:
+    """The model part of a training checkpoint (optimizer and RNG states are dropped)."""
+    state = engine.load_checkpoint_file_uri(uri)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{uri} is not an avgk training checkpoint (a dict with 'model' and 'config')")
+    return ScoringModel(
+        model_state=state["model"],
+        config=Config.model_validate(state["config"]),
+        num_classes=int(state["num_classes"]),
+        uri=uri,
+    )
+
+
+# ====================================================================== scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringPlan:
+    """Resources of the read tasks and of the scoring actor pool."""
+
+    num_actors: int
+    actor_cpus: float
+    actor_gpus: float
+    read_cpus: float
+
+
+def plan_scoring(*, use_gpu: bool, num_streams: int, num_actors: int | None = None, actor_cpus: float | None = None) -> ScoringPlan:
+    """Sizes the actor pool so that read tasks always find a CPU.
+
+    Actors hold their CPUs for the whole job; if they held every CPU the read tasks would
+    wait forever and Ray Data would hang without an error. So on CPU each actor asks for half
+    a CPU (it runs one torch thread) and the pool takes at most half of the cluster's CPUs,
+    never more actors than read streams; a read task asks for up to one CPU (the other half).
+    On GPU each actor takes one GPU and one CPU, one actor per GPU in the cluster. A read
+    task's request differs from an actor's, which also keeps Ray Data from fusing decoding
+    into the actors (decoding belongs on CPUs, beside the GPUs, not in front of them).
+    """
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    if use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus < 1:
+            raise ValueError("train.use_gpu=true but the Ray cluster has no GPU")
+        actor_cpus = 1.0 if actor_cpus is None else actor_cpus
+        size = num_actors or gpus
+        return ScoringPlan(num_actors=size, actor_cpus=actor_cpus, actor_gpus=1.0, read_cpus=min(1.0, cpus / 2))
+    actor_cpus = 0.5 if actor_cpus is None else actor_cpus
+    size = num_actors or max(1, min(num_streams, int(cpus / 2 / actor_cpus)))
+    if size * actor_cpus >= cpus:
+        raise ValueError(
+            f"{size} scoring actors x {actor_cpus} CPUs would hold all {cpus:g} CPUs of the cluster and starve the read tasks"
+        )
+    return ScoringPlan(num_actors=size, actor_cpus=actor_cpus, actor_gpus=0.0, read_cpus=min(1.0, cpus - size * actor_cpus))
+
+
+def num_eval_streams(config: Config) -> int:
+    """Streams of the training's final evaluation: one per (rank, loader worker)."""
+    return config.train.num_workers * max(1, config.data.loader_workers)
+
+
+def _read_stream(
+    batch: dict[str, np.ndarray],
+    *,
+    shards_dir: str,
+    split: str,
+    num_streams: int,
+    batch_size: int,
+    resize: int,
+    crop: int,
+    num_classes: int,
+    with_posterior: bool,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data read stage: each input row names a stream; yields one row per model batch of it.
+
+    Stream s is exactly the sample stream of rank s % W, loader worker s // W of the training's
+    evaluation (avgk.data.shards.eval_loader with rank s of W x workers), batched the same
+    way. The scores of a batch depend on its composition in the last float bits (CPU conv
+    kernels differ with the batch size), so this is what makes the job's scores, thresholds
+    and metrics bit-identical to the in-training evaluation, whatever the actor count.
+    """
+    transform = build_transform(train=False, resize=resize, crop=crop)
+    for stream in batch["stream"]:
+        loader = eval_loader(
+            shards_dir=shards_dir, split=split, batch_size=batch_size, rank=int(stream), world_size=num_streams,
+            num_workers=0, transform=transform, num_classes=num_classes, with_posterior=with_posterior,
+        )
+        for model_batch in loader:
+            row = {
+                "image": model_batch["image"].numpy()[None],
+                "label": model_batch["label"].numpy()[None],
+                "idx": model_batch["idx"].numpy()[None],
+            }
+            if with_posterior:
+                row["posterior"] = model_batch["posterior"].numpy()[None]
+            yield row
+
+
+class ScoringActor:
+    """Runs the model on model batches: the same head, transform output and precision as engine.score_batches."""
+
+    def __init__(self, *, model_box: tuple[Any], head: str, use_gpu: bool, num_threads: int) -> None:
+        # The weights travel through the object store (no shared filesystem needed); the box
+        # keeps Ray from resolving the reference before this actor asks for it.
+        scoring: ScoringModel = ray.get(model_box[0])
+        torch.set_num_threads(num_threads)
+        self.config = scoring.config
+        self.device = torch.device("cuda") if use_gpu else torch.device("cpu")
+        # pretrained=None: the checkpoint holds every weight; a local weights file may not exist on this node.
+        model_config = scoring.config.model.model_copy(update={"pretrained": None})
+        model = build_model(model_config, num_classes=scoring.num_classes, heads=scoring.heads)
+        model.load_state_dict(scoring.model_state)
+        model = model.to(self.device)
+        if model_config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if model_config.compile:
+            model = torch.compile(model)
+        self.model = model
+        self.head = head
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs: dict[str, list[np.ndarray]] = {"idx": [], "label": [], "scores": []}
+        if "posterior" in rows:
+            outputs["posterior"] = []
+        for i in range(len(rows["idx"])):
+            batch = {"image": torch.from_numpy(np.asarray(rows["image"][i])),
+                     "label": torch.from_numpy(np.asarray(rows["label"][i]))}
+            if "posterior" in rows:
+                batch["posterior"] = np.asarray(rows["posterior"][i])
+            chunk = next(engine.score_batches(self.model, [batch], head=self.head, device=self.device, config=self.config))
+            outputs["idx"].append(np.asarray(rows["idx"][i], dtype=np.int64))
+            outputs["label"].append(chunk.labels_N.astype(np.int64))
+            outputs["scores"].append(chunk.scores_NL)
+            if "posterior" in rows:
+                outputs["posterior"].append(chunk.posterior_NL)
+        return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def score_dataset(
+    scoring: ScoringModel,
+    *,
+    shards_dir: str,
+    split: str,
+    head: str,
+    with_posterior: bool,
+    use_gpu: bool = False,
+    num_actors: int | None = None,
+    actor_cpus: float | None = None,
+) -> ray.data.Dataset:
+    """A lazy Dataset of the split's scores: rows idx, label, scores (float32 L) [, posterior].
+
+    Model batches follow the training's evaluation (see _read_stream); `head` is
+    "multilabel" or "softmax". Call .materialize() to run the model once and keep the
+    scores in the object store for several passes.
+    """
+    if head not in scoring.heads:
+        raise ValueError(f"the checkpoint's model has heads {list(scoring.heads)}, not {head!r}")
+    config = scoring.config
+    num_streams = num_eval_streams(config)
+    plan = plan_scoring(use_gpu=use_gpu, num_streams=num_streams, num_actors=num_actors, actor_cpus=actor_cpus)
+    streams = ray.data.from_items([{"stream": s} for s in range(num_streams)], override_num_blocks=num_streams)
+    batches = streams.map_batches(
+        _read_stream,
+        batch_size=1,
+        num_cpus=plan.read_cpus,
+        fn_kwargs=dict(
+            shards_dir=storage.absolute(shards_dir), split=split, num_streams=num_streams,
+            batch_size=config.eval.batch_size, resize=config.data.resize, crop=config.data.crop,
+            num_classes=scoring.num_classes, with_posterior=with_posterior,
+        ),
+    )
+    return batches.map_batches(
+        ScoringActor,
+        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        batch_size=1,  # one row is one model batch
+        num_cpus=plan.actor_cpus,
+        num_gpus=plan.actor_gpus,
+        fn_constructor_kwargs=dict(
+            model_box=(ray.put(scoring),), head=head, use_gpu=use_gpu, num_threads=max(1, int(plan.actor_cpus)),
+        ),
+    )
+
+
+def quiet_ray_data() -> None:
+    """Ray Data logs every operator start and a progress table; a person running a job wants our lines."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+# ====================================================================== streamed reductions
+
+
+class PassSpec(Protocol):
+    """A reduction in passes over a score dataset; each pass returns a summable state per task."""
+
+    def done(self, totals: list[Any]) -> bool:
+        """Whether the passes whose summed states are `totals` are all there is."""
+
+    def run(self, totals: list[Any], batches: Iterable[dict[str, np.ndarray]]) -> Any:
+        """This task's state of the next pass: an int64 array or a dict of them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskReport:
+    """What one reduction task did: for balance checks and memory estimates."""
+
+    pid: int
+    num_blocks: int
+    num_rows: int
+    seconds: float
+    peak_rss_bytes: int
+    """Peak resident memory of the task's worker process (its whole life so far)."""
+
+
+@dataclasses.dataclass
+class PassesResult:
+    totals: list[Any]
+    reports: list[list[TaskReport]]
+    """One list per pass, one report per task."""
+
+
+def _blocks(block_refs: list[ray.ObjectRef], counter: list[int]) -> Iterator[dict[str, np.ndarray]]:
+    from ray.data.block import BlockAccessor
+
+    for ref in block_refs:
+        batch = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
+        counter[0] += len(next(iter(batch.values()))) if batch else 0
+        yield batch
+
+
+@ray.remote
+def _pass_task(spec: PassSpec, totals: list[Any], block_refs: list[ray.ObjectRef]) -> tuple[Any, TaskReport]:
+    start = time.perf_counter()
+    counter = [0]
+    state = spec.run(totals, _blocks(block_refs, counter))
+    report = TaskReport(
+        pid=os.getpid(), num_blocks=len(block_refs), num_rows=counter[0], seconds=time.perf_counter() - start,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+    return state, report
+
+
+def _sum_states(states: list[Any]) -> Any:
+    if isinstance(states[0], dict):
+        return {key: np.sum([s[key] for s in states], axis=0) for key in states[0]}
+    return np.sum(states, axis=0)
+
+
+def block_groups(ds: ray.data.Dataset, num_tasks: int | None) -> list[list[ray.ObjectRef]]:
+    """The dataset's block references dealt round-robin into at most `num_tasks` groups.
+
+    Executes a lazy dataset once and keeps its blocks in the object store (a materialised
+    dataset costs nothing here); the driver only holds references.
+    """
+    refs = ds.to_arrow_refs()
+    if num_tasks is None:
+        num_tasks = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    num_tasks = max(1, min(num_tasks, len(refs)))
+    return [refs[i::num_tasks] for i in range(num_tasks)]
+
+
+def run_passes(
+    ds: ray.data.Dataset, spec: PassSpec, *, num_tasks: int | None = None, task_cpus: float = 1.0,
+    groups: list[list[ray.ObjectRef]] | None = None,
+) -> PassesResult:
+    """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums."""
+    groups = groups or block_groups(ds, num_tasks)
+    totals: list[Any] = []
+    reports: list[list[TaskReport]] = []
+    task = _pass_task.options(num_cpus=task_cpus)
+    while not spec.done(totals):
+        totals_ref = ray.put(totals)
+        results = ray.get([task.remote(spec, totals_ref, group) for group in groups])
+        totals.append(_sum_states([state for state, _ in results]))
+        reports.append([report for _, report in results])
+    return PassesResult(totals=totals, reports=reports)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdsPass:
+    """StreamingThresholds' two passes over one column."""
+
+    ks: tuple[float, ...]
+    column: str = "scores"
+
+    def calibrator(self, totals: list[Any]) -> StreamingThresholds:
+        calibrator = StreamingThresholds(ks=self.ks)
+        for number, total in enumerate(totals):
+            calibrator.load_state(total)
+            if number == 0:
+                calibrator.next_pass()
+        return calibrator
+
+    def done(self, totals: list[Any]) -> bool:
+        return len(totals) == 2
+
+    def run(self, totals: list[Any], batches: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
+        calibrator = self.calibrator(totals)
+        for batch in batches:
+            calibrator.update(batch[self.column])
+        return calibrator.state()
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsPass:
+    """SetMetrics counts over one column, in one pass."""
+
+    num_classes: int
+    ks: tuple[float, ...]
+    thresholds: tuple[tuple[float, float], ...]
+    train_class_counts: tuple[int, ...] | None
+    freq_bins: tuple[int, int]
+    column: str = "scores"
+
+    def metrics(self) -> SetMetrics:
+        counts = None if self.train_class_counts is None else np.asarray(self.train_class_counts, dtype=np.int64)
+        return SetMetrics(
+            num_classes=self.num_classes, ks=self.ks, thresholds=dict(self.thresholds),
+            train_class_counts=counts, freq_bins=self.freq_bins,
+        )
+
+    def done(self, totals: list[Any]) -> bool:
+        return len(totals) == 1
+
+    def run(self, totals: list[Any], batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        metrics = self.metrics()
+        for batch in batches:
+            metrics.update(scores_NL=batch[self.column], labels_N=batch["label"])
+        return metrics.state()
+
+
+def calibrate_dataset(
+    ds: ray.data.Dataset, *, ks: Iterable[float], column: str = "scores", num_tasks: int | None = None
+) -> dict[float, float]:
+    """Exact lambda_K for every K over the rows' `column` (float32 L-vectors), equal to reference_thresholds.
+
+    Two passes of StreamingThresholds in `num_tasks` parallel tasks (default: one per cluster
+    CPU, at most one per block), each returning a 65,536-bin int64 histogram (a few in pass
+    2) that the driver sums. A lazy dataset is executed once and its blocks kept in the
+    object store for both passes; pass a materialised one to share it with other reductions
+    (the model then runs once per split).
+    """
+    spec = ThresholdsPass(ks=tuple(float(k) for k in ks), column=column)
+    result = run_passes(ds, spec, num_tasks=num_tasks)
+    return spec.calibrator(result.totals).thresholds()
+
+
+def metrics_dataset(
+    ds: ray.data.Dataset,
+    *,
+    num_classes: int,
+    ks: Iterable[float],
+    thresholds: dict[float, float],
+    train_class_counts: np.ndarray | None = None,
+    freq_bins: tuple[int, int] = (20, 100),
+    column: str = "scores",
+    num_tasks: int | None = None,
+) -> SetMetrics:
+    """SetMetrics of the rows' `column` against their `label`, counted in parallel tasks and summed on the driver."""
+    spec = MetricsPass(
+        num_classes=num_classes, ks=tuple(float(k) for k in ks),
+        thresholds=tuple((float(k), float(v)) for k, v in thresholds.items()),
+        train_class_counts=None if train_class_counts is None else tuple(int(c) for c in train_class_counts),
+        freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column,
+    )
+    result = run_passes(ds, spec, num_tasks=num_tasks)
+    metrics = spec.metrics()
+    metrics.load_state(result.totals[0])
+    return metrics
+
+
+def run_dir_of(config: Config, run: str | None) -> str:
+    """--run RUN_DIR, else the config's run directory; must exist."""
+    run_dir = storage.absolute(run or config.run_dir)
+    if not storage.exists(run_dir):
+        raise _run_dir_error(run_dir)
+    return run_dir
+
+
+def saved_run_config(run_dir: str) -> Config | None:
+    """The resolved config the training saved in its run directory, if any."""
+    path = storage.join(run_dir, "config.yaml")
+    if not storage.exists(path):
+        return None
+    import yaml
+
+    return Config.model_validate(yaml.safe_load(storage.read_bytes(path)))
+
+
+def local_path(uri: str) -> Path | None:
+    return None if "://" in uri else Path(uri)

@@ -1,0 +1,235 @@
+"""The Ray scoring jobs: exact streamed thresholds over tasks, `avgk evaluate`, `avgk pseudolabel`, offline training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from avgk.config import load_config
+from avgk.metrics import SetMetrics
+from avgk.pseudo_labels import batch_pseudo_labels, read_pseudo_label_table
+from avgk.thresholds import reference_thresholds, round_count
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+KS = [1, 1.5, 2, 3, 5, 10]
+
+
+def smoke_config(smoke_shards, storage: Path, *overrides):
+    return load_config(SMOKE, [f"data.shards={smoke_shards}", f"run.storage={storage}", *overrides])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def collect(ds, *columns) -> dict[str, np.ndarray]:
+    """A small dataset's columns in the test process, sorted by idx (the tests' ground truth only)."""
+    rows = {c: [] for c in columns}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for c in columns:
+            rows[c].append(batch[c])
+    out = {c: np.concatenate(v) for c, v in rows.items()}
+    if "idx" in out:
+        order = np.argsort(out["idx"])
+        out = {c: v[order] for c, v in out.items()}
+    return out
+
+
+# ---------------------------------------------------------------- streamed reductions on a large random matrix
+
+
+NUM_ROWS, NUM_COLS, NUM_BLOCKS = 100_000, 1_000, 10
+
+
+def random_block(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([7, seed])
+    rows = NUM_ROWS // NUM_BLOCKS
+    return rng.standard_normal((rows, NUM_COLS), dtype=np.float32), rng.integers(0, NUM_COLS, rows)
+
+
+def _generate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    (seed,) = batch["id"]
+    scores, labels = random_block(int(seed))
+    return {"scores": scores, "label": labels}
+
+
+def test_thresholds_and_metrics_of_a_random_matrix_over_three_tasks(local_ray):
+    """100,000 x 1,000 generated inside tasks (never on the driver): equal to a full sort bit for bit."""
+    import ray
+
+    from pipelines.score import MetricsPass, ThresholdsPass, block_groups, metrics_dataset, run_passes
+
+    ds = ray.data.range(NUM_BLOCKS, override_num_blocks=NUM_BLOCKS).map_batches(_generate, batch_size=1)
+    groups = block_groups(ds, 3)
+    spec = ThresholdsPass(ks=tuple(KS))
+    result = run_passes(ds, spec, groups=groups)
+    thresholds = spec.calibrator(result.totals).thresholds()
+    for reports in result.reports:  # every pass: 3 tasks sharing all the rows
+        assert len(reports) == 3 and all(r.num_rows > 0 for r in reports)
+        assert sum(r.num_rows for r in reports) == NUM_ROWS
+    assert result.totals[0].dtype == np.int64 and result.totals[0].size == 2 + 65_536
+
+    blocks = [random_block(seed) for seed in range(NUM_BLOCKS)]
+    scores_NL = np.concatenate([b[0] for b in blocks])
+    labels_N = np.concatenate([b[1] for b in blocks])
+    assert thresholds == reference_thresholds(scores_NL, KS)
+
+    metrics = metrics_dataset(ds, num_classes=NUM_COLS, ks=[1, 2], thresholds=thresholds, num_tasks=3)
+    expected = SetMetrics(num_classes=NUM_COLS, ks=[1, 2], thresholds=thresholds)
+    expected.update(scores_NL=scores_NL, labels_N=labels_N)
+    assert metrics.compute() == expected.compute()
+    assert MetricsPass.__module__ == "pipelines.score"
+
+
+# ---------------------------------------------------------------- jobs on a trained smoke run
+
+
+@pytest.fixture(scope="module")
+def trained(smoke_shards, tmp_path_factory, local_ray, mlflow_server):
+    """configs/smoke.yaml trained (2 epochs, one worker, tracked): the jobs' input, with its own evaluation."""
+    from pipelines.train import run_training
+
+    storage = tmp_path_factory.mktemp("scoring") / "runs"
+    config = smoke_config(smoke_shards, storage, "run.name=trained", f"tracking.uri={mlflow_server}")
+    run_training(config)
+    run_dir = storage / "trained"
+    return SimpleNamespace(
+        config=config, run_dir=run_dir, tracking_uri=mlflow_server,
+        metrics=json.loads((run_dir / "metrics.json").read_text()),
+        thresholds=json.loads((run_dir / "thresholds.json").read_text()),
+    )
+
+
+def assert_same_document(actual, expected, path="metrics"):
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), (path, set(actual) ^ set(expected))
+        for key in expected:
+            assert_same_document(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, float):
+        assert abs(actual - expected) <= 1e-9, (path, actual, expected)
+    else:
+        assert actual == expected, (path, actual, expected)
+
+
+def test_evaluate_equals_the_trainings_evaluation(trained):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.calibrate import run_evaluate
+
+    evaluation = run_evaluate(trained.config, run=str(trained.run_dir))
+    written = json.loads((trained.run_dir / "metrics.json").read_text())
+    assert written["val"]["thresholds"] == trained.metrics["val"]["thresholds"]  # bit for bit
+    assert json.loads((trained.run_dir / "thresholds.json").read_text()) == trained.thresholds
+    assert_same_document(written, trained.metrics)
+    assert "oracle_avg_k_accuracy" in written["test"] and written["test"]["num_samples"] == 400
+    assert evaluation.per_class["num_samples"].sum() == 400
+
+    client = MlflowClient(trained.tracking_uri)
+    run_id = (trained.run_dir / "mlflow_run_id.txt").read_text().strip()
+    run = client.get_run(run_id)
+    assert run.data.tags["avgk.evaluated_checkpoint"] == str(trained.run_dir / "best" / "checkpoint.pt")
+    assert run.data.metrics["test_avg_k_accuracy_k2"] == written["test"]["avg_k_accuracy"]["2"]
+    assert {"metrics.json", "thresholds.json", "per_class.parquet"} <= {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
+    from pipelines.score import calibrate_dataset, load_scoring_model, score_dataset
+
+    scoring = load_scoring_model(str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt"))
+    val = score_dataset(scoring, shards_dir=trained.config.data.shards, split="val", head="multilabel",
+                        with_posterior=True, num_actors=2).materialize()
+    thresholds = calibrate_dataset(val, ks=[1, 1.5, 2, 3], num_tasks=2)
+    rows = collect(val, "idx", "scores", "posterior")
+    assert rows["idx"].tolist() == list(range(400))  # every val sample scored exactly once
+    assert thresholds == reference_thresholds(rows["scores"], [1, 1.5, 2, 3])
+    assert calibrate_dataset(val, ks=[2], column="posterior") == reference_thresholds(rows["posterior"], [2])
+
+
+def test_pseudolabel_job_equals_brute_force(trained):
+    from pipelines.pseudolabel import run_pseudolabel
+    from pipelines.score import load_scoring_model, score_dataset
+
+    selection, uri = run_pseudolabel(trained.config, run=str(trained.run_dir), checkpoint="last", num_actors=2)
+    table = read_pseudo_label_table(uri)
+    num_samples, k = 1000, trained.config.loss.effective_pseudo_k
+    assert table.num_samples == num_samples and table.num_positives == round_count(n=num_samples, k=k)
+    meta = table.metadata
+    assert meta["num_positives"] == table.num_positives and meta["k"] == k and meta["threshold"] == selection.threshold
+    assert meta["checkpoint"] == str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt")
+
+    scoring = load_scoring_model(meta["checkpoint"])
+    train = collect(score_dataset(scoring, shards_dir=trained.config.data.shards, split="train", head="softmax",
+                                  with_posterior=False), "idx", "label", "scores")
+    expected_NL = batch_pseudo_labels(probs=torch.from_numpy(train["scores"]),
+                                      labels=torch.from_numpy(train["label"]), k=k).numpy() > 0
+    actual_NL = table.targets(np.arange(num_samples), num_classes=20).numpy() > 0
+    assert np.array_equal(actual_NL, expected_NL)
+    assert actual_NL[np.arange(num_samples), train["label"]].all()  # every true label is in
+    assert not list(trained.run_dir.glob(".pseudo_labels.tmp-*"))
+
+
+def test_cli_evaluate_on_the_running_cluster(trained, local_ray, tmp_path):
+    """`avgk evaluate CONFIG --run RUN_DIR --checkpoint last` as a user runs it, joining the cluster in RAY_ADDRESS."""
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "pipelines.cli", "evaluate", str(SMOKE), "--run", str(trained.run_dir),
+           "--checkpoint", "last", f"data.shards={trained.config.data.shards}", "tracking.enabled=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "scored val: 400 samples" in proc.stdout and "avg" in proc.stdout
+    written = json.loads((trained.run_dir / "metrics.json").read_text())
+    assert set(written["val"]["thresholds"]) == {"1", "2", "3"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "{tmp}/missing"], "run directory {tmp}/missing does not exist"),
+        (["--run", "{tmp}", "--checkpoint", "{tmp}/none.pt"], "--checkpoint {tmp}/none.pt: no checkpoint file"),
+        (["--run", "{tmp}"], "no checkpoint_*/checkpoint.pt in run directory {tmp}"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["evaluate", "pseudolabel"])
+def test_cli_bad_inputs_are_one_clear_line(verb, args, message, tmp_path):
+    args = [a.format(tmp=tmp_path) for a in args]
+    cmd = [sys.executable, "-m", "pipelines.cli", verb, str(SMOKE), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("avgk: error:")]
+    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- offline pseudo-labels in training
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_offline_pseudo_labels_train_and_match_the_job(workers, smoke_shards, tmp_path, local_ray):
+    """Epoch 1 online, epoch 2 from the global table; the table equals `avgk pseudolabel` on the epoch-1 checkpoint."""
+    from pipelines.pseudolabel import run_pseudolabel
+    from pipelines.train import run_training
+
+    config = smoke_config(smoke_shards, tmp_path / "runs", f"run.name=offline{workers}", "tracking.enabled=false",
+                          f"train.num_workers={workers}", "loss.pseudo_labels=offline", "loss.refresh_epochs=1")
+    run_training(config)
+    run_dir = tmp_path / "runs" / f"offline{workers}"
+    assert set(json.loads((run_dir / "metrics.json").read_text())["test"]["avg_k_accuracy"]) == {"1", "2", "3"}
+    in_training = read_pseudo_label_table(str(run_dir / "pseudo_labels"))
+    assert in_training.metadata["source"] == "training" and in_training.metadata["trained_epochs"] == 1
+    assert in_training.num_positives == round_count(n=1000, k=2)
+
+    first = checkpoint_dirs(run_dir)[0]  # the weights the table was computed with
+    selection, _ = run_pseudolabel(config, run=str(run_dir), checkpoint=str(first))
+    job = read_pseudo_label_table(str(run_dir / "pseudo_labels"))
+    assert selection.threshold == in_training.metadata["threshold"]
+    assert np.array_equal(job.offsets_N1, in_training.offsets_N1)
+    assert np.array_equal(job.labels_M, in_training.labels_M)

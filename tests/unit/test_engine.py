@@ -1,0 +1,89 @@
+"""The single-process engine: schedules, a whole CPU training with every metric, AMP, NaN stop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from avgk import engine
+from avgk.config import load_config
+from avgk.thresholds import reference_thresholds
+from tests.conftest import ROOT
+
+
+def smoke(smoke_shards, tmp_path, *overrides):
+    return load_config(ROOT / "configs" / "smoke.yaml", [
+        f"data.shards={smoke_shards}", f"run.storage={tmp_path}", "tracking.enabled=false", *overrides,
+    ])
+
+
+@pytest.mark.parametrize(
+    "overrides, step, expected",
+    [
+        (["train.schedule=constant", "train.warmup_epochs=1"], 4, 0.5),  # 10 steps/epoch: (4+1)/10
+        (["train.schedule=constant"], 7, 1.0),
+        (["train.schedule=step", "train.milestones=[1, 2]", "train.epochs=3"], 15, 0.1),
+        (["train.schedule=step", "train.milestones=[1, 2]", "train.epochs=3"], 25, 0.01),
+        (["train.schedule=cosine", "train.epochs=2"], 10, 0.5),
+        (["train.schedule=cosine", "train.epochs=2"], 20, 0.0),
+    ],
+)
+def test_lr_schedules(overrides, step, expected):
+    config = load_config(None, overrides)
+    assert engine.lr_factor(step=step, steps_per_epoch=10, config=config) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["two_head", "ce"])
+def test_cpu_training_reports_every_metric(loss, smoke_shards, tmp_path):
+    config = smoke(smoke_shards, tmp_path, f"loss.name={loss}", f"run.name={loss}")
+    lines: list[str] = []
+    result = engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lines.append)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert any("img/s" in line for line in lines)
+    doc = json.loads((tmp_path / loss / "metrics.json").read_text())
+    test = doc["test"]
+    for name in ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",
+                 "macro_top_k_accuracy", "oracle_avg_k_accuracy", "gap_to_oracle", "empty_set_fraction",
+                 "set_size_histogram"):
+        assert set(test[name]) == {"1", "2", "3"}, name
+    assert set(test["by_frequency"]) == {"few", "medium", "many"}
+    assert test["num_samples"] == 400
+    # Learned something: well above the 1/20 chance level, below the Bayes ceiling.
+    assert 0.2 < test["avg_k_accuracy"]["2"] <= test["oracle_avg_k_accuracy"]["2"] + 0.05
+    thresholds = json.loads((tmp_path / loss / "thresholds.json").read_text())
+    assert thresholds["thresholds"] == doc["val"]["thresholds"]
+
+
+def test_thresholds_equal_the_full_sort_of_val_scores(smoke_shards, tmp_path):
+    config = smoke(smoke_shards, tmp_path, "run.name=calib")
+    parts = engine.build_parts(config, device=torch.device("cpu"))
+    chunks = engine.score_split(parts, "val")
+    calibrated = engine.calibrate(chunks, ks=[1, 1.5, 2, 3], reduce=lambda a: a)
+    scores = np.concatenate([c.scores_NL for c in chunks])
+    assert calibrated == reference_thresholds(scores, [1, 1.5, 2, 3])
+
+
+def test_bf16_autocast_trains_on_cpu(smoke_shards, tmp_path):
+    config = smoke(smoke_shards, tmp_path, "train.amp=bf16", "train.epochs=1", "run.name=bf16")
+    result = engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_non_finite_loss_stops_with_step_and_keys(smoke_shards, tmp_path):
+    config = smoke(smoke_shards, tmp_path, "train.lr=1e30", "train.schedule=constant", "run.name=nan",
+                   "train.optimizer=sgd", "train.momentum=0")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 0 step \d+; batch keys \['train-"):
+        engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+
+
+def test_resume_continues_from_the_latest_checkpoint(smoke_shards, tmp_path):
+    config = smoke(smoke_shards, tmp_path, "train.epochs=1", "run.name=resume")
+    engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+    longer = smoke(smoke_shards, tmp_path, "train.epochs=2", "run.name=resume")
+    lines: list[str] = []
+    result = engine.fit(longer, reporter=engine.LocalReporter(longer.run_dir), log=lines.append)
+    assert any("resuming resume from epoch 2" in line for line in lines)
+    assert [h["epoch"] for h in result.history] == [1, 2]
