@@ -86,8 +86,10 @@ METADATA_KEY = b"avgk.pseudo_labels"
 
 def _forced(probs_NL: Any, labels_N: Any) -> np.ndarray:
     """float32 N x L numpy copy of the scores with every true label forced to +inf."""
-    probs = torch.as_tensor(np.asarray(probs_NL, dtype=np.float32))
-    labels = torch.as_tensor(np.asarray(labels_N, dtype=np.int64))
+    # A writable array: Ray hands out read-only views of the object store, which torch warns about.
+    probs_NL = np.asarray(probs_NL, dtype=np.float32)
+    probs = torch.from_numpy(probs_NL if probs_NL.flags.writeable else probs_NL.copy())
+    labels = torch.from_numpy(np.array(labels_N, dtype=np.int64))
     if probs.ndim != 2 or labels.shape != probs.shape[:1]:
         raise ValueError(f"probs must be N x L and labels N, got {tuple(probs.shape)} and {tuple(labels.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):

@@ -14,6 +14,10 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_MININTERVAL", "5")
+if not os.environ.get("RAY_ADDRESS"):
+    # A local Ray stays on loopback: without this, Ray reports (and resolves 127.0.0.1 to) the
+    # machine's routable address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
+
+
+DASHBOARD_PORT = 8265
+
+
+def _free_port(preferred: int) -> int:
+    """`preferred` if nothing listens on it on loopback, else any free port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def connect(*, num_cpus: float | None = None, quiet: bool = True) -> None:
@@ -31,6 +48,7 @@ def connect(*, num_cpus: float | None = None, quiet: bool = True) -> None:
         # without it the driver prints a warning every few seconds.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=_free_port(DASHBOARD_PORT),  # a second local Ray (e.g. a test) must not fail
         configure_logging=True,
         **common,
     )

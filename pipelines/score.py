@@ -20,8 +20,8 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+import tracemalloc
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -151,32 +151,35 @@ class ScoringPlan:
     read_cpus: float
 
 
-def plan_scoring(*, use_gpu: bool, num_streams: int, num_actors: int | None = None, actor_cpus: float | None = None) -> ScoringPlan:
+def plan_scoring(*, use_gpu: bool, num_actors: int | None = None, actor_cpus: float | None = None) -> ScoringPlan:
     """Sizes the actor pool so that read tasks always find a CPU.
 
-    Actors hold their CPUs for the whole job; if they held every CPU the read tasks would
-    wait forever and Ray Data would hang without an error. So on CPU each actor asks for half
-    a CPU (it runs one torch thread) and the pool takes at most half of the cluster's CPUs,
-    never more actors than read streams; a read task asks for up to one CPU (the other half).
-    On GPU each actor takes one GPU and one CPU, one actor per GPU in the cluster. A read
-    task's request differs from an actor's, which also keeps Ray Data from fusing decoding
-    into the actors (decoding belongs on CPUs, beside the GPUs, not in front of them).
+    Actors hold their CPUs for the whole job; if they held every CPU, the read tasks would
+    wait forever and Ray Data would hang without an error. So the pool reserves at most half
+    of the cluster's CPUs, and a read task asks for at most one CPU of the other half. On
+    CPU each actor reserves half a CPU (and runs one torch thread: cores are shared with the
+    read tasks, not reserved); on GPU each actor takes one GPU and up to one CPU, one actor
+    per GPU. A read task's request differs from an actor's, which also keeps Ray Data from
+    fusing decoding into the actors (decoding belongs on CPUs beside the GPUs, not in front of them).
     """
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     if use_gpu:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus < 1:
             raise ValueError("train.use_gpu=true but the Ray cluster has no GPU")
-        actor_cpus = 1.0 if actor_cpus is None else actor_cpus
         size = num_actors or gpus
-        return ScoringPlan(num_actors=size, actor_cpus=actor_cpus, actor_gpus=1.0, read_cpus=min(1.0, cpus / 2))
-    actor_cpus = 0.5 if actor_cpus is None else actor_cpus
-    size = num_actors or max(1, min(num_streams, int(cpus / 2 / actor_cpus)))
+        default_cpus, actor_gpus = 1.0, 1.0
+    else:
+        size = num_actors or max(1, int(cpus))
+        default_cpus, actor_gpus = 0.5, 0.0
+    actor_cpus = actor_cpus if actor_cpus is not None else min(default_cpus, cpus / 2 / size)
     if size * actor_cpus >= cpus:
         raise ValueError(
-            f"{size} scoring actors x {actor_cpus} CPUs would hold all {cpus:g} CPUs of the cluster and starve the read tasks"
+            f"{size} scoring actors x {actor_cpus:g} CPUs would hold all {cpus:g} CPUs of the cluster "
+            "and starve the read tasks"
         )
-    return ScoringPlan(num_actors=size, actor_cpus=actor_cpus, actor_gpus=0.0, read_cpus=min(1.0, cpus - size * actor_cpus))
+    read_cpus = min(1.0, cpus - size * actor_cpus)
+    return ScoringPlan(num_actors=size, actor_cpus=actor_cpus, actor_gpus=actor_gpus, read_cpus=read_cpus)
 
 
 def num_eval_streams(config: Config) -> int:
@@ -282,7 +285,7 @@ def score_dataset(
         raise ValueError(f"the checkpoint's model has heads {list(scoring.heads)}, not {head!r}")
     config = scoring.config
     num_streams = num_eval_streams(config)
-    plan = plan_scoring(use_gpu=use_gpu, num_streams=num_streams, num_actors=num_actors, actor_cpus=actor_cpus)
+    plan = plan_scoring(use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)
     streams = ray.data.from_items([{"stream": s} for s in range(num_streams)], override_num_blocks=num_streams)
     batches = streams.map_batches(
         _read_stream,
@@ -336,7 +339,9 @@ class TaskReport:
     num_rows: int
     seconds: float
     peak_rss_bytes: int
-    """Peak resident memory of the task's worker process (its whole life so far)."""
+    """Peak resident memory of the task's worker process (its whole life so far, object-store pages it read included)."""
+    peak_traced_bytes: int
+    """Peak of the task's own Python/numpy allocations (tracemalloc), when run_passes(trace_memory=True); else 0."""
 
 
 @dataclasses.dataclass
@@ -356,13 +361,22 @@ def _blocks(block_refs: list[ray.ObjectRef], counter: list[int]) -> Iterator[dic
 
 
 @ray.remote
-def _pass_task(spec: PassSpec, totals: list[Any], block_refs: list[ray.ObjectRef]) -> tuple[Any, TaskReport]:
+def _pass_task(
+    spec: PassSpec, totals: list[Any], block_refs: list[ray.ObjectRef], trace_memory: bool
+) -> tuple[Any, TaskReport]:
+    if trace_memory:
+        tracemalloc.start()
     start = time.perf_counter()
     counter = [0]
     state = spec.run(totals, _blocks(block_refs, counter))
+    seconds = time.perf_counter() - start
+    traced = 0
+    if trace_memory:
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
     report = TaskReport(
-        pid=os.getpid(), num_blocks=len(block_refs), num_rows=counter[0], seconds=time.perf_counter() - start,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        pid=os.getpid(), num_blocks=len(block_refs), num_rows=counter[0], seconds=seconds,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_traced_bytes=traced,
     )
     return state, report
 
@@ -388,16 +402,19 @@ def block_groups(ds: ray.data.Dataset, num_tasks: int | None) -> list[list[ray.O
 
 def run_passes(
     ds: ray.data.Dataset, spec: PassSpec, *, num_tasks: int | None = None, task_cpus: float = 1.0,
-    groups: list[list[ray.ObjectRef]] | None = None,
+    groups: list[list[ray.ObjectRef]] | None = None, trace_memory: bool = False,
 ) -> PassesResult:
-    """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums."""
+    """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums.
+
+    `groups` (from block_groups) lets several reductions share one assignment of blocks to tasks.
+    """
     groups = groups or block_groups(ds, num_tasks)
     totals: list[Any] = []
     reports: list[list[TaskReport]] = []
     task = _pass_task.options(num_cpus=task_cpus)
     while not spec.done(totals):
         totals_ref = ray.put(totals)
-        results = ray.get([task.remote(spec, totals_ref, group) for group in groups])
+        results = ray.get([task.remote(spec, totals_ref, group, trace_memory) for group in groups])
         totals.append(_sum_states([state for state, _ in results]))
         reports.append([report for _, report in results])
     return PassesResult(totals=totals, reports=reports)
@@ -512,7 +529,3 @@ def saved_run_config(run_dir: str) -> Config | None:
     import yaml
 
     return Config.model_validate(yaml.safe_load(storage.read_bytes(path)))
-
-
-def local_path(uri: str) -> Path | None:
-    return None if "://" in uri else Path(uri)

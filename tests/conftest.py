@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray resolves "127.0.0.1" in a cluster address to the machine's routable address unless told it
+# runs single-host; tests must stay on loopback (a simulated multi-node cluster included).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 
