@@ -295,7 +295,7 @@ def positives_as_rows(positive_NL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass
 class PseudoLabelTable:
-    """Global pseudo-labels as a dense CSR lookup over sample idx 0..N-1 (about 4 * (M + 2N) bytes)."""
+    """Global pseudo-labels as a dense CSR lookup over sample idx 0..N-1 (8 N + 4 M bytes)."""
 
     offsets_N1: np.ndarray
     """int64, N + 1: the labels of sample i are labels_M[offsets_N1[i]:offsets_N1[i + 1]]."""
@@ -453,3 +453,12 @@ def publish_dir(tmp_uri: str, final_uri: str) -> None:
         fs.delete_dir(final)
     pafs.copy_files(tmp, final, source_filesystem=fs, destination_filesystem=fs)
     fs.delete_dir(tmp)
+
+
+def remove_dir(uri: str) -> None:
+    """Deletes a folder (a failed write's temporary folder) if it exists."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)

@@ -43,6 +43,7 @@ from avgk.pseudo_labels import (
     pseudo_label_arrow_table,
     publish_dir,
     read_pseudo_label_table,
+    remove_dir,
     temporary_dir_for,
     write_parquet,
 )
@@ -81,7 +82,7 @@ def _summary(selection: GlobalSelection) -> str:
 # ====================================================================== the Ray job
 
 
-class _PseudoLabelPass:
+class PseudoLabelPass:
     """GlobalPseudoLabeler's passes over score rows (idx, label, scores = softmax probabilities)."""
 
     def __init__(self, k: float) -> None:
@@ -121,7 +122,7 @@ def select_dataset(
     ds: ray.data.Dataset, *, k: float, num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None
 ) -> GlobalSelection:
     """The exact global selection over a Dataset of softmax score rows (idx, label, scores), in parallel tasks."""
-    spec = _PseudoLabelPass(k)
+    spec = PseudoLabelPass(k)
     result = run_passes(ds, spec, num_tasks=num_tasks, groups=groups)
     return GlobalPseudoLabeler.resume(k=k, totals=result.totals).selection
 
@@ -134,17 +135,21 @@ def write_table_dataset(
     groups = groups or block_groups(ds, num_tasks)
     final = storage.join(run_dir, PSEUDO_LABELS_DIR)
     tmp = temporary_dir_for(final)
-    written = ray.get([
-        _write_part.remote(selection, metadata, group, storage.join(tmp, f"part-{i:05d}.parquet"))
-        for i, group in enumerate(groups)
-    ])
-    num_rows, num_positives = (sum(column) for column in zip(*written))
-    if (num_rows, num_positives) != (selection.num_samples, selection.num_positives):
-        raise RuntimeError(
-            f"pseudo-label parts hold {num_rows} rows / {num_positives} positives, the selection "
-            f"{selection.num_samples} / {selection.num_positives}: the score dataset changed between passes"
-        )
-    publish_dir(tmp, final)
+    try:
+        written = ray.get([
+            _write_part.remote(selection, metadata, group, storage.join(tmp, f"part-{i:05d}.parquet"))
+            for i, group in enumerate(groups)
+        ])
+        num_rows, num_positives = (sum(column) for column in zip(*written))
+        if (num_rows, num_positives) != (selection.num_samples, selection.num_positives):
+            raise RuntimeError(
+                f"pseudo-label parts hold {num_rows} rows / {num_positives} positives, the selection "
+                f"{selection.num_samples} / {selection.num_positives}: the score dataset changed between passes"
+            )
+        publish_dir(tmp, final)
+    except BaseException:
+        remove_dir(tmp)
+        raise
     return final
 
 
@@ -281,11 +286,15 @@ def write_table(table: PseudoLabelTable, run_dir: str) -> str:
     """The whole table as one parquet part in <run_dir>/pseudo_labels/, published once written."""
     final = storage.join(run_dir, PSEUDO_LABELS_DIR)
     tmp = temporary_dir_for(final)
-    write_parquet(storage.join(tmp, "part-00000.parquet"), pseudo_label_arrow_table(
-        idx_R=np.arange(table.num_samples), counts_R=np.diff(table.offsets_N1), labels_P=table.labels_M,
-        metadata=table.metadata,
-    ))
-    publish_dir(tmp, final)
+    try:
+        write_parquet(storage.join(tmp, "part-00000.parquet"), pseudo_label_arrow_table(
+            idx_R=np.arange(table.num_samples), counts_R=np.diff(table.offsets_N1), labels_P=table.labels_M,
+            metadata=table.metadata,
+        ))
+        publish_dir(tmp, final)
+    except BaseException:
+        remove_dir(tmp)
+        raise
     return final
 
 

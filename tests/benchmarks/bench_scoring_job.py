@@ -135,7 +135,7 @@ def in_memory_table(repeats: int, seed: int) -> list[str]:
 def streamed_table(*, stream_rows: int, block_rows: int, num_actors: int) -> list[str]:
     import ray
 
-    from pipelines.pseudolabel import _PseudoLabelPass
+    from pipelines.pseudolabel import PseudoLabelPass
     from pipelines.score import MetricsPass, ThresholdsPass, block_groups, run_passes
     from avgk.pseudo_labels import GlobalPseudoLabeler
 
@@ -171,7 +171,7 @@ def streamed_table(*, stream_rows: int, block_rows: int, num_actors: int) -> lis
         metrics_run = run_passes(scores, metrics_spec, groups=groups, trace_memory=True)
         t_metrics = time.perf_counter() - start
         start = time.perf_counter()
-        labels_run = run_passes(scores, _PseudoLabelPass(2.0), groups=groups, trace_memory=True)
+        labels_run = run_passes(scores, PseudoLabelPass(2.0), groups=groups, trace_memory=True)
         t_labels = time.perf_counter() - start
         selection = GlobalPseudoLabeler.resume(k=2.0, totals=labels_run.totals).selection
     _, traced_peak = tracemalloc.get_traced_memory()

@@ -170,3 +170,33 @@ def test_incomplete_tables_are_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"sample idx must lie in \[0, 2\)"):
         PseudoLabelTable.from_rows(idx_R=[1, 0], counts_R=[1, 1], labels_P=[0, 1], num_samples=2,
                                    metadata={}).targets(np.array([2]), num_classes=3)
+
+
+def test_offline_hook_online_first_then_cached_and_reloaded_on_resume(tmp_path, monkeypatch):
+    """Epochs < R: online (None); a resumed run between refreshes reloads its refresh's table."""
+    from types import SimpleNamespace
+
+    from pipelines import pseudolabel
+
+    parts = SimpleNamespace(num_classes=3, manifest=SimpleNamespace(split=lambda name: SimpleNamespace(num_samples=4)))
+    positive_NL = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=bool)
+    counts_N, labels_P = positives_as_rows(positive_NL)
+    saved = {"source": "training", "trained_epochs": 2, "k": 1.75, "num_samples": 4, "num_positives": 7}
+    write_parquet(str(tmp_path / "pseudo_labels" / "part-00000.parquet"), pseudo_label_arrow_table(
+        idx_R=np.arange(4), counts_R=counts_N, labels_P=labels_P, metadata=saved))
+    computed = []
+    fresh = PseudoLabelTable.from_rows(idx_R=np.arange(4), counts_R=[1] * 4, labels_P=[0] * 4, num_samples=4,
+                                       metadata={})
+    monkeypatch.setattr(pseudolabel.OfflinePseudoLabels, "_compute",
+                        lambda self, parts, refresh: computed.append(refresh) or fresh)
+
+    hook = pseudolabel.OfflinePseudoLabels(run_dir=str(tmp_path), k=1.75, refresh_epochs=2)
+    assert hook(parts, 0) is None and hook(parts, 1) is None
+    targets = hook(parts, 3)(torch.tensor([2, 3]))  # resumed at epoch 3: the epoch-2 table from disk
+    assert targets.tolist() == [[1, 1, 1], [0, 0, 1]] and computed == []
+    assert hook(parts, 4)(torch.tensor([2])).tolist() == [[1, 0, 0]] and computed == [4]  # refresh
+    hook(parts, 5)
+    assert computed == [4]  # reused until the next refresh
+    resumed = pseudolabel.OfflinePseudoLabels(run_dir=str(tmp_path), k=1.75, refresh_epochs=3)
+    resumed(parts, 4)  # its refresh epoch is 3, the table on disk is epoch 2's: recomputed
+    assert computed == [4, 3]
