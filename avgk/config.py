@@ -185,6 +185,11 @@ class LossConfig(_Section):
     def _check(self) -> "LossConfig":
         if self.pseudo_k is not None and self.pseudo_k < 1:
             raise ValueError(f"loss.pseudo_k must be >= 1, got {self.pseudo_k}")
+        if self.pseudo_labels == "offline" and self.name != "two_head":
+            raise ValueError(
+                "loss.pseudo_labels=offline needs loss.name=two_head (the loss that takes pseudo-labels), "
+                f"got loss.name={self.name!r}"
+            )
         if (self.role_table_device == "memmap") != (self.role_table_path is not None):
             raise ValueError(
                 "loss.role_table_path must be set exactly when loss.role_table_device is 'memmap', got "
@@ -244,6 +249,9 @@ class EvalConfig(_Section):
     freq_bins: tuple[int, int] = Field((20, 100), description="few < a <= medium <= b < many (train counts)")
     batch_size: int = Field(256, ge=1)
     checkpoint: Literal["best", "last"] = Field("best", description="checkpoint evaluated at the end")
+    num_actors: int | None = Field(
+        None, ge=1, description="scoring-job actors (evaluate, pseudolabel); default one per GPU, else one per CPU"
+    )
 
     @field_validator("ks")
     @classmethod

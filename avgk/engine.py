@@ -333,6 +333,25 @@ class Evaluation:
     thresholds: dict[float, float]
 
 
+def metrics_document(
+    *, ks: list[float], score_head: str, thresholds: dict[float, float], test: SetMetrics, oracle: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The metrics.json document; `oracle` is the compute() of SetMetrics over the true posteriors."""
+    test_doc = test.compute()
+    if oracle is not None:
+        test_doc["oracle_avg_k_accuracy"] = oracle["avg_k_accuracy"]
+        test_doc["oracle_macro_avg_k_accuracy"] = oracle["macro_avg_k_accuracy"]
+        test_doc["gap_to_oracle"] = {
+            key: oracle["avg_k_accuracy"][key] - test_doc["avg_k_accuracy"][key] for key in test_doc["avg_k_accuracy"]
+        }
+    return {
+        "ks": ks,
+        "score_head": score_head,
+        "val": {"thresholds": {format_k(k): v for k, v in thresholds.items()}},
+        "test": test_doc,
+    }
+
+
 def evaluate_scores(
     *,
     val: list[ScoredChunk],
@@ -350,26 +369,16 @@ def evaluate_scores(
         test, num_classes=num_classes, ks=ks, thresholds=thresholds,
         train_class_counts=train_class_counts, freq_bins=freq_bins, reduce=reduce,
     )
-    test_doc = test_metrics.compute()
     # Every rank must take the same branch: posteriors are present on all ranks or none.
     has_posterior = bool(reduce(np.array([int(bool(val) and val[0].posterior_NL is not None)]))[0])
+    oracle = None
     if has_posterior:
         oracle_thresholds = calibrate(val, ks=ks, reduce=reduce, posterior=True)
         oracle = accumulate(
             test, num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
             train_class_counts=None, freq_bins=freq_bins, reduce=reduce, posterior=True,
         ).compute()
-        test_doc["oracle_avg_k_accuracy"] = oracle["avg_k_accuracy"]
-        test_doc["oracle_macro_avg_k_accuracy"] = oracle["macro_avg_k_accuracy"]
-        test_doc["gap_to_oracle"] = {
-            key: oracle["avg_k_accuracy"][key] - test_doc["avg_k_accuracy"][key] for key in test_doc["avg_k_accuracy"]
-        }
-    document = {
-        "ks": ks,
-        "score_head": score_head,
-        "val": {"thresholds": {format_k(k): v for k, v in thresholds.items()}},
-        "test": test_doc,
-    }
+    document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test_metrics, oracle=oracle)
     return Evaluation(metrics=document, per_class=test_metrics.per_class(), thresholds=thresholds)
 
 

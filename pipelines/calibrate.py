@@ -20,7 +20,6 @@ from avgk import engine, storage, tracking
 from avgk.config import Config
 from avgk.data.shards import read_manifest
 from avgk.losses import score_head_for
-from avgk.metrics import format_k
 from pipelines import ray_env
 from pipelines.score import (
     ScoringModel,
@@ -63,24 +62,16 @@ def evaluate_datasets(
         test, num_classes=num_classes, ks=ks, thresholds=thresholds,
         train_class_counts=train_class_counts, freq_bins=freq_bins, num_tasks=num_tasks,
     )
-    test_doc = test_metrics.compute()
+    oracle = None
     if with_posterior:
         oracle_thresholds = calibrate_dataset(val, ks=ks, column="posterior", num_tasks=num_tasks)
         oracle = metrics_dataset(
             test, num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
             freq_bins=freq_bins, column="posterior", num_tasks=num_tasks,
         ).compute()
-        test_doc["oracle_avg_k_accuracy"] = oracle["avg_k_accuracy"]
-        test_doc["oracle_macro_avg_k_accuracy"] = oracle["macro_avg_k_accuracy"]
-        test_doc["gap_to_oracle"] = {
-            key: oracle["avg_k_accuracy"][key] - test_doc["avg_k_accuracy"][key] for key in test_doc["avg_k_accuracy"]
-        }
-    document = {
-        "ks": ks,
-        "score_head": score_head,
-        "val": {"thresholds": {format_k(k): v for k, v in thresholds.items()}},
-        "test": test_doc,
-    }
+    document = engine.metrics_document(
+        ks=ks, score_head=score_head, thresholds=thresholds, test=test_metrics, oracle=oracle
+    )
     return engine.Evaluation(metrics=document, per_class=test_metrics.per_class(), thresholds=thresholds)
 
 
@@ -145,7 +136,7 @@ def run_evaluate(
         start = time.perf_counter()
         splits[split] = score_dataset(
             scoring, shards_dir=config.data.shards, split=split, head=head, with_posterior=with_posterior,
-            use_gpu=config.train.use_gpu, num_actors=num_actors,
+            use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
         ).materialize()
         log(f"scored {split}: {splits[split].count()} samples in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()

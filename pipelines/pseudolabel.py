@@ -58,15 +58,6 @@ def _print(line: str) -> None:
     sys.stdout.flush()
 
 
-def check_offline_config(config: Config) -> None:
-    """loss.pseudo_labels=offline feeds the two-head loss's pseudo_targets; other losses would ignore it."""
-    if config.loss.pseudo_labels == "offline" and config.loss.name != "two_head":
-        raise ValueError(
-            f"loss.pseudo_labels=offline needs loss.name=two_head (the loss that takes pseudo-labels), "
-            f"got loss.name={config.loss.name!r}"
-        )
-
-
 def _describe(selection: GlobalSelection, **provenance: Any) -> dict[str, Any]:
     return {**selection.to_json(), "score_head": SOFTMAX, "split": "train", **provenance}
 
@@ -182,7 +173,7 @@ def run_pseudolabel(
     start = time.perf_counter()
     scores = score_dataset(
         scoring, shards_dir=config.data.shards, split="train", head=SOFTMAX, with_posterior=False,
-        use_gpu=config.train.use_gpu, num_actors=num_actors,
+        use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
     ).materialize()
     log(f"scored train: {scores.count()} samples in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()

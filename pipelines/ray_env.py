@@ -42,6 +42,9 @@ def connect(*, num_cpus: float | None = None, quiet: bool = True) -> None:
         return
     cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
     ray.init(
+        # "local" starts a new cluster; a bare init() would attach to whatever cluster
+        # /tmp/ray/ray_current_cluster names (another job's), then reject num_cpus.
+        address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=cpus,
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls;

@@ -19,7 +19,7 @@ from avgk.config import Config
 from avgk.data.shards import read_manifest
 from pipelines import ray_env
 from pipelines.prepare import prepare
-from pipelines.pseudolabel import OfflinePseudoLabels, check_offline_config
+from pipelines.pseudolabel import OfflinePseudoLabels
 
 
 class RayReporter:
@@ -143,7 +143,6 @@ def with_absolute_paths(config: Config) -> Config:
 def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
     config = with_absolute_paths(config)
-    check_offline_config(config)
     ensure_shards(config)
     ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(config.train.num_workers * config.train.cpus_per_worker)))
     uri = run_id = None

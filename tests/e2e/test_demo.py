@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -28,6 +28,8 @@ def test_defaults_are_valid_and_flatten():
         (["train.milestones=[5,3]", "train.epochs=10"], "train.milestones must be increasing"),
         (["run.name=a/b"], "run.name must be a plain folder name"),
         (["trainepochs"], "must look like key.sub=value"),
+        (["loss.name=ce", "loss.pseudo_labels=offline"], "loss.pseudo_labels=offline needs loss.name=two_head"),
+        (["eval.num_actors=0"], "eval.num_actors=0"),
     ],
 )
 def test_bad_values_name_key_value_and_rule(overrides, expected):

@@ -1,6 +1,5 @@
 """The two-head loss, CE and the model: values, gradients, registry errors."""
 
-import math
 
 import pytest
 import torch
