@@ -474,6 +474,11 @@ def load_checkpoint_file(path: str | Path) -> dict:
     return torch.load(Path(path), map_location="cpu", weights_only=False)
 
 
+def load_checkpoint_file_uri(uri: str) -> dict:
+    """load_checkpoint_file for a run-directory URI (local path or pyarrow filesystem)."""
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+
+
 def restore(parts: Parts, state: dict, scaler) -> None:
     unwrap(parts.model).load_state_dict(state["model"])
     parts.loss.load_state_dict(state["loss"])
@@ -520,9 +525,9 @@ def fit(
         restore(parts, state, scaler)
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         if dist.is_main():
-            log(f"resuming {config.run.name} from epoch {start_epoch + 1} (best val avg-K so far {best:.4f})")
+            where = f"from epoch {start_epoch + 1}" if start_epoch < config.train.epochs else "after its last epoch"
+            log(f"resuming {config.run.name} {where} (best val avg-K so far {best:.4f})")
     if dist.is_main():
-        Path(run_dir).mkdir(parents=True, exist_ok=True) if "://" not in run_dir else None
         with tempfile.TemporaryDirectory() as tmp:
             save_config(config, Path(tmp) / "config.yaml")
             storage.write_bytes(storage.join(run_dir, "config.yaml"), (Path(tmp) / "config.yaml").read_bytes())
@@ -588,7 +593,3 @@ def fit(
         write_evaluation(evaluation, run_dir)
     dist.barrier()
     return FitResult(history=history, evaluation=evaluation)
-
-
-def load_checkpoint_file_uri(uri: str) -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
