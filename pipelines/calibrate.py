@@ -20,6 +20,7 @@ from avgk import engine, storage, tracking
 from avgk.config import Config
 from avgk.data.shards import read_manifest
 from avgk.losses import score_head_for
+from avgk.runs import resolve_checkpoint, run_dir_of, saved_run_config
 from pipelines import ray_env
 from pipelines.score import (
     ScoringModel,
@@ -27,9 +28,6 @@ from pipelines.score import (
     load_scoring_model,
     metrics_dataset,
     quiet_ray_data,
-    resolve_checkpoint,
-    run_dir_of,
-    saved_run_config,
     score_dataset,
 )
 from pipelines.train import log_evaluation, with_absolute_paths

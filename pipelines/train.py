@@ -19,7 +19,10 @@ from avgk.config import Config
 from avgk.data.shards import read_manifest
 from pipelines import ray_env
 from pipelines.prepare import prepare
+from pipelines.predict import log_pyfunc_model
 from pipelines.pseudolabel import OfflinePseudoLabels
+from pipelines.report import log_run_plots
+from avgk.runs import resolve_checkpoint
 
 
 class RayReporter:
@@ -73,8 +76,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         pseudo_targets_for_epoch=pseudo_targets,
         log=_console,
     )
-    if rank == 0 and run_id and result.evaluation is not None:
-        log_evaluation(uri, run_id, result.evaluation, run_dir=storage.absolute(config.run_dir))
+    if rank == 0 and result.evaluation is not None:
+        run_dir = storage.absolute(config.run_dir)
+        if run_id:
+            log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
+        log_run_plots(uri, run_id, run_dir)  # <run_dir>/plots/, and the MLflow run's plots/
+        if run_id and config.tracking.log_model:
+            # The checkpoint the final evaluation used, so the model matches thresholds.json.
+            checkpoint = resolve_checkpoint(run_dir, None, default=config.eval.checkpoint)
+            model_uri = log_pyfunc_model(
+                uri, run_id, run_dir, checkpoint=checkpoint, register_as=config.tracking.register_model
+            )
+            _console(f"pyfunc model logged: {model_uri}"
+                     + (f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""))
 
 
 def log_evaluation(uri: str, run_id: str, evaluation: engine.Evaluation, *, run_dir: str) -> None:

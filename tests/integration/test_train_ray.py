@@ -111,12 +111,16 @@ def test_one_and_two_workers_agree(smoke_shards, tmp_path, local_ray):
     assert min(results.values()) > 0.3, results  # both actually learned (chance is ~0.1)
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int], stop: threading.Event) -> None:
+def _kill_a_worker_after_first_checkpoint(
+    run_dir: Path, killed: list[int], stop: threading.Event, address: str
+) -> None:
     from ray.util.state import list_actors
 
     while not stop.is_set():
         if run_dir.is_dir() and checkpoint_dirs(run_dir):
-            for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+            # The explicit address: other Ray instances on the machine must not confuse the lookup.
+            alive = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            for actor in alive:
                 if actor.pid:
                     os.kill(actor.pid, signal.SIGKILL)
                     killed.append(actor.pid)
@@ -137,7 +141,8 @@ def test_killed_worker_resumes_from_latest_checkpoint(smoke_shards, tmp_path, lo
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(tmp_path / "runs" / "interrupted", killed, stop), daemon=True)
+                              args=(tmp_path / "runs" / "interrupted", killed, stop,
+                                    local_ray.get_runtime_context().gcs_address), daemon=True)
     killer.start()
     try:
         run_training(config)

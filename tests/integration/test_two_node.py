@@ -30,7 +30,7 @@ def test_two_node_cluster_one_worker_per_node(smoke_shards, tmp_path):
         config = smoke_config(smoke_shards, tmp_path, "train.num_workers=2", "run.name=twonode",
                               "tracking.enabled=false", "train.epochs=1", "train.extra_resources={avgk_node: 1}")
         run_training(config)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
         assert len({w.node_id for w in workers}) == 2, [(w.pid, w.node_id) for w in workers]
         assert (tmp_path / "runs" / "twonode" / "metrics.json").is_file()
     finally:

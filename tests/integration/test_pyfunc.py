@@ -1,0 +1,89 @@
+"""The run's MLflow pyfunc model: logged into a run, registered, loaded back, same sets as SetPredictor."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from avgk.predict import SetPredictor
+from pipelines.predict import log_pyfunc_model
+from tests.unit.test_predict import prepare_shards, read_split, train_smoke_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    shards = prepare_shards(tmp_path_factory.mktemp("pyfunc_data") / "shards")
+    run_dir = train_smoke_run(shards, tmp_path_factory.mktemp("pyfunc_runs"), name="pyfunc")
+    return shards, run_dir
+
+
+def test_pyfunc_round_trip_through_a_registry(trained, tmp_path):
+    shards, run_dir = trained
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("pyfunc", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment_id).info.run_id
+
+    model_uri = log_pyfunc_model(
+        uri, run_id, str(run_dir), checkpoint=str(run_dir / "best" / "checkpoint.pt"), register_as="avgk-smoke"
+    )
+    assert client.get_run(run_id).info.status == "RUNNING"  # the run's owner ends it
+    assert mlflow.active_run() is None
+    versions = client.search_model_versions("name='avgk-smoke'")
+    assert [int(v.version) for v in versions] == [1]
+
+    images, _ = read_split(shards, "test")
+    images = images[:40]
+    predictor = SetPredictor.from_run(str(run_dir), "best")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/avgk-smoke/1")
+        assert mlflow.pyfunc.load_model(model_uri).metadata.signature == model.metadata.signature
+    finally:
+        mlflow.set_tracking_uri(previous)
+    signature = model.metadata.signature
+    assert signature.inputs.input_names() == ["image"] and signature.params.to_dict()[0]["default"] == 2.0
+
+    frame = pd.DataFrame({"image": images})
+    for params, k, top_k in [({"k": 2.0}, 2, False), ({"k": 3.0}, 3, False), ({"k": 3, "top_k": True}, 3, True)]:
+        out = model.predict(frame, params=params)
+        served = [json.loads(x) for x in out["label_set"]]
+        expected = [s.to_dict() for s in predictor.predict(images, k=k, top_k=top_k)]
+        assert [s["labels"] for s in served] == [s["labels"] for s in expected], params
+        assert [s["names"] for s in served] == [s["names"] for s in expected]
+        for a, b in zip(served, expected):
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-6)
+    assert all(len(json.loads(x)["labels"]) == 3 for x in model.predict(frame, params={"k": 3, "top_k": True})["label_set"])
+    with pytest.raises(Exception, match=r"k=1.5 was not calibrated"):
+        model.predict(frame, params={"k": 1.5})
+
+
+@pytest.mark.ray
+def test_ray_training_logs_plots_and_registers_the_model(smoke_shards, tmp_path, local_ray):
+    """run_training with tracking.register_model: rank 0 writes plots, logs and registers the pyfunc model."""
+    from avgk.config import load_config
+    from pipelines.train import run_training
+    from tests.conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"data.shards={smoke_shards}", f"run.storage={tmp_path / 'runs'}", "run.name=registered",
+        "train.epochs=1", f"tracking.uri={uri}", "tracking.register_model=avgk-ray-smoke",
+    ])
+    run_training(config)
+    run_dir = tmp_path / "runs" / "registered"
+    plots = sorted(p.name for p in (run_dir / "plots").iterdir())
+    assert "accuracy_vs_k.png" in plots and "set_size_k2.png" in plots and "per_class_avg_k2.png" in plots
+    client = MlflowClient(tracking_uri=uri)
+    run_id = (run_dir / "mlflow_run_id.txt").read_text().strip()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(a.path for a in client.list_artifacts(run_id, "plots")) == [f"plots/{p}" for p in plots]
+    (version,) = client.search_model_versions("name='avgk-ray-smoke'")
+    assert version.run_id == run_id
