@@ -279,6 +279,26 @@ class TrackingConfig(_Section):
         None, description="tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<run.storage>/mlflow.db"
     )
     experiment: str = "avgk"
+    log_model: bool = Field(
+        True, description="log the trained model as an MLflow pyfunc model (image bytes -> label sets) at the end"
+    )
+    register_model: str | None = Field(
+        None, description="model registry name to register the logged pyfunc model under; None: not registered"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrackingConfig":
+        if self.register_model is not None:
+            if not self.register_model.strip() or self.register_model != self.register_model.strip():
+                raise ValueError(
+                    f"tracking.register_model must be a non-empty name without surrounding spaces, got {self.register_model!r}"
+                )
+            if not (self.enabled and self.log_model):
+                raise ValueError(
+                    f"tracking.register_model={self.register_model!r} needs tracking.enabled=true and "
+                    f"tracking.log_model=true, got enabled={self.enabled} log_model={self.log_model}"
+                )
+        return self
 
 
 class RunConfig(_Section):

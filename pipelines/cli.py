@@ -63,6 +63,36 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import run_predict
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    num_failed = run_predict(
+        run=args.run, k=args.k, paths=args.paths, top_k=args.top_k,
+        batch_size=args.batch_size, checkpoint=args.checkpoint,
+    )
+    return 1 if num_failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import run_report
+
+    print(run_report(args.runs, out=args.out))
+    print(f"report.md and figures in {args.out}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from avgk.sweep_config import load_sweep
+    from pipelines.tune import run_sweep
+
+    sweep, base = load_sweep(args.config, args.overrides)
+    result = run_sweep(sweep, base)
+    print(f"sweep directory: {result.root}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -104,6 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="best (<run>/best), last (newest checkpoint_*), or a checkpoint file or folder "
                             "(default: the run's eval.checkpoint, as its final evaluation used)")
         p.set_defaults(func=func)
+    predict = sub.add_parser(
+        "predict",
+        help="average-K label sets of image files with a trained run: one JSON line per image",
+        description="Average-K (or top-K) label sets of images with a run's checkpoint and calibrated "
+        "thresholds: one JSON line per image on stdout (path, labels, names, scores, set_size; an "
+        "'error' field for unreadable files), progress on stderr.",
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    predict.add_argument("--run", metavar="RUN_DIR", required=True, help="the training's run directory")
+    predict.add_argument("--k", type=float, required=True, help="a calibrated K (see the run's thresholds.json)")
+    predict.add_argument("--top-k", action="store_true", help="the K best labels instead (integer K)")
+    predict.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    predict.add_argument("--checkpoint", metavar="best|last|PATH", default=None,
+                         help="best (<run>/best), last (newest checkpoint_*), or a checkpoint file or folder "
+                              "(default: the run's eval.checkpoint, the one its thresholds were calibrated with)")
+    predict.set_defaults(func=cmd_predict)
+    report = sub.add_parser(
+        "report",
+        help="compare runs: markdown table (report.md) and overlaid figures",
+        description="A markdown table per K and run (avg-K, macro avg-K, top-K, set size, oracle), printed "
+        "and written to OUT/report.md, with the overlaid figures as PNG in OUT.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.json")
+    report.add_argument("--out", metavar="DIR", default="report", help="output folder (default: ./report)")
+    report.set_defaults(func=cmd_report)
+    tune_help = ("hyper-parameter sweep on Ray Tune: one TorchTrainer per trial, ASHA on val avg-K, an MLflow "
+                 "parent run with a child per trial, the best trial evaluated on test; rerun to resume")
+    tune = sub.add_parser("tune", help=tune_help, description=tune_help)
+    tune.add_argument("config", metavar="SWEEP_CONFIG", help="sweep YAML, e.g. configs/sweeps/smoke.yaml")
+    tune.add_argument("overrides", nargs="*",
+                      help="key=value: config keys (train.epochs=3, data.shards=...) change the base config, "
+                           "the others the sweep (num_samples=2, scheduler.name=fifo)")
+    tune.set_defaults(func=cmd_tune)
     demo = sub.add_parser(
         "demo",
         help="the embedded default end to end: synthetic data, two-head vs CE on Ray, MLflow",
