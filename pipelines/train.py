@@ -115,7 +115,9 @@ def ensure_shards(config: Config) -> None:
     config.validate_num_classes(manifest.num_classes)
 
 
-def build_trainer(config: Config, *, mlflow_run_id: str | None, tracking_uri: str | None) -> TorchTrainer:
+def build_trainer(
+    config: Config, *, mlflow_run_id: str | None, tracking_uri: str | None, callbacks: list | None = None
+) -> TorchTrainer:
     storage_path = storage.absolute(config.run.storage)
     if "://" not in storage_path:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
@@ -138,6 +140,7 @@ def build_trainer(config: Config, *, mlflow_run_id: str | None, tracking_uri: st
             # The last checkpoint is what resumes; the best model is kept apart in <run_dir>/best.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # the engine prints its own progress
+            callbacks=callbacks or [],  # e.g. Tune's TuneReportCallback when a sweep runs this trainer
         ),
     )
 

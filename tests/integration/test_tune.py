@@ -1,0 +1,111 @@
+"""`avgk tune` on a local Ray: ASHA over TorchTrainer trials, the MLflow run tree, resume without re-running."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avgk.config import Config
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
+SWEEP = ROOT / "configs" / "sweeps" / "smoke.yaml"
+
+
+def avgk_tune(smoke_shards: Path, storage: Path, mlflow_uri: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("RAY_ADDRESS", None)  # a fresh local Ray, as a user's first `avgk tune`
+    cmd = [sys.executable, "-m", "pipelines.cli", "tune", str(SWEEP), f"data.shards={smoke_shards}",
+           f"run.storage={storage}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def run_tree(client, sweep_name: str):
+    experiment = client.get_experiment_by_name("avgk")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("avgk.kind") == "sweep" and r.info.run_name == sweep_name]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+def test_smoke_sweep_asha_mlflow_tree_and_resume(smoke_shards, tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "runs"
+    proc = avgk_tune(smoke_shards, storage, mlflow_server)
+    sweep_dir = storage / "smoke-sweep"
+
+    # ---- Tune: 4 trials (2 samples x the 2-value lr grid), ASHA stopped at least one early
+    with open(sweep_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4, rows
+    statuses = sorted(r["status"] for r in rows)
+    assert "KILLED" in statuses and "FINISHED" in statuses and "FAILED" not in statuses, rows
+    for row in rows:
+        epochs = int(row["epochs"])
+        assert (epochs == 3) if row["status"] == "FINISHED" else (1 <= epochs < 3), row
+    assert {float(r["train.lr"]) for r in rows} == {0.05, 0.002}
+    assert "best trial:" in proc.stdout and "test avg-K" in proc.stdout  # the summary table is printed
+
+    # ---- MLflow: one parent, one child per trial, final statuses, complete params
+    client = MlflowClient(mlflow_server)
+    parent, children = run_tree(client, "smoke-sweep")
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == sorted(r["trial"] for r in rows)
+    by_name = {c.info.run_name: c for c in children}
+    config_keys = set(Config().flat())
+    for row in rows:
+        child = by_name[row["trial"]]
+        assert child.info.status == row["status"], (row, child.info.status)
+        missing = config_keys - set(child.data.params)
+        assert not missing, (row["trial"], sorted(missing))
+        assert child.data.params["train.lr"] == row["train.lr"]
+        history = client.get_metric_history(child.info.run_id, "val_avg_k_accuracy")
+        assert len(history) == int(row["epochs"]), (row, history)
+
+    best = parent.data.tags["avgk.best_trial"]
+    assert best == rows[0]["trial"] and by_name[best].info.status == "FINISHED"
+    assert parent.data.tags["avgk.best_mlflow_run_id"] == by_name[best].info.run_id
+    best_metrics = json.loads((sweep_dir / "trials" / best / "metrics.json").read_text())
+    assert set(best_metrics["test"]["avg_k_accuracy"]) == {"1", "2", "3"}
+    assert float(parent.data.tags["avgk.best_test_avg_k_accuracy"]) == pytest.approx(
+        best_metrics["test"]["avg_k_accuracy"]["2"], abs=1e-6
+    )
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "summary.csv", "best_trial"} <= artifacts, artifacts
+    best_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "best_trial")}
+    assert {"best_trial/metrics.json", "best_trial/thresholds.json"} <= best_artifacts, best_artifacts
+    assert "test_avg_k_accuracy_k2" in client.get_run(by_name[best].info.run_id).data.metrics  # the evaluation job
+
+    # ---- resume: the same sweep again re-runs nothing and creates no run
+    trial_dirs = sorted(p.name for p in (sweep_dir / "trials").iterdir())
+    proc = avgk_tune(smoke_shards, storage, mlflow_server, "evaluate_best=false")
+    assert "resuming sweep" in proc.stdout
+    assert "epoch 1/3" not in proc.stdout  # no training happened
+    assert sorted(p.name for p in (sweep_dir / "trials").iterdir()) == trial_dirs
+    parent_again, children_again = run_tree(client, "smoke-sweep")
+    assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
+    assert sorted(c.info.run_id for c in children_again) == sorted(c.info.run_id for c in children)
+    assert {c.info.run_name: c.info.status for c in children_again} == {r["trial"]: r["status"] for r in rows}
+
+
+def test_changed_sweep_does_not_resume_into_the_same_folder(smoke_shards, tmp_path):
+    """A sweep folder belongs to one sweep; a typo in the space fails before Ray starts."""
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "pipelines.cli", "tune", str(SWEEP), f"data.shards={smoke_shards}",
+           f"run.storage={storage}"]
+    (storage / "smoke-sweep").mkdir(parents=True)
+    (storage / "smoke-sweep" / "sweep.yaml").write_text("sweep: {}\n")
+    proc = subprocess.run([*cmd, "tracking.enabled=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "holds a sweep with a different configuration" in proc.stderr and "Traceback" not in proc.stderr
