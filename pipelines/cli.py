@@ -108,6 +108,14 @@ def _add_config_args(parser: argparse.ArgumentParser, *, optional: bool = False)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
 
 
+def _add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", metavar="best|last|PATH", default=None,
+        help="best (<run>/best), last (newest checkpoint_*), or a checkpoint file or folder "
+             "(default: the run's eval.checkpoint: the one its final evaluation and thresholds used)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avgk", description="Average-K classifiers at cluster scale.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -130,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--run", metavar="RUN_DIR", default=None,
                        help="the training's run directory (default: run.storage/run.name of CONFIG)")
-        p.add_argument("--checkpoint", metavar="best|last|PATH", default=None,
-                       help="best (<run>/best), last (newest checkpoint_*), or a checkpoint file or folder "
-                            "(default: the run's eval.checkpoint, as its final evaluation used)")
+        _add_checkpoint_arg(p)
         p.set_defaults(func=func)
     predict = sub.add_parser(
         "predict",
@@ -146,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--k", type=float, required=True, help="a calibrated K (see the run's thresholds.json)")
     predict.add_argument("--top-k", action="store_true", help="the K best labels instead (integer K)")
     predict.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
-    predict.add_argument("--checkpoint", metavar="best|last|PATH", default=None,
-                         help="best (<run>/best), last (newest checkpoint_*), or a checkpoint file or folder "
-                              "(default: the run's eval.checkpoint, the one its thresholds were calibrated with)")
+    _add_checkpoint_arg(predict)
     predict.set_defaults(func=cmd_predict)
     report = sub.add_parser(
         "report",
