@@ -48,10 +48,14 @@ def run_predict(
     top_k: bool = False,
     batch_size: int = 64,
     checkpoint: str | None = None,
-    out: IO[str] = sys.stdout,
+    out: IO[str] | None = None,
     progress: bool = True,
 ) -> int:
-    """One JSON line per image on `out`; unreadable files give {"path", "error"}. Returns how many failed."""
+    """One JSON line per image on `out` (default: sys.stdout at call time); unreadable files give {"path", "error"}.
+
+    Returns how many failed.
+    """
+    out = out if out is not None else sys.stdout  # not a default argument: that binds the stream at import
     from tqdm import tqdm
 
     predictor = SetPredictor.from_run(run, checkpoint, batch_size=batch_size)
