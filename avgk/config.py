@@ -183,6 +183,10 @@ class LossConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
+        from avgk.losses import LOSSES  # lazy: the loss modules import this one
+
+        if self.name not in LOSSES:
+            raise ValueError(f"loss.name must be one of {', '.join(sorted(LOSSES))}, got {self.name!r}")
         if self.pseudo_k is not None and self.pseudo_k < 1:
             raise ValueError(f"loss.pseudo_k must be >= 1, got {self.pseudo_k}")
         if self.pseudo_labels == "offline" and self.name != "two_head":
@@ -251,6 +255,9 @@ class EvalConfig(_Section):
     checkpoint: Literal["best", "last"] = Field("best", description="checkpoint evaluated at the end")
     num_actors: int | None = Field(
         None, ge=1, description="scoring-job actors (evaluate, pseudolabel); default one per GPU, else one per CPU"
+    )
+    gpu_wait_seconds: float = Field(
+        600.0, ge=0, description="scoring jobs on GPU: how long to wait for an autoscaling cluster to bring a GPU up"
     )
 
     @field_validator("ks")

@@ -300,10 +300,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         )
     for key in sweep.overrides:
         check_key(key)
-    base = load_config(base_path, base_overrides)
+    base = load_config(base_path)
     try:
         base = config_for(base.to_dict(), sweep.overrides)
     except ConfigError as err:
         raise SweepConfigError(f"sweep config error: overrides {sweep.overrides}: {_detail(err)}") from None
+    # The command line's config keys win over the sweep file's overrides.
+    base = build_config(base.to_dict(), base_overrides)
     validate_space(sweep, base.to_dict())
     return sweep, base

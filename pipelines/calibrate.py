@@ -135,6 +135,7 @@ def run_evaluate(
         splits[split] = score_dataset(
             scoring, shards_dir=config.data.shards, split=split, head=head, with_posterior=with_posterior,
             use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
+            gpu_wait_seconds=config.eval.gpu_wait_seconds,
         ).materialize()
         log(f"scored {split}: {splits[split].count()} samples in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()

@@ -174,6 +174,7 @@ def run_pseudolabel(
     scores = score_dataset(
         scoring, shards_dir=config.data.shards, split="train", head=SOFTMAX, with_posterior=False,
         use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
+        gpu_wait_seconds=config.eval.gpu_wait_seconds,
     ).materialize()
     log(f"scored train: {scores.count()} samples in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()

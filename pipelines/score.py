@@ -96,7 +96,31 @@ class ScoringPlan:
     read_cpus: float
 
 
-def plan_scoring(*, use_gpu: bool, num_actors: int | None = None, actor_cpus: float | None = None) -> ScoringPlan:
+def wait_for_gpus(*, count: int, timeout_s: float, poll_s: float = 5.0, log=print) -> int:
+    """GPUs in the cluster, after asking the autoscaler for `count` and waiting up to timeout_s.
+
+    A cluster whose GPU workers scaled down to zero after training has no GPU when a scoring job
+    starts; request_resources makes the autoscaler bring them back (a fixed cluster ignores it).
+    """
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus >= 1 or timeout_s <= 0:
+        return gpus
+    from ray.autoscaler.sdk import request_resources
+
+    log(f"no GPU in the Ray cluster yet: asked the autoscaler for {count}, waiting up to {timeout_s:.0f} s")
+    request_resources(bundles=[{"GPU": 1}] * count)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while gpus < 1 and time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+    finally:
+        request_resources(bundles=[])  # the request would otherwise keep the GPUs up after the job
+    return gpus
+
+
+def plan_scoring(*, use_gpu: bool, num_actors: int | None = None, actor_cpus: float | None = None,
+                 gpu_wait_seconds: float = 0.0) -> ScoringPlan:
     """Sizes the actor pool so that read tasks always find a CPU.
 
     Actors hold their CPUs for the whole job; if they held every CPU, the read tasks would
@@ -109,9 +133,12 @@ def plan_scoring(*, use_gpu: bool, num_actors: int | None = None, actor_cpus: fl
     """
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     if use_gpu:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = wait_for_gpus(count=num_actors or 1, timeout_s=gpu_wait_seconds)
         if gpus < 1:
-            raise ValueError("train.use_gpu=true but the Ray cluster has no GPU")
+            raise ValueError(
+                f"train.use_gpu=true but the Ray cluster has no GPU (waited eval.gpu_wait_seconds={gpu_wait_seconds:g} s "
+                "for the autoscaler)"
+            )
         size = num_actors or gpus
         default_cpus, actor_gpus = 1.0, 1.0
     else:
@@ -219,6 +246,7 @@ def score_dataset(
     use_gpu: bool = False,
     num_actors: int | None = None,
     actor_cpus: float | None = None,
+    gpu_wait_seconds: float = 0.0,
 ) -> ray.data.Dataset:
     """A lazy Dataset of the split's scores: rows idx, label, scores (float32 L) [, posterior].
 
@@ -230,7 +258,7 @@ def score_dataset(
         raise ValueError(f"the checkpoint's model has heads {list(scoring.heads)}, not {head!r}")
     config = scoring.config
     num_streams = num_eval_streams(config)
-    plan = plan_scoring(use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)
+    plan = plan_scoring(use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus, gpu_wait_seconds=gpu_wait_seconds)
     streams = ray.data.from_items([{"stream": s} for s in range(num_streams)], override_num_blocks=num_streams)
     batches = streams.map_batches(
         _read_stream,

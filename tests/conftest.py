@@ -26,3 +26,12 @@ def smoke_shards(tmp_path_factory) -> Path:
     config = load_config(ROOT / "configs" / "smoke.yaml", [f"data.shards={shards}"])
     prepare(config)
     return shards
+
+
+@pytest.fixture(scope="session")
+def predict_smoke_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(shards, run directory) of one in-process smoke training: the prediction and pyfunc tests' model."""
+    from tests.unit.test_predict import prepare_shards, train_smoke_run
+
+    shards = prepare_shards(tmp_path_factory.mktemp("predict_data") / "shards")
+    return shards, train_smoke_run(shards, tmp_path_factory.mktemp("predict_runs"))

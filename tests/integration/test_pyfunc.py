@@ -11,16 +11,14 @@ from mlflow.tracking import MlflowClient
 
 from avgk.predict import SetPredictor
 from pipelines.predict import log_pyfunc_model
-from tests.unit.test_predict import prepare_shards, read_split, train_smoke_run
+from tests.unit.test_predict import read_split
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    shards = prepare_shards(tmp_path_factory.mktemp("pyfunc_data") / "shards")
-    run_dir = train_smoke_run(shards, tmp_path_factory.mktemp("pyfunc_runs"), name="pyfunc")
-    return shards, run_dir
+def trained(predict_smoke_run):
+    return predict_smoke_run
 
 
 def test_pyfunc_round_trip_through_a_registry(trained, tmp_path):
@@ -63,27 +61,3 @@ def test_pyfunc_round_trip_through_a_registry(trained, tmp_path):
     assert all(len(json.loads(x)["labels"]) == 3 for x in model.predict(frame, params={"k": 3, "top_k": True})["label_set"])
     with pytest.raises(Exception, match=r"k=1.5 was not calibrated"):
         model.predict(frame, params={"k": 1.5})
-
-
-@pytest.mark.ray
-def test_ray_training_logs_plots_and_registers_the_model(smoke_shards, tmp_path, local_ray):
-    """run_training with tracking.register_model: rank 0 writes plots, logs and registers the pyfunc model."""
-    from avgk.config import load_config
-    from pipelines.train import run_training
-    from tests.conftest import ROOT
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_config(ROOT / "configs" / "smoke.yaml", [
-        f"data.shards={smoke_shards}", f"run.storage={tmp_path / 'runs'}", "run.name=registered",
-        "train.epochs=1", f"tracking.uri={uri}", "tracking.register_model=avgk-ray-smoke",
-    ])
-    run_training(config)
-    run_dir = tmp_path / "runs" / "registered"
-    plots = sorted(p.name for p in (run_dir / "plots").iterdir())
-    assert "accuracy_vs_k.png" in plots and "set_size_k2.png" in plots and "per_class_avg_k2.png" in plots
-    client = MlflowClient(tracking_uri=uri)
-    run_id = (run_dir / "mlflow_run_id.txt").read_text().strip()
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert sorted(a.path for a in client.list_artifacts(run_id, "plots")) == [f"plots/{p}" for p in plots]
-    (version,) = client.search_model_versions("name='avgk-ray-smoke'")
-    assert version.run_id == run_id

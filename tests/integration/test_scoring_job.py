@@ -48,7 +48,7 @@ def collect(ds, *columns) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- streamed reductions on a large random matrix
 
 
-NUM_ROWS, NUM_COLS, NUM_BLOCKS = 100_000, 1_000, 10
+NUM_ROWS, NUM_COLS, NUM_BLOCKS = 40_000, 1_000, 10
 
 
 def random_block(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,7 @@ def _generate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def test_thresholds_and_metrics_of_a_random_matrix_over_three_tasks(local_ray):
-    """100,000 x 1,000 generated inside tasks (never on the driver): equal to a full sort bit for bit."""
+    """40,000 x 1,000 generated inside tasks (never on the driver): equal to a full sort bit for bit."""
     import ray
 
     from pipelines.score import ThresholdsPass, block_groups, metrics_dataset, run_passes
@@ -200,14 +200,16 @@ def test_cli_evaluate_on_the_running_cluster(trained, local_ray, tmp_path):
         ("pseudolabel", ["--run", "{tmp}"], "no checkpoint_*/checkpoint.pt in run directory {tmp}"),
     ],
 )
-def test_cli_bad_inputs_are_one_clear_line(verb, args, message, tmp_path):
+def test_cli_bad_inputs_are_one_clear_line(verb, args, message, tmp_path, capsys):
+    """The CLI's entry point in process: a bad run or checkpoint fails before any Ray work."""
+    from pipelines import cli
+
     args = [a.format(tmp=tmp_path) for a in args]
-    cmd = [sys.executable, "-m", "pipelines.cli", verb, str(SMOKE), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("avgk: error:")]
-    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert cli.main([verb, str(SMOKE), *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("avgk: error:")]
+    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], err[-2000:]
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------- offline pseudo-labels in training
@@ -236,3 +238,11 @@ def test_offline_pseudo_labels_train_and_match_the_job(workers, smoke_shards, tm
     assert selection.threshold == in_training.metadata["threshold"]
     assert np.array_equal(job.offsets_N1, in_training.offsets_N1)
     assert np.array_equal(job.labels_M, in_training.labels_M)
+
+
+def test_gpu_scoring_on_a_cluster_without_gpu_waits_then_says_so(local_ray):
+    """An autoscaling cluster may have no GPU when the job starts: ask, wait eval.gpu_wait_seconds, then one clear error."""
+    from pipelines.score import plan_scoring
+
+    with pytest.raises(ValueError, match=r"has no GPU \(waited eval.gpu_wait_seconds=0.5 s"):
+        plan_scoring(use_gpu=True, gpu_wait_seconds=0.5)

@@ -35,7 +35,8 @@ def test_cli_trains_two_workers_and_logs_one_mlflow_run(smoke_shards, tmp_path, 
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipelines.cli", "train", str(SMOKE), "train.num_workers=2",
-           f"data.shards={smoke_shards}", f"run.storage={tmp_path / 'runs'}", "run.name=cli2"]
+           f"data.shards={smoke_shards}", f"run.storage={tmp_path / 'runs'}", "run.name=cli2",
+           "tracking.register_model=avgk-cli-smoke"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "epoch 2/2" in proc.stdout and "img/s" in proc.stdout  # progress a person can follow
@@ -69,6 +70,14 @@ def test_cli_trains_two_workers_and_logs_one_mlflow_run(smoke_shards, tmp_path, 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "config.yaml", "per_class.parquet", "thresholds.json"} <= artifacts
 
+    # rank 0 drew the run's plots and logged them; the pyfunc model is logged and registered
+    plots = sorted(p.name for p in (run_dir / "plots").iterdir())
+    assert {"accuracy_vs_k.png", "set_size_k2.png", "per_class_avg_k2.png"} <= set(plots)
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "plots")) == [f"plots/{p}" for p in plots]
+    (version,) = client.search_model_versions("name='avgk-cli-smoke'")
+    assert version.run_id == run.info.run_id
+    assert "pyfunc model logged" in proc.stdout and "registered as avgk-cli-smoke" in proc.stdout
+
 
 @pytest.mark.parametrize(
     "overrides, message",
@@ -79,13 +88,15 @@ def test_cli_trains_two_workers_and_logs_one_mlflow_run(smoke_shards, tmp_path, 
         (["data.source=imagefolder", "data.root=/nonexistent", "data.shards=/nonexistent/shards"], "avgk prepare"),
     ],
 )
-def test_cli_bad_config_is_one_clear_line(overrides, message, tmp_path):
-    cmd = [sys.executable, "-m", "pipelines.cli", "train", str(SMOKE), f"run.storage={tmp_path}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("avgk: error:")]
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def test_cli_bad_config_is_one_clear_line(overrides, message, tmp_path, capsys):
+    """The CLI's own entry point in process: these fail before Ray or the data is touched."""
+    from pipelines import cli
+
+    assert cli.main(["train", str(SMOKE), f"run.storage={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("avgk: error:")]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
+    assert "Traceback" not in err
 
 
 def _val_history(run_dir: Path) -> list[dict]:
@@ -95,16 +106,30 @@ def _val_history(run_dir: Path) -> list[dict]:
     return load_checkpoint_file(latest / "checkpoint.pt")["history"]
 
 
-def test_one_and_two_workers_agree(smoke_shards, tmp_path, local_ray):
+# Two DDP workers, 4 epochs, tracked: the uninterrupted reference of the killed-worker test and the
+# 2-worker side of the 1-vs-2 comparison (one run serves both).
+COMMON_2W = ("train.num_workers=2", "train.epochs=4", "train.max_failures=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(smoke_shards, tmp_path_factory, local_ray, mlflow_server) -> Path:
+    from pipelines.train import run_training
+
+    storage = tmp_path_factory.mktemp("w2")
+    run_training(smoke_config(smoke_shards, storage, *COMMON_2W, f"tracking.uri={mlflow_server}",
+                              "run.name=uninterrupted"))
+    return storage / "runs" / "uninterrupted"
+
+
+def test_one_and_two_workers_agree(smoke_shards, tmp_path, local_ray, uninterrupted):
     """Same global batch size: 1 and 2 DDP workers reach comparable val avg-K accuracy."""
     from pipelines.train import run_training
 
-    results = {}
-    for workers in (1, 2):
-        config = smoke_config(smoke_shards, tmp_path, f"train.num_workers={workers}", f"run.name=w{workers}",
-                              "train.epochs=4", "tracking.enabled=false")
-        run_training(config)
-        results[workers] = _val_history(tmp_path / "runs" / f"w{workers}")[-1]["val_avg_k_accuracy"]
+    config = smoke_config(smoke_shards, tmp_path, "train.num_workers=1", "run.name=w1", "train.epochs=4",
+                          "tracking.enabled=false")
+    run_training(config)
+    results = {1: _val_history(tmp_path / "runs" / "w1")[-1]["val_avg_k_accuracy"],
+               2: _val_history(uninterrupted)[-1]["val_avg_k_accuracy"]}
     # Tolerance: 400 val samples give a binomial std of ~2.5 points; BN statistics and
     # augmentation streams differ between 1 and 2 ranks. 8 points is ~3 std.
     assert abs(results[1] - results[2]) <= 0.08, results
@@ -128,16 +153,12 @@ def _kill_a_worker_after_first_checkpoint(
         time.sleep(0.2)
 
 
-def test_killed_worker_resumes_from_latest_checkpoint(smoke_shards, tmp_path, local_ray, mlflow_server):
+def test_killed_worker_resumes_from_latest_checkpoint(smoke_shards, tmp_path, local_ray, mlflow_server, uninterrupted):
     from mlflow.tracking import MlflowClient
 
     from pipelines.train import run_training
 
-    common = ("train.num_workers=2", "train.epochs=4", f"tracking.uri={mlflow_server}", "train.max_failures=2")
-    reference = smoke_config(smoke_shards, tmp_path, *common, "run.name=uninterrupted")
-    run_training(reference)
-
-    config = smoke_config(smoke_shards, tmp_path, *common, "run.name=interrupted")
+    config = smoke_config(smoke_shards, tmp_path, *COMMON_2W, f"tracking.uri={mlflow_server}", "run.name=interrupted")
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
@@ -162,7 +183,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(smoke_shards, tmp_path, lo
     assert len(logged_epochs) - 4 <= 1, f"more than one epoch redone: {logged_epochs}"
 
     final = json.loads((tmp_path / "runs" / "interrupted" / "metrics.json").read_text())["test"]
-    expected = json.loads((tmp_path / "runs" / "uninterrupted" / "metrics.json").read_text())["test"]
+    expected = json.loads((uninterrupted / "metrics.json").read_text())["test"]
     # Same seed, RNG states restored, per-epoch data order from (seed, epoch): the resumed
     # run retraces the uninterrupted one up to float non-associativity.
     for key in ("1", "2", "3"):

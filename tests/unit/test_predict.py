@@ -54,13 +54,13 @@ def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return prepare_shards(tmp_path_factory.mktemp("predict_data") / "shards")
+def shards(predict_smoke_run) -> Path:
+    return predict_smoke_run[0]
 
 
 @pytest.fixture(scope="module")
-def trained_run(shards, tmp_path_factory) -> Path:
-    return train_smoke_run(shards, tmp_path_factory.mktemp("predict_runs"))
+def trained_run(predict_smoke_run) -> Path:
+    return predict_smoke_run[1]
 
 
 @pytest.fixture(scope="module")
