@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from avgk.config import Config, ConfigError, load_config
@@ -93,6 +94,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from avgk.study_config import load_study
+    from pipelines.study import cmd_summary, main_log, run_study
+
+    study, base, cells = load_study(args.config, args.overrides)
+    result = run_study(study, base, cells, log=main_log)
+    print((Path(result.root) / "summary.md").read_text())
+    print(cmd_summary(result))
+    return 1 if result.failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -171,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="key=value: config keys (train.epochs=3, data.shards=...) change the base config, "
                            "the others the sweep (num_samples=2, scheduler.name=fifo)")
     tune.set_defaults(func=cmd_tune)
+    study_help = ("reproduction study on the synthetic data: methods x ambiguity rates x seeds as Ray tasks, "
+                  "an MLflow parent run with a child per cell, summary tables and figures; rerun to resume")
+    study = sub.add_parser("study", help=study_help, description=study_help)
+    study.add_argument("config", metavar="STUDY_CONFIG", help="study YAML, e.g. configs/studies/synthetic.yaml")
+    study.add_argument("overrides", nargs="*",
+                       help="key=value: config keys (train.epochs=3) change the base config, the others the study "
+                            "(seeds=[0], max_concurrent=1)")
+    study.set_defaults(func=cmd_study)
     demo = sub.add_parser(
         "demo",
         help="the embedded default end to end: synthetic data, two-head vs CE on Ray, MLflow",
