@@ -196,3 +196,21 @@ def plot_gain_vs_frequency(freq: pd.DataFrame, *, title: str) -> Figure:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def plot_gain_by_method(gains: pd.DataFrame, *, reference: str, title: str) -> Figure:
+    """Paired gain over the reference (points, ±1 std) per method, as bars: a study at one ambiguity rate."""
+    rows = gains[gains["method"] != reference]
+    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.5))
+    ax = fig.add_subplot()
+    positions = np.arange(len(rows))
+    colours = ["tab:green" if g >= 0 else "tab:red" for g in rows["gain:mean"]]
+    ax.barh(positions, 100 * rows["gain:mean"], xerr=100 * rows["gain:std"], color=colours, capsize=3)
+    ax.set_yticks(positions, [f"{m} (a={format_k(a)})" for m, a in zip(rows["method"], rows["ambiguity"])])
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"gain over {reference} (points)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -14,6 +14,7 @@ when the study loads, so a typo in a method's overrides fails before anything tr
     ambiguity_rates: [0, 0.25, 0.5, 0.75]        one synthetic data set each (data.synthetic.ambiguity_rate)
     seeds: [0, 1, 2]                             train.seed; the data set is the same for every seed
     reference: ce                                gains are method minus this, paired by seed
+    focus: [two_head]                            also drawn alone in the gain figures
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class StudyConfig(BaseModel):
     seeds: list[int] = Field(min_length=1, description="train.seed values (model init, data order, augmentation)")
     reference: str = Field("ce", description="the method every gain is measured against")
     headline_k: float | None = Field(None, gt=0, description="K of the figures; default: loss.k of the base")
+    focus: list[str] = Field(default_factory=list, description="methods also drawn alone in the gain figures")
     max_concurrent: int = Field(2, ge=1, description="cells training at once (one Ray task each)")
     cpus_per_cell: float = Field(1.0, gt=0, description="Ray CPUs (and torch threads, rounded up) per cell")
 
@@ -94,6 +96,9 @@ class StudyConfig(BaseModel):
     def _check(self) -> "StudyConfig":
         if self.reference not in self.methods:
             raise ValueError(f"reference={self.reference!r} is not one of the methods {sorted(self.methods)}")
+        unknown = [m for m in self.focus if m not in self.methods]
+        if unknown:
+            raise ValueError(f"focus names {unknown}, which are not methods {sorted(self.methods)}")
         fixed = sorted(set(self.overrides) & set(CELL_KEYS))
         if fixed:
             raise ValueError(f"overrides set {fixed}: the study sets these keys for each cell")

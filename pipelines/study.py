@@ -35,7 +35,7 @@ from avgk.config import Config, ConfigError
 from avgk.metrics import format_k
 from avgk.study import (
     cell_row, frequency_gains, frequency_table, gain_table, metric_table, paired_gains,
-    plot_gain_vs_ambiguity, plot_gain_vs_frequency, summarize,
+    plot_gain_by_method, plot_gain_vs_ambiguity, plot_gain_vs_frequency, summarize,
 )
 from avgk.report import save_figure
 from avgk.study_config import Cell, StudyConfig, study_root
@@ -103,19 +103,25 @@ def finished_record(cell: Cell) -> dict[str, Any] | None:
     return None
 
 
+# What decides the cells; the reference, the figures and the concurrency may change on resume.
+GRID_KEYS = {"name", "base", "overrides", "methods", "ambiguity_rates", "seeds"}
+
+
 def _claim_folder(root: Path, study: StudyConfig, base: Config) -> None:
     """A study folder belongs to one study: a changed grid or base would mix incomparable runs."""
-    resolved = {"study": study.model_dump(mode="json"), "base": base.to_dict()}
+    resolved = json.loads(json.dumps({"study": study.model_dump(mode="json"), "base": base.to_dict()}))
     marker = root / "study.yaml"
     if marker.is_file():
-        if yaml.safe_load(marker.read_text()) != json.loads(json.dumps(resolved)):
+        saved = yaml.safe_load(marker.read_text()) or {}
+        grid = lambda tree: {k: v for k, v in (tree.get("study") or {}).items() if k in GRID_KEYS}  # noqa: E731
+        if grid(saved) != grid(resolved) or saved.get("base") != resolved["base"]:
             raise ConfigError(
                 f"{root} holds a study with a different configuration: give this one another name "
                 f"(name=...) or remove the folder"
             )
         return
     root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(yaml.safe_dump(json.loads(json.dumps(resolved)), sort_keys=False))
+    marker.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
 def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print) -> StudyResult:
@@ -261,9 +267,18 @@ def write_summary(study: StudyConfig, base: Config, root: Path, rows: pd.DataFra
             parts += ["", f"### gain over {study.reference}, {name.replace('_', ' ')} at K={key} (points)", "",
                       gain_table(gains, methods=[m for m in methods if m != study.reference])]
             if key == k:
-                save_figure(plot_gain_vs_ambiguity(gains, reference=study.reference,
-                                                   title=f"{name.replace('_', ' ')} at K={key}: gain over {study.reference}"),
+                title = f"{name.replace('_', ' ')} at K={key}: gain over {study.reference}"
+                if len(set(rows["ambiguity"])) == 1:  # one rate: a bar per method says more than points on a line
+                    save_figure(plot_gain_by_method(gains, reference=study.reference, title=title),
+                                plots / f"gain_by_method_{name}_k{key}.png")
+                    continue
+                save_figure(plot_gain_vs_ambiguity(gains, reference=study.reference, title=title),
                             plots / f"gain_vs_ambiguity_{name}_k{key}.png")
+                focus = [m for m in study.focus if m in methods]
+                if focus:  # the methods of interest alone, on their own scale
+                    save_figure(plot_gain_vs_ambiguity(gains[gains["method"].isin(focus)], reference=study.reference,
+                                                       title=title),
+                                plots / f"gain_vs_ambiguity_{name}_k{key}_focus.png")
     focus = [m for m in methods if m != study.reference]
     if not per_class.empty and focus:
         parts += ["", f"## Gain against class frequency (avg-{k}, per class, averaged over seeds)"]

@@ -117,3 +117,44 @@ def test_frequency_gains_bin_classes_by_training_count():
     rare, frequent = freq.iloc[0], freq.iloc[-1]
     assert rare["train_count_max"] < frequent["train_count_min"]
     assert rare["gain:mean"] == pytest.approx(0.35) and frequent["gain:mean"] == pytest.approx(0.15)
+
+
+def fake_study_frames(rates=(0.0, 0.5), seeds=(0, 1)):
+    rows, tables = [], []
+    for a in rates:
+        for method, bonus in (("ce", 0.0), ("two_head", 0.03)):
+            for seed in seeds:
+                avg = 0.7 - 0.2 * a + bonus + 0.01 * seed
+                rows.append(cell_row(method=method, ambiguity=a, seed=seed, metrics=metrics_doc(avg, avg - 0.05, 0.95),
+                                     history=[{"val_avg_k_accuracy": avg}], seconds=10.0))
+                tables.append(pd.DataFrame({"method": method, "ambiguity": a, "seed": seed, "class_id": range(6),
+                                            "num_samples": 5, "train_count": [1, 2, 5, 10, 50, 100],
+                                            "avg_k_accuracy@2": avg}))
+    return pd.DataFrame(rows), pd.concat(tables, ignore_index=True)
+
+
+def test_write_summary_tables_and_figures(tmp_path):
+    from pipelines.study import write_summary
+
+    study, base, _ = load_study(STUDY, ["focus=[two_head]", "eval.ks=[2]"])
+    rows, per_class = fake_study_frames()
+    text = write_summary(study, base, tmp_path, rows, per_class, failed=["x-a0-s9"])
+    assert "**failed: x-a0-s9**" in text and "## K = 2" in text
+    assert "| two_head | +3.0 ± 0.0 | +3.0 ± 0.0 |" in text  # paired gain, both rates, in points
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "per_class.parquet").is_file()
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "gain_vs_ambiguity_avg_k_accuracy_k2.png", "gain_vs_ambiguity_avg_k_accuracy_k2_focus.png",
+        "gain_vs_ambiguity_macro_avg_k_accuracy_k2.png", "gain_vs_ambiguity_macro_avg_k_accuracy_k2_focus.png",
+        "gain_vs_frequency_two_head_k2.png",
+    ]
+    one_rate = tmp_path / "one"
+    one_rate.mkdir()
+    rows, per_class = fake_study_frames(rates=(0.5,))
+    write_summary(study, base, one_rate, rows, per_class, failed=[])
+    assert sorted(p.name for p in (one_rate / "plots").glob("gain_by_method*.png")) == [
+        "gain_by_method_avg_k_accuracy_k2.png", "gain_by_method_macro_avg_k_accuracy_k2.png"]
+
+
+def test_focus_must_name_methods(tmp_path):
+    with pytest.raises(StudyConfigError, match=r"focus names \['b'\]"):
+        load_study(write_study(tmp_path, "methods: {a: {}}\nambiguity_rates: [0]\nseeds: [0]\nreference: a\nfocus: [b]\n"))
