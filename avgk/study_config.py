@@ -145,6 +145,10 @@ def build_cells(study: StudyConfig, base: Config) -> list[Cell]:
         raise StudyConfigError(
             f"study config error: the study runs on the synthetic data (its ambiguity knob), got data.source={base.data.source!r}"
         )
+    if "://" in base.run.storage:
+        raise StudyConfigError(
+            f"study config error: a study writes its tables and figures on local disk, got run.storage={base.run.storage!r}"
+        )
     root = study_root(study, base)
     tree = base.to_dict()
     cells = []

@@ -155,6 +155,11 @@ def test_write_summary_tables_and_figures(tmp_path):
         "gain_by_method_avg_k_accuracy_k2.png", "gain_by_method_macro_avg_k_accuracy_k2.png"]
 
 
+def test_study_needs_local_storage():
+    with pytest.raises(StudyConfigError, match="run.storage='s3://b/runs'"):
+        load_study(STUDY, ["run.storage=s3://b/runs"])
+
+
 def test_focus_must_name_methods(tmp_path):
     with pytest.raises(StudyConfigError, match=r"focus names \['b'\]"):
         load_study(write_study(tmp_path, "methods: {a: {}}\nambiguity_rates: [0]\nseeds: [0]\nreference: a\nfocus: [b]\n"))
