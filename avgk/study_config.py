@@ -149,6 +149,9 @@ def build_cells(study: StudyConfig, base: Config) -> list[Cell]:
         raise StudyConfigError(
             f"study config error: a study writes its tables and figures on local disk, got run.storage={base.run.storage!r}"
         )
+    k = study.headline_k if study.headline_k is not None else base.loss.k
+    if k not in base.eval.ks:
+        raise StudyConfigError(f"study config error: headline_k={k:g} must be one of eval.ks {base.eval.ks}")
     root = study_root(study, base)
     tree = base.to_dict()
     cells = []

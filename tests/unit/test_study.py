@@ -155,6 +155,11 @@ def test_write_summary_tables_and_figures(tmp_path):
         "gain_by_method_avg_k_accuracy_k2.png", "gain_by_method_macro_avg_k_accuracy_k2.png"]
 
 
+def test_headline_k_must_be_evaluated():
+    with pytest.raises(StudyConfigError, match=r"headline_k=4 must be one of eval.ks \[1.0, 2.0, 3.0, 5.0\]"):
+        load_study(STUDY, ["headline_k=4"])
+
+
 def test_study_needs_local_storage():
     with pytest.raises(StudyConfigError, match="run.storage='s3://b/runs'"):
         load_study(STUDY, ["run.storage=s3://b/runs"])
