@@ -51,3 +51,22 @@ def test_global_rule_thresholds_forced_scores():
 def test_bad_inputs(k, labels, match):
     with pytest.raises(ValueError, match=match):
         batch_pseudo_labels(probs=torch.rand(2, 3), labels=torch.tensor(labels), k=k)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fast_selection_equals_the_stable_sort_definition(seed):
+    """The top-k path picks the same entries as the first m of a stable descending sort, heavy ties included."""
+    from avgk.pseudo_labels import force_labels, num_pseudo_positives
+
+    g = torch.Generator().manual_seed(seed)
+    batch_size, num_classes = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 60, (1,), generator=g))
+    levels = int(torch.randint(1, 6, (1,), generator=g))  # few distinct values: many ties
+    probs = torch.randint(levels, (batch_size, num_classes), generator=g).float() / levels
+    labels = torch.randint(num_classes, (batch_size,), generator=g)
+    k = float(torch.empty(1).uniform_(1, num_classes - 0.5, generator=g))
+    flat = force_labels(probs_BL=probs, labels_B=labels).flatten()
+    m = num_pseudo_positives(batch_size=batch_size, num_classes=num_classes, k=k)
+    expected = torch.zeros_like(flat)
+    expected[torch.sort(flat, descending=True, stable=True).indices[:m]] = 1.0
+    actual = batch_pseudo_labels(probs=probs, labels=labels, k=k).flatten()
+    assert torch.equal(actual, expected), (batch_size, num_classes, k)
