@@ -123,31 +123,29 @@ def pct(mean: float, std: float | None = None, *, signed: bool = False) -> str:
     return text if std is None else f"{text} ± {100 * std:.1f}"
 
 
-def metric_table(summary: pd.DataFrame, *, column: str, methods: Sequence[str]) -> str:
-    """Markdown: one row per method, one column per ambiguity rate, cells 'mean ± std' (%)."""
-    rates = sorted(set(summary["ambiguity"]))
+def method_by_rate_table(frame: pd.DataFrame, *, column: str, methods: Sequence[str], signed: bool = False) -> str:
+    """Markdown: one row per method, one column per ambiguity rate, cells '<column>:mean ± <column>:std' (%)."""
+    rates = sorted(set(frame["ambiguity"]))
     lines = ["| method | " + " | ".join(f"a={format_k(a)}" for a in rates) + " |",
              "|---|" + "---:|" * len(rates)]
     for method in methods:
         cells = []
         for a in rates:
-            hit = summary[(summary["ambiguity"] == a) & (summary["method"] == method)]
-            cells.append(pct(hit[f"{column}:mean"].iloc[0], hit[f"{column}:std"].iloc[0]) if len(hit) else "-")
+            hit = frame[(frame["ambiguity"] == a) & (frame["method"] == method)]
+            cells.append(pct(hit[f"{column}:mean"].iloc[0], hit[f"{column}:std"].iloc[0], signed=signed)
+                         if len(hit) else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def metric_table(summary: pd.DataFrame, *, column: str, methods: Sequence[str]) -> str:
+    """A summarize() column per method and ambiguity rate, 'mean ± std' in %."""
+    return method_by_rate_table(summary, column=column, methods=methods)
 
 
 def gain_table(gains: pd.DataFrame, *, methods: Sequence[str]) -> str:
-    rates = sorted(set(gains["ambiguity"]))
-    lines = ["| method | " + " | ".join(f"a={format_k(a)}" for a in rates) + " |",
-             "|---|" + "---:|" * len(rates)]
-    for method in methods:
-        cells = []
-        for a in rates:
-            hit = gains[(gains["ambiguity"] == a) & (gains["method"] == method)]
-            cells.append(pct(hit["gain:mean"].iloc[0], hit["gain:std"].iloc[0], signed=True) if len(hit) else "-")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """paired_gains() per method and ambiguity rate, signed points ± std."""
+    return method_by_rate_table(gains, column="gain", methods=methods, signed=True)
 
 
 def frequency_table(freq: pd.DataFrame) -> str:

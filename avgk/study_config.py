@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from avgk.config import Config, ConfigError, _format_errors, build_config, load_config
+from avgk.config import Config, ConfigError, _format_errors
 from avgk.metrics import format_k
-from avgk.sweep_config import _detail, check_key, config_for
+from avgk.sweep_config import _detail, check_key, config_for, read_plan, resolve_base
 
 # Keys a study sets itself for each cell: a method may not override them.
 CELL_KEYS = ("data.shards", "data.synthetic.ambiguity_rate", "train.seed", "run.name", "run.storage")
@@ -182,45 +181,15 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     (data., train., ...), else to the study itself (seeds=[0], max_concurrent=1).
     """
     path = Path(path)
-    if not path.is_file():
-        raise StudyConfigError(f"study config file {str(path)!r} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise StudyConfigError(f"study config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise StudyConfigError(f"study config file {str(path)!r} must hold a mapping, got {type(tree).__name__}")
-    sections = set(Config.model_fields)
-    base_overrides: list[str] = []
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise StudyConfigError(f"override {item!r} must look like key.sub=value")
-        if key.split(".")[0] in sections:
-            base_overrides.append(item)
-        else:
-            tree[key] = yaml.safe_load(raw) if raw.strip() else None
+    tree, base_overrides = read_plan(path, overrides, kind="study", error=StudyConfigError)
     try:
         study = StudyConfig.model_validate(tree)
     except ValidationError as err:
         raise StudyConfigError(f"study config error: {_format_errors(err)}") from None
-    base_path = path.parent / study.base
-    if not base_path.is_file() and Path(study.base).is_file():
-        base_path = Path(study.base)
-    if not base_path.is_file():
-        raise StudyConfigError(
-            f"study config error: base={study.base!r} is neither relative to {str(path.parent)!r} nor to the cwd"
-        )
-    for key in [*study.overrides, *(k for o in study.methods.values() for k in o)]:
+    for key in (k for o in study.methods.values() for k in o):
         try:
             check_key(key)
         except ConfigError as err:
             raise StudyConfigError(str(err).replace("sweep config error", "study config error")) from None
-    base = load_config(base_path)
-    try:
-        base = config_for(base.to_dict(), study.overrides)
-    except ConfigError as err:
-        raise StudyConfigError(f"study config error: overrides {study.overrides}: {_detail(err)}") from None
-    # The command line's config keys win over the study file's overrides.
-    base = build_config(base.to_dict(), base_overrides)
+    base = resolve_base(path, study.base, study.overrides, base_overrides, kind="study", error=StudyConfigError)
     return study, base, build_cells(study, base)

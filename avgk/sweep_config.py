@@ -258,6 +258,60 @@ def _parse_value(raw: str) -> Any:
     return yaml.safe_load(raw) if raw.strip() else None
 
 
+# ---------------------------------------------------------------- files that name a base config (sweeps, studies)
+
+
+def read_plan(path: Path, overrides: list[str] | None, *, kind: str, error: type[ConfigError]
+              ) -> tuple[dict[str, Any], list[str]]:
+    """A sweep or study YAML as a tree with its own overrides applied, and the base-config overrides.
+
+    `overrides` (`key=value`) go to the base config when the key starts with a Config section
+    (data., train., run., ...), else into the file's own tree (num_samples=2, seeds=[0]).
+    """
+    if not path.is_file():
+        raise error(f"{kind} config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{kind} config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise error(f"{kind} config file {str(path)!r} must hold a mapping, got {type(tree).__name__}")
+    sections = set(Config.model_fields)
+    base_overrides: list[str] = []
+    own_values: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise error(f"override {item!r} must look like key.sub=value")
+        if key.split(".")[0] in sections:
+            base_overrides.append(item)
+        else:
+            own_values[key] = _parse_value(raw)
+    return with_values(tree, own_values), base_overrides
+
+
+def resolve_base(path: Path, base: str, file_overrides: dict[str, Any], cli_overrides: list[str], *,
+                 kind: str, error: type[ConfigError]) -> Config:
+    """The base Config a sweep or study names: its YAML, then the file's overrides, then the command line's."""
+    base_path = path.parent / base
+    if not base_path.is_file() and Path(base).is_file():
+        base_path = Path(base)
+    if not base_path.is_file():
+        raise error(f"{kind} config error: base={base!r} is neither relative to {str(path.parent)!r} nor to the cwd")
+    for key in file_overrides:
+        try:
+            check_key(key)
+        except ConfigError as err:
+            raise error(str(err).replace("sweep config error", f"{kind} config error")) from None
+    config = load_config(base_path)
+    try:
+        config = config_for(config.to_dict(), file_overrides)
+    except ConfigError as err:
+        raise error(f"{kind} config error: overrides {file_overrides}: {_detail(err)}") from None
+    # The command line's config keys win over the file's overrides.
+    return build_config(config.to_dict(), cli_overrides)
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
     """The sweep config and its resolved base Config, both validated (the search space included).
 
@@ -265,47 +319,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     (data., train., run., ...), else to the sweep itself (num_samples=2, scheduler.name=fifo).
     """
     path = Path(path)
-    if not path.is_file():
-        raise SweepConfigError(f"sweep config file {str(path)!r} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SweepConfigError(f"sweep config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise SweepConfigError(f"sweep config file {str(path)!r} must hold a mapping, got {type(tree).__name__}")
-    sections = set(Config.model_fields)
-    base_overrides: list[str] = []
-    sweep_values: dict[str, Any] = {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise SweepConfigError(f"override {item!r} must look like key.sub=value")
-        if key.split(".")[0] in sections:
-            base_overrides.append(item)
-        else:
-            sweep_values[key] = _parse_value(raw)
-    tree = with_values(tree, sweep_values)
+    tree, base_overrides = read_plan(path, overrides, kind="sweep", error=SweepConfigError)
     try:
         sweep = SweepConfig.model_validate(tree)
     except ValidationError as err:
         # The space validator names the key itself: "space[...]", not "space: space[...]".
         message = _format_errors(err).replace("space: space[", "space[")
         raise SweepConfigError(f"sweep config error: {message}") from None
-    base_path = path.parent / sweep.base
-    if not base_path.is_file() and Path(sweep.base).is_file():
-        base_path = Path(sweep.base)
-    if not base_path.is_file():
-        raise SweepConfigError(
-            f"sweep config error: base={sweep.base!r} is neither relative to {str(path.parent)!r} nor to the cwd"
-        )
-    for key in sweep.overrides:
-        check_key(key)
-    base = load_config(base_path)
-    try:
-        base = config_for(base.to_dict(), sweep.overrides)
-    except ConfigError as err:
-        raise SweepConfigError(f"sweep config error: overrides {sweep.overrides}: {_detail(err)}") from None
-    # The command line's config keys win over the sweep file's overrides.
-    base = build_config(base.to_dict(), base_overrides)
+    base = resolve_base(path, sweep.base, sweep.overrides, base_overrides, kind="sweep", error=SweepConfigError)
     validate_space(sweep, base.to_dict())
     return sweep, base

@@ -133,3 +133,9 @@ def test_flat_params_for_the_parent_run():
     assert flat["sweep.scheduler.name"] == "asha"
     assert flat["sweep.space.train.lr"] == "grid[0.05, 0.002]"
     assert flat["sweep.overrides.train.epochs"] == 3
+
+
+def test_command_line_config_keys_win_over_the_sweep_files_overrides():
+    # configs/sweeps/smoke.yaml fixes train.epochs: 3 in its overrides
+    assert load_sweep(SWEEPS / "smoke.yaml")[1].train.epochs == 3
+    assert load_sweep(SWEEPS / "smoke.yaml", ["train.epochs=1"])[1].train.epochs == 1
