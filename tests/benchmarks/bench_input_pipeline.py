@@ -157,23 +157,30 @@ def count_pass(make_loader: Callable[[], Iterable]) -> tuple[int, float, float]:
 
 
 def transforms() -> dict[str, Callable]:
-    """The two train transforms timed, each applied identically by avgk and by ImageFolder."""
+    """The two train transforms timed, each applied by avgk and by ImageFolder.
+
+    Both are avgk ImageTransforms: ImageFolder calls one per image (geometry, then ToDtype +
+    Normalize on that image: the plain torchvision recipe), avgk's loader runs the geometry per
+    image and ToDtype + Normalize once per batch (the same values, bit for bit)."""
     from torchvision.transforms import v2
 
-    from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+    from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, build_transform
 
     return {
         # what `avgk train` runs for data.resize=256 data.crop=224
         "product": build_transform(train=True, resize=RESIZE, crop=CROP),
         # the issue's wording, the classic torchvision recipe; train_loader takes any transform
-        "resize-crop": v2.Compose([
-            v2.ToImage(),
-            v2.Resize(RESIZE, antialias=True),
-            v2.RandomCrop(CROP),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-        ]),
+        "resize-crop": ImageTransform(
+            geometry=v2.Compose([
+                v2.ToImage(),
+                v2.Resize(RESIZE, antialias=True),
+                v2.RandomCrop(CROP),
+                v2.RandomHorizontalFlip(),
+                v2.ToPureTensor(),
+            ]),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        ),
     }
 
 
@@ -247,7 +254,7 @@ DECODE_SHARDS = "decode-only, shard bytes of resize_shorter=256 (341 x 256)"
 def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tuple[str, float]]:
     """Milliseconds per image of each stage, in this process (1 torch thread, like a loader worker)."""
     import webdataset as wds
-    from avgk.data.shards import _collate, read_manifest
+    from avgk.data.shards import _Collate, read_manifest
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -285,10 +292,14 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
         rows.append(("resize-crop transform of a 500 x 375 image", per_item(chain["resize-crop"], decoded_big)))
         rows.append(("resize-crop transform of a 341 x 256 image (its resize is a no-op)",
                      per_item(chain["resize-crop"], decoded_small)))
-        samples = [{"image": transform(im), "label": 0, "idx": i, "key": "k"} for i, im in enumerate(decoded_small[:64])]
-        stack = per_item(lambda _: _collate(samples), range(5)) / len(samples)
-        rows.append(("collate into a batch in this process (per image, 3 x 224 x 224 float32)", stack))
-        batch = _collate(samples)["image"]
+        rows.append(("  its geometry alone, uint8 out (what avgk's loader runs per 341 x 256 image)",
+                     per_item(transform.geometry, decoded_small)))
+        samples = [{"image": transform.geometry(im), "label": 0, "idx": i, "key": "k"}
+                   for i, im in enumerate(decoded_small[:64])]
+        collate = _Collate(transform)
+        stack = per_item(lambda _: collate(samples), range(5)) / len(samples)
+        rows.append(("stack 64 uint8 images and finish the batch (ToDtype + Normalize once), per image", stack))
+        batch = collate(samples)["image"]
 
         def to_shared(_):
             batch.clone().share_memory_()

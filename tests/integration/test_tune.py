@@ -74,7 +74,12 @@ def test_smoke_sweep_asha_mlflow_tree_and_resume(smoke_shards, tmp_path, mlflow_
         assert not missing, (row["trial"], sorted(missing))
         assert child.data.params["train.lr"] == row["train.lr"]
         history = client.get_metric_history(child.info.run_id, "val_avg_k_accuracy")
-        assert len(history) == int(row["epochs"]), (row, history)
+        if row["status"] == "FINISHED":
+            assert len(history) == int(row["epochs"]), (row, history)
+        else:
+            # ASHA's stop reaches the worker after its report: the worker may finish (and log) the
+            # epoch in flight before it is killed, which Tune never counts.
+            assert int(row["epochs"]) <= len(history) <= int(row["epochs"]) + 1, (row, history)
 
     best = parent.data.tags["avgk.best_trial"]
     assert best == rows[0]["trial"] and by_name[best].info.status == "FINISHED"

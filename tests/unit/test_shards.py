@@ -354,3 +354,56 @@ def test_transforms_output_normalised_tensors(train, resize, crop, size):
 def test_transform_rejects_crop_larger_than_resize():
     with pytest.raises(ValueError, match="crop must be <= resize.*crop=40 > resize=32"):
         build_transform(train=False, resize=32, crop=40)
+
+
+def _plain_v2_chain(*, train: bool, resize: int, crop: int):
+    """The one-piece v2 chain build_transform used to return: ToImage, geometry, ToDtype, Normalize per image."""
+    from torchvision.transforms import v2
+
+    from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    if train:
+        geometry = [v2.Resize(resize, antialias=True), v2.RandomCrop(crop, padding=max(1, crop // 8)),
+                    v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_split_transform_equals_the_one_piece_chain_bit_for_bit(train):
+    # geometry per image + finish per batch must give the values the per-image chain gives
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(6)]
+    split, plain = build_transform(train=train, resize=18, crop=16), _plain_v2_chain(train=train, resize=18, crop=16)
+    torch.manual_seed(0)
+    expected = torch.stack([plain(image) for image in images])
+    torch.manual_seed(0)
+    geometry = torch.stack([split.geometry(image) for image in images])
+    assert geometry.dtype == torch.uint8 and geometry.shape == (6, 3, 16, 16)
+    assert torch.equal(split.finish(geometry), expected)
+    torch.manual_seed(0)
+    assert torch.equal(torch.stack([split(image) for image in images]), expected)
+    assert type(split(images[0])) is torch.Tensor  # a plain tensor, not a tv_tensors.Image
+
+
+def test_finish_rejects_a_float_batch():
+    with pytest.raises(ValueError, match=r"uint8 B x 3 x H x W batch, got torch.float32 of shape \(2, 3, 4, 4\)"):
+        build_transform(train=False, resize=4, crop=4).finish(torch.zeros(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_batches_equal_the_per_image_transform(shards, reference, num_workers):
+    # the loader finishes uint8 batches in one pass (in the worker, into shared memory with a worker)
+    transform = build_transform(train=False, resize=16, crop=12)
+    loader = eval_loader(shards_dir=shards, split="val", batch_size=32, rank=0, world_size=1,
+                         num_workers=num_workers, transform=transform)
+    seen = 0
+    for batch in loader:
+        idx = batch["idx"].numpy()
+        expected = torch.stack([transform(Image.fromarray(reference["val"].images_NHWC[i])) for i in idx])
+        assert batch["image"].dtype == torch.float32
+        assert torch.equal(batch["image"], expected)
+        seen += len(idx)
+    assert seen == SPLIT_SIZES["val"]
