@@ -26,7 +26,7 @@ from avgk import distributed as dist
 from avgk import storage
 from avgk.config import Config, save_config
 from avgk.data.shards import eval_loader, num_train_batches, read_manifest, train_loader
-from avgk.data.transforms import build_transform
+from avgk.data.transforms import build_transform, normalize_batch
 from avgk.losses import Loss, build_loss, head_scores, score_head_for
 from avgk.metrics import SetMetrics, format_k
 from avgk.models import build_model
@@ -206,9 +206,7 @@ def train_epoch(
     local_loss = torch.zeros((), dtype=torch.float64)
     start = last = time.perf_counter()
     for step, batch in enumerate(batches):
-        images = batch["image"].to(device, non_blocking=True)
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = model_input(batch["image"], device=device, config=cfg)
         labels = batch["label"].to(device, non_blocking=True)
         idx = batch["idx"].to(device, non_blocking=True)
         targets = pseudo_targets_fn(batch["idx"]).to(device) if pseudo_targets_fn else None
@@ -269,6 +267,26 @@ class ScoredChunk:
     posterior_NL: np.ndarray | None = None
 
 
+def normalize_in_loader(device: torch.device) -> bool:
+    """Where the engine's loaders normalise images: in their worker processes when the model runs
+    on the CPU (off the training thread, which bounds CPU training), else on the device (uint8
+    batches cross to a GPU at a quarter of float32's size and the GPU normalises them for free)."""
+    return torch.device(device).type == "cpu"
+
+
+def model_input(images: torch.Tensor, *, device: torch.device, config: Config) -> torch.Tensor:
+    """A loader batch as the model takes it, on `device` and in the model's memory format.
+
+    uint8 batches (loaders with normalize=False, see normalize_in_loader) are normalised on the
+    device with build_transform's default mean/std, the ones the engine's loaders use.
+    """
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        return normalize_batch(images, memory_format=memory_format)
+    return images.contiguous(memory_format=memory_format)
+
+
 @torch.inference_mode()
 def score_batches(
     model: nn.Module, batches: Iterable[dict[str, Any]], *, head: str, device: torch.device, config: Config
@@ -276,9 +294,7 @@ def score_batches(
     """Scores of one head for each batch, as float32 numpy on the CPU."""
     model.eval()
     for batch in batches:
-        images = batch["image"].to(device, non_blocking=True)
-        if config.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = model_input(batch["image"], device=device, config=config)
         with autocast(config, device):
             logits = model(images)
         scores = head_scores(logits, head).float().cpu().numpy()
@@ -394,6 +410,7 @@ def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[
         transform=build_transform(train=False, resize=cfg.data.resize, crop=cfg.data.crop),
         num_classes=parts.num_classes,
         with_posterior=with_posterior,
+        normalize=normalize_in_loader(parts.device),
     )
 
 
@@ -546,6 +563,7 @@ def fit(
             epoch=epoch,
             seed=config.train.seed,
             transform=build_transform(train=True, resize=config.data.resize, crop=config.data.crop),
+            normalize=normalize_in_loader(parts.device),
             num_batches=parts.steps_per_epoch,
             shuffle_buffer=config.data.shuffle_buffer,
             resampled=config.data.resampled,

@@ -561,13 +561,15 @@ def _shared_float_batch(shape: tuple[int, ...]) -> torch.Tensor:
 
 @dataclass
 class _Collate:
-    """Samples -> one batch dict; uint8 images from an ImageTransform's geometry are finished here, in one pass."""
+    """Samples -> one batch dict. uint8 images from an ImageTransform's geometry are normalised here
+    in one pass over the batch, or, with normalize=False, left uint8 for the consumer."""
 
     transform: Callable | None
+    normalize: bool = True
 
     def __call__(self, samples: list[dict]) -> dict:
         images = [s["image"] for s in samples]
-        if isinstance(self.transform, ImageTransform):
+        if isinstance(self.transform, ImageTransform) and self.normalize:
             uint8_BCHW = torch.stack(images)
             image_batch = self.transform.finish(uint8_BCHW, out=_shared_float_batch(tuple(uint8_BCHW.shape)))
         else:
@@ -582,6 +584,14 @@ class _Collate:
         if "posterior" in samples[0]:
             batch["posterior"] = torch.from_numpy(np.stack([s["posterior"] for s in samples]))
         return batch
+
+
+def _check_normalize(transform: Callable | None, normalize: bool) -> None:
+    if not normalize and not isinstance(transform, ImageTransform):
+        raise ValueError(
+            f"normalize=False needs an ImageTransform (avgk.data.transforms.build_transform) to leave uint8 "
+            f"images for the consumer, got transform={transform!r}"
+        )
 
 
 class _ShardStream(torch.utils.data.IterableDataset):
@@ -600,8 +610,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int,
         batch_size: int,
         decoder: _SampleDecoder,
+        normalize: bool = True,
     ):
         super().__init__()
+        self.normalize = normalize
         self.shard_urls = list(shard_urls)
         self.training = training
         self.rank = rank
@@ -705,7 +717,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
             rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker, 3))
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         decoded = self._decoded(samples, worker)
-        collate = _Collate(self.decoder.transform)
+        collate = _Collate(self.decoder.transform, normalize=self.normalize)
         yield from wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)(decoded)
 
 
@@ -749,6 +761,7 @@ def train_loader(
     shuffle_buffer: int = 1000,
     resampled: bool = False,
     pin_memory: bool = False,
+    normalize: bool = True,
 ) -> wds.WebLoader:
     """A loader yielding exactly `num_batches` full batches of `batch_size` on this rank; build one per epoch.
 
@@ -763,9 +776,13 @@ def train_loader(
     (webdataset's RANK/WORLD_SIZE environment lookup is not used). Broken samples are
     skipped, counted and warned about at most every 30 s. Batches: {"image": float32 B x 3 x H x W, "label": int64 B,
     "idx": int64 B, "key": list[str]}. `transform` maps a PIL image to a 3 x H x W tensor
-    (None: [0, 1] floats, no augmentation).
+    (None: [0, 1] floats, no augmentation). An ImageTransform (build_transform's) runs its
+    geometry per image and normalises each batch in one pass; with `normalize=False` the images
+    stay uint8 B x 3 x H x W, for the consumer to normalise where the model runs
+    (avgk.engine.model_input): 4x less shared memory and host-to-device traffic.
     """
     _check_rank(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
+    _check_normalize(transform, normalize)
     if int(num_batches) != num_batches or num_batches < 1:
         raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
     if int(epoch) != epoch or epoch < 0:
@@ -796,6 +813,7 @@ def train_loader(
         shuffle_buffer=shuffle_buffer,
         batch_size=batch_size,
         decoder=_SampleDecoder(transform=transform, num_classes=manifest.num_classes, with_posterior=False),
+        normalize=normalize,
     )
     return _loader(dataset, num_workers=num_workers, seed=seed, pin_memory=pin_memory).with_epoch(num_batches)
 
@@ -812,15 +830,17 @@ def eval_loader(
     num_classes: int | None = None,
     with_posterior: bool = False,
     pin_memory: bool = False,
+    normalize: bool = True,
 ) -> wds.WebLoader:
     """A deterministic loader reading each sample of the split exactly once across all ranks.
 
     Shard i goes to rank i % world_size, then to that rank's workers in turn; the last batch
     of each worker may be partial, and a rank without shards yields nothing. With
     `with_posterior`, batches also hold "posterior": float32 B x L (L = num_classes, by
-    default the manifest's).
+    default the manifest's). `transform` and `normalize` as in train_loader.
     """
     _check_rank(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
+    _check_normalize(transform, normalize)
     manifest = read_manifest(shards_dir)
     urls = manifest.shard_urls(split)
     if num_classes is None:
@@ -838,6 +858,7 @@ def eval_loader(
         shuffle_buffer=0,
         batch_size=batch_size,
         decoder=_SampleDecoder(transform=transform, num_classes=num_classes, with_posterior=with_posterior),
+        normalize=normalize,
     )
     return _loader(dataset, num_workers=num_workers, seed=0, pin_memory=pin_memory)
 

@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_CROP", "ImageTransform", "build_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_CROP", "ImageTransform", "build_transform", "normalize_batch"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -17,33 +17,69 @@ SMALL_IMAGE_CROP = 64
 """Below this crop size (CIFAR-like images) training uses pad + random crop instead of RandomResizedCrop."""
 
 
+CPU_CHUNK_BYTES = 1 << 20
+"""normalize_batch on the CPU works through a batch in chunks of about this many float32 bytes,
+so its four passes (convert, scale, subtract, divide) run in cache: one pass over a whole
+64 x 3 x 224 x 224 batch (38.5 MB) is memory-bound."""
+
+
+def normalize_batch(
+    images_BCHW: torch.Tensor,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float32 in [0, 1] normalised by mean/std, on the batch's device.
+
+    The same elementwise operations as v2.ToDtype(float32, scale=True) + v2.Normalize, so the
+    values equal theirs bit for bit. The result is written into `out` when given (e.g. a
+    shared-memory batch), else into a new tensor in `memory_format`.
+    """
+    if images_BCHW.dtype != torch.uint8 or images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
+        raise ValueError(
+            f"normalize_batch expects a uint8 B x 3 x H x W batch, got {images_BCHW.dtype} "
+            f"of shape {tuple(images_BCHW.shape)}"
+        )
+    if out is None:
+        out = torch.empty(images_BCHW.shape, dtype=torch.float32, device=images_BCHW.device, memory_format=memory_format)
+    batch = images_BCHW.shape[0]
+    per_image = max(1, images_BCHW[0].numel() * 4)
+    rows = batch if images_BCHW.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // per_image)
+    mean_, std_ = list(mean), list(std)
+    for first in range(0, batch, rows):
+        chunk = out[first:first + rows]
+        chunk.copy_(images_BCHW[first:first + rows]).mul_(1.0 / 255)  # what to_dtype(scale=True) computes
+        F.normalize(chunk, mean=mean_, std=std_, inplace=True)
+    return out
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """PIL image -> normalised float32 3 x H x W, in two halves so that a loader can batch the second.
+    """PIL image -> normalised float32 3 x H x W, in two halves so that loaders can batch the second.
 
     `geometry` maps one PIL image to a uint8 3 x H x W tensor (resize, crop, augmentation);
-    `finish` turns a uint8 batch B x 3 x H x W into float32 in [0, 1] normalised by mean/std,
-    the same elementwise operations as v2.ToDtype(scale=True) + v2.Normalize, so the values are
-    equal bit for bit. Calling the object does both for one image.
-    Why the split: run per image, ToDtype + Normalize cost ~2x the geometry on 32 x 32 images
-    (v2's per-call overhead: 300 -> 100 us per image) and ~0.66 ms per 224 x 224 image against
-    ~0.27 ms as one pass over a batch (P3 and P5 in BENCHMARKS.md).
+    `finish` (normalize_batch with this mean/std) turns a uint8 batch into normalised float32,
+    bit for bit what v2.ToDtype(scale=True) + v2.Normalize give. Calling the object does both
+    for one image. Why the split: run per image through v2, ToDtype + Normalize cost ~2x the
+    geometry on 32 x 32 images (v2's per-call overhead: 300 -> 100 us per image); and a uint8
+    batch can travel to the device, 4x smaller than float32, to be normalised there (P3 and P5
+    in BENCHMARKS.md).
     """
 
     geometry: Callable
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def finish(self, images_BCHW: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 B x 3 x H x W -> normalised float32, written into `out` when given (e.g. shared memory)."""
-        if images_BCHW.dtype != torch.uint8 or images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
-            raise ValueError(
-                f"finish expects a uint8 B x 3 x H x W batch, got {images_BCHW.dtype} of shape {tuple(images_BCHW.shape)}"
-            )
-        if out is None:
-            out = torch.empty(images_BCHW.shape, dtype=torch.float32)
-        out.copy_(images_BCHW).mul_(1.0 / 255)  # exactly what to_dtype(float32, scale=True) computes
-        return F.normalize(out, mean=list(self.mean), std=list(self.std), inplace=True)
+    def finish(
+        self,
+        images_BCHW: torch.Tensor,
+        *,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return normalize_batch(images_BCHW, mean=self.mean, std=self.std, memory_format=memory_format, out=out)
 
     def __call__(self, image) -> torch.Tensor:
         return self.finish(self.geometry(image).unsqueeze(0))[0]

@@ -13,7 +13,9 @@ records the sum of their RSS, the sum of their PSS (shared pages split between t
 mapping them: the tree's real footprint) and the largest single RSS. Also reported: the CPU
 time of the tree (each process's user + system time as last sampled) and how much CPU other
 work on the machine took meanwhile (/proc/stat busy time minus the tree's), since the wall
-time depends on it.
+time depends on it; the CPU time by process title (which Ray service, the Train worker and its
+loader workers, the driver); and a timeline: the second each phase line of the demo's output
+appeared (the full output, each line stamped, is in DIR/demo.log with --keep).
 Not collected by pytest (a script, and __test__ = False).
 """
 
@@ -186,8 +188,10 @@ def main() -> None:
             sampler = Sampler(process.pid, args.interval)
             sampler.start()
             marks = []  # (seconds since start, line) of the demo's phase lines, for the timeline
+            lines = []
             for line in process.stdout:
                 elapsed = time.perf_counter() - start
+                lines.append(line)
                 log.write(f"[{elapsed:7.1f}] {line}")
                 if any(mark in line for mark in PHASE_MARKS):
                     marks.append((elapsed, line.strip()))
@@ -197,7 +201,7 @@ def main() -> None:
         sampler.join()
         tree_cpu = sampler.tree_cpu
         busy = busy_cpu_seconds() - busy_before
-        output = log_path.read_text()
+        output = "".join(lines)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

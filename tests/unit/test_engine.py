@@ -87,3 +87,37 @@ def test_resume_continues_from_the_latest_checkpoint(smoke_shards, tmp_path):
     result = engine.fit(longer, reporter=engine.LocalReporter(longer.run_dir), log=lines.append)
     assert any("resuming resume from epoch 2" in line for line in lines)
     assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_loaders_normalise_in_workers_on_cpu_and_on_the_device_elsewhere():
+    assert engine.normalize_in_loader(torch.device("cpu"))
+    assert not engine.normalize_in_loader(torch.device("cuda", 0))
+    assert engine.model_input(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), device=torch.device("cpu"),
+                              config=load_config(None)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("channels_last", ["true", "false"])
+def test_uint8_batches_normalised_by_the_engine_score_as_loader_normalised_ones(
+    smoke_shards, tmp_path, monkeypatch, channels_last
+):
+    # On a GPU the loaders leave images uint8 and model_input normalises them on the device:
+    # the scores must equal those of the CPU path (normalised in the loader), as predict sees.
+    config = smoke(smoke_shards, tmp_path, "run.name=uint8", f"model.channels_last={channels_last}")
+    parts = engine.build_parts(config, device=torch.device("cpu"))
+    float_chunks = engine.score_split(parts, "val")
+    monkeypatch.setattr(engine, "normalize_in_loader", lambda device: False)
+    uint8_chunks = engine.score_split(parts, "val")
+    assert len(uint8_chunks) == len(float_chunks) > 0
+    for u, f in zip(uint8_chunks, float_chunks):
+        np.testing.assert_array_equal(u.labels_N, f.labels_N)
+        np.testing.assert_array_equal(u.scores_NL, f.scores_NL)
+
+
+def test_training_on_uint8_batches_follows_the_same_path(smoke_shards, tmp_path, monkeypatch):
+    histories = []
+    for in_loader in (True, False):
+        monkeypatch.setattr(engine, "normalize_in_loader", lambda device, flag=in_loader: flag)
+        config = smoke(smoke_shards, tmp_path, "train.epochs=1", f"run.name=in_loader_{in_loader}")
+        result = engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+        histories.append([(h["train_loss"], h["val_avg_k_accuracy"]) for h in result.history])
+    assert histories[0] == histories[1]

@@ -389,7 +389,8 @@ def test_split_transform_equals_the_one_piece_chain_bit_for_bit(train):
 
 
 def test_finish_rejects_a_float_batch():
-    with pytest.raises(ValueError, match=r"uint8 B x 3 x H x W batch, got torch.float32 of shape \(2, 3, 4, 4\)"):
+    rule = r"normalize_batch expects a uint8 B x 3 x H x W batch, got torch.float32 of shape \(2, 3, 4, 4\)"
+    with pytest.raises(ValueError, match=rule):
         build_transform(train=False, resize=4, crop=4).finish(torch.zeros(2, 3, 4, 4))
 
 
@@ -407,3 +408,33 @@ def test_loader_batches_equal_the_per_image_transform(shards, reference, num_wor
         assert torch.equal(batch["image"], expected)
         seen += len(idx)
     assert seen == SPLIT_SIZES["val"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_uint8_batches_normalised_later_equal_the_loader_normalised_ones(shards, num_workers):
+    # normalize=False: the consumer (avgk.engine.model_input) normalises where the model runs
+    transform = build_transform(train=False, resize=16, crop=16)
+    common = dict(shards_dir=shards, split="test", batch_size=32, rank=0, world_size=1, num_workers=num_workers,
+                  transform=transform)
+    floats, uint8s = list(eval_loader(**common)), list(eval_loader(**common, normalize=False))
+    assert len(floats) == len(uint8s) == 4
+    for f, u in zip(floats, uint8s):
+        assert u["image"].dtype == torch.uint8 and torch.equal(u["idx"], f["idx"])
+        assert torch.equal(transform.finish(u["image"]), f["image"])
+
+
+def test_normalize_batch_chunks_and_memory_formats_give_the_same_values(monkeypatch):
+    from avgk.data import transforms
+
+    images = torch.randint(0, 256, (7, 3, 5, 6), dtype=torch.uint8)
+    whole = transforms.normalize_batch(images)
+    monkeypatch.setattr(transforms, "CPU_CHUNK_BYTES", 3 * 5 * 6 * 4 * 2)  # chunks of 2 images: 2+2+2+1
+    assert torch.equal(transforms.normalize_batch(images), whole)
+    last = transforms.normalize_batch(images, memory_format=torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, whole)
+
+
+def test_normalize_false_needs_an_image_transform(shards):
+    with pytest.raises(ValueError, match="normalize=False needs an ImageTransform.*got transform=None"):
+        eval_loader(shards_dir=shards, split="test", batch_size=8, rank=0, world_size=1, num_workers=0,
+                    transform=None, normalize=False)
