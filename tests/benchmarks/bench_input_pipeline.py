@@ -23,6 +23,9 @@ avgk and ImageFolder apply the very same transform object, each of:
                 `avgk train` runs: RandomResizedCrop 224 (scale 0.35-1) + flip + normalise;
   resize-crop   Resize 256 + RandomCrop 224 + flip + normalise (the issue's wording).
 
+avgk's loader normalises in its workers, as `avgk train` does on a CPU; one more row times
+the GPU path (uint8 batches, normalize=False, normalised by the consumer: here in the main
+process on the CPU, so its cost is counted).
 Every pipeline uses --workers loader processes and --batch-size; a pass is timed from the
 loader's creation (worker start-up included) to its last batch, in wall time and in CPU time
 of this process plus its loader workers. Reported: images/s and images per CPU-second, best
@@ -205,13 +208,20 @@ def build_pipelines(
         if name not in chosen:
             continue
 
-        def avgk_loader(shards_dir: Path, transform: Callable = transform) -> Callable[[], Iterable]:
+        def avgk_loader(
+            shards_dir: Path, transform: Callable = transform, normalize: bool = True
+        ) -> Callable[[], Iterable]:
             def make():
                 epoch_of["n"] += 1
-                return train_loader(
+                loader = train_loader(
                     shards_dir=shards_dir, split="train", batch_size=batch_size, rank=0, world_size=1,
                     num_workers=workers, epoch=epoch_of["n"], seed=0, transform=transform, num_batches=num_batches,
+                    normalize=normalize,
                 )
+                if normalize:
+                    return loader
+                # the GPU path: uint8 batches, normalised by the consumer (here in this process, on the CPU)
+                return ({**batch, "image": transform.finish(batch["image"])} for batch in loader)
             return make
 
         folder = torchvision.datasets.ImageFolder(str(work / "images" / "train"), transform=transform)
@@ -224,6 +234,7 @@ def build_pipelines(
         pipelines_[(name, AVGK_256)] = avgk_loader(shards["256"])
         if name == "product":  # with the original bytes avgk decodes what ImageFolder decodes: once is enough
             pipelines_[(name, AVGK_0)] = avgk_loader(shards["0"])
+            pipelines_[(name, AVGK_UINT8)] = avgk_loader(shards["256"], normalize=False)
         pipelines_[(name, FOLDER)] = imagefolder
 
     decode_files = DecodeFiles(sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg")))
@@ -243,6 +254,7 @@ def build_pipelines(
 
 AVGK_256 = "avgk shards, resize_shorter=256"
 AVGK_0 = "avgk shards, resize_shorter=0 (original bytes)"
+AVGK_UINT8 = "avgk shards, resize_shorter=256, uint8 batches normalised in the main process (the GPU path)"
 FOLDER = "torchvision ImageFolder + DataLoader"
 DECODE_FILES = "decode-only, the JPEG files (500 x 375)"
 DECODE_SHARDS = "decode-only, shard bytes of resize_shorter=256 (341 x 256)"
