@@ -16,6 +16,14 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # avgk.data.shards silences this for the process; pytest re-enables DeprecationWarnings per test.
+    # torchvision 0.29 warns on every call of its (deprecated, still shipped) image decoders.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+    )
+
+
 @pytest.fixture(scope="session")
 def smoke_shards(tmp_path_factory) -> Path:
     """Shards of configs/smoke.yaml's synthetic data, written once."""

@@ -14,9 +14,10 @@ order rotates each round), one pass over the training images of:
   ImageFolder        torchvision.datasets.ImageFolder(DIR/images/train) + DataLoader(shuffle,
                      drop_last), the plain-torchvision script;
   decode-only        a DataLoader over the same JPEG files whose dataset only opens and
-                     decodes each file (PIL, RGB: the decoder both pipelines use) and returns
-                     its size: no transform, no image tensor; and the same over the shard
-                     bytes of the resize_shorter=256 set (tar read + decode).
+                     decodes each file to RGB and returns its size: no transform, no image
+                     tensor kept; with PIL (ImageFolder's decoder) and with torchvision.io
+                     (avgk's loader decodes with it); and PIL over the shard bytes of the
+                     resize_shorter=256 set (tar read + decode).
 
 avgk and ImageFolder apply the very same transform object, each of:
   product       avgk.data.transforms.build_transform(train=True, resize=256, crop=224), what
@@ -98,27 +99,39 @@ def run_prepare(config: Path, shards: Path, overrides: list[str]) -> float:
 # ---------------------------------------------------------------- the pipelines
 
 
+def decode_rgb(data_or_path, decoder: str) -> torch.Tensor:
+    """Decode to 8-bit RGB with PIL (what ImageFolder and torchvision's default loader use) or with
+    torchvision.io (what avgk's loader uses); returns only the size, nothing else is built."""
+    if decoder == "pil":
+        source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
+        with Image.open(source) as image:
+            return torch.tensor(image.convert("RGB").size)
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    raw = torch.frombuffer(bytearray(data_or_path), dtype=torch.uint8) if isinstance(data_or_path, bytes) \
+        else read_file(data_or_path)
+    return torch.tensor(decode_image(raw, mode=ImageReadMode.RGB).shape[1:])
+
+
 class DecodeFiles(torch.utils.data.Dataset):
     """Decode-only over files: open + decode to RGB, return the size (nothing else is built)."""
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    def __init__(self, paths: list[str], decoder: str = "pil"):
+        self.paths, self.decoder = paths, decoder
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as image:
-            rgb = image.convert("RGB")
-        return torch.tensor(rgb.size)
+        return decode_rgb(self.paths[i], self.decoder)
 
 
 class DecodeShards(torch.utils.data.IterableDataset):
     """Decode-only over shard bytes: tar read + decode to RGB, each worker its own shards."""
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, urls: list[str], decoder: str = "pil"):
         super().__init__()
-        self.urls = urls
+        self.urls, self.decoder = urls, decoder
 
     def __iter__(self):
         import webdataset as wds
@@ -126,10 +139,7 @@ class DecodeShards(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num = (info.id, info.num_workers) if info is not None else (0, 1)
         for sample in wds.tarfile_samples({"url": u} for u in self.urls[worker::num]):
-            data = sample.get("jpg") or sample.get("png")
-            with Image.open(io.BytesIO(data)) as image:
-                rgb = image.convert("RGB")
-            yield torch.tensor(rgb.size)
+            yield decode_rgb(sample.get("jpg") or sample.get("png"), self.decoder)
 
 
 def cpu_seconds() -> float:
@@ -237,17 +247,19 @@ def build_pipelines(
             pipelines_[(name, AVGK_UINT8)] = avgk_loader(shards["256"], normalize=False)
         pipelines_[(name, FOLDER)] = imagefolder
 
-    decode_files = DecodeFiles(sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg")))
-
-    def decode_only_files():
-        return torch.utils.data.DataLoader(decode_files, batch_size=batch_size, shuffle=True, num_workers=workers)
-
+    files = sorted(str(p) for p in (work / "images" / "train").rglob("*.jpg"))
     urls = read_manifest(shards["256"]).shard_urls("train")
+
+    def decode_only_files(decoder: str):
+        return lambda: torch.utils.data.DataLoader(
+            DecodeFiles(files, decoder), batch_size=batch_size, shuffle=True, num_workers=workers
+        )
 
     def decode_only_shards():
         return torch.utils.data.DataLoader(DecodeShards(urls), batch_size=batch_size, num_workers=workers)
 
-    pipelines_[("-", DECODE_FILES)] = decode_only_files
+    pipelines_[("-", DECODE_FILES)] = decode_only_files("pil")
+    pipelines_[("-", DECODE_FILES_TV)] = decode_only_files("torchvision")
     pipelines_[("-", DECODE_SHARDS)] = decode_only_shards
     return pipelines_
 
@@ -257,6 +269,7 @@ AVGK_0 = "avgk shards, resize_shorter=0 (original bytes)"
 AVGK_UINT8 = "avgk shards, resize_shorter=256, uint8 batches normalised in the main process (the GPU path)"
 FOLDER = "torchvision ImageFolder + DataLoader"
 DECODE_FILES = "decode-only, the JPEG files (500 x 375)"
+DECODE_FILES_TV = "decode-only, the JPEG files (500 x 375), torchvision.io (avgk's decoder)"
 DECODE_SHARDS = "decode-only, shard bytes of resize_shorter=256 (341 x 256)"
 
 
@@ -294,9 +307,15 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
                 best = min(best, (time.perf_counter() - start) / len(items))
             return best * 1e3
 
+        from avgk.data.shards import _decode_image_uint8
+
         rows = [
-            ("decode a 500 x 375 JPEG (the files)", per_item(decode, big)),
-            ("decode a 341 x 256 JPEG (resize_shorter=256 shards)", per_item(decode, small)),
+            ("decode a 500 x 375 JPEG (the files), PIL", per_item(decode, big)),
+            ("decode a 341 x 256 JPEG (resize_shorter=256 shards), PIL", per_item(decode, small)),
+            ("decode a 500 x 375 JPEG to a uint8 tensor, avgk's decoder (torchvision.io)",
+             per_item(lambda b: _decode_image_uint8({"jpg": b}), big)),
+            ("decode a 341 x 256 JPEG to a uint8 tensor, avgk's decoder (torchvision.io)",
+             per_item(lambda b: _decode_image_uint8({"jpg": b}), small)),
         ]
         decoded_big, decoded_small = [decode(b) for b in big], [decode(b) for b in small]
         rows.append(("product train transform of a 500 x 375 image", per_item(transform, decoded_big)))
@@ -304,10 +323,11 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
         rows.append(("resize-crop transform of a 500 x 375 image", per_item(chain["resize-crop"], decoded_big)))
         rows.append(("resize-crop transform of a 341 x 256 image (its resize is a no-op)",
                      per_item(chain["resize-crop"], decoded_small)))
-        rows.append(("  its geometry alone, uint8 out (what avgk's loader runs per 341 x 256 image)",
-                     per_item(transform.geometry, decoded_small)))
-        samples = [{"image": transform.geometry(im), "label": 0, "idx": i, "key": "k"}
-                   for i, im in enumerate(decoded_small[:64])]
+        tensors_small = [_decode_image_uint8({"jpg": b}) for b in small]
+        rows.append(("  its geometry alone on the decoded uint8 tensor (what avgk's loader runs per 341 x 256 image)",
+                     per_item(transform.geometry, tensors_small)))
+        samples = [{"image": transform.geometry(t), "label": 0, "idx": i, "key": "k"}
+                   for i, t in enumerate(tensors_small[:64])]
         collate = _Collate(transform)
         stack = per_item(lambda _: collate(samples), range(5)) / len(samples)
         rows.append(("stack 64 uint8 images and finish the batch (ToDtype + Normalize once), per image", stack))
@@ -404,8 +424,9 @@ def main() -> None:
           "a competing job disturbs less than the wall clock.")
     print()
     print("| transform | pipeline | images per pass | images/s (wall) | images per CPU-s "
-          "| vs ImageFolder (wall / CPU) | vs decode-only files (wall / CPU) | vs decode-only shard bytes (wall / CPU) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| vs ImageFolder (wall / CPU) | vs decode-only files (wall / CPU) "
+          "| vs decode-only files, torchvision.io (wall / CPU) | vs decode-only shard bytes (wall / CPU) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for key in keys:
         transform, name = key
         folder = (transform, FOLDER) if transform != "-" else None
@@ -414,6 +435,7 @@ def main() -> None:
         print(f"| {TRANSFORM_TEXT.get(transform, 'none')} | {name} | {seen_of[key]} "
               f"| {max(rates[key]):.0f} | {max(cpu_rates[key]):.0f} | {versus_folder} "
               f"| {ratio(rates, key, ('-', DECODE_FILES)):.0%} / {ratio(cpu_rates, key, ('-', DECODE_FILES)):.0%} "
+              f"| {ratio(rates, key, ('-', DECODE_FILES_TV)):.0%} / {ratio(cpu_rates, key, ('-', DECODE_FILES_TV)):.0%} "
               f"| {ratio(rates, key, ('-', DECODE_SHARDS)):.0%} / {ratio(cpu_rates, key, ('-', DECODE_SHARDS)):.0%} |")
     print()
     print("Per-image cost of each stage in one process (1 torch thread, as in a loader worker), best of 3:")

@@ -438,3 +438,41 @@ def test_normalize_false_needs_an_image_transform(shards):
     with pytest.raises(ValueError, match="normalize=False needs an ImageTransform.*got transform=None"):
         eval_loader(shards_dir=shards, split="test", batch_size=8, rank=0, world_size=1, num_workers=0,
                     transform=None, normalize=False)
+
+
+def _encoded(image_HWC: np.ndarray, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image_HWC).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["jpg-rgb", "jpg-gray", "png-rgb", "png-rgba", "png-16bit-gray"])
+def test_tensor_decoding_gives_the_pixels_pil_gives(kind):
+    # Loaders with an ImageTransform decode with torchvision.io (faster); it must match PIL's RGB,
+    # which predict and any other transform use, and fall back to PIL where it cannot give 8-bit RGB.
+    from avgk.data.shards import _decode_image, _decode_image_uint8
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    data = {
+        "jpg-rgb": lambda: ("jpg", _encoded(rgb, "JPEG", quality=90)),
+        "jpg-gray": lambda: ("jpg", _encoded(rgb[..., 0], "JPEG", quality=90)),
+        "png-rgb": lambda: ("png", _encoded(rgb, "PNG")),
+        "png-rgba": lambda: ("png", _encoded(np.dstack([rgb, rgb[..., :1]]), "PNG")),
+        "png-16bit-gray": lambda: ("png", _encoded(rng.integers(0, 65536, (21, 34)).astype(np.uint16), "PNG")),
+    }[kind]()
+    sample = {"__key__": "k", data[0]: data[1]}
+    tensor = _decode_image_uint8(sample)
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 21, 34)
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(_decode_image(sample)))
+
+
+@pytest.mark.parametrize("broken", ["garbage", "truncated"])
+def test_a_broken_image_raises_what_pil_raises_for_the_skip_handler(broken):
+    # torchvision's decoder fails on it, PIL then raises its own error (not a half-decoded image)
+    from avgk.data.shards import _decode_image_uint8
+
+    jpeg = _encoded(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG")
+    data = b"not an image at all" if broken == "garbage" else jpeg[: len(jpeg) // 2]
+    with pytest.raises(OSError, match="cannot identify image file" if broken == "garbage" else "truncated"):
+        _decode_image_uint8({"__key__": "k", "jpg": data})
