@@ -109,6 +109,13 @@ def process_title(pid: int) -> str:
     return Path(argv[0]).name
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests while this machine wanted it (/proc/stat 'steal')."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0) / TICKS
+
+
 def busy_cpu_seconds() -> float:
     """CPU time the whole machine spent busy since boot (all processes), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -180,7 +187,7 @@ def main() -> None:
     command = [str(avgk), "demo", f"run.storage={work / 'runs'}", f"data.shards={work / 'synthetic'}", *args.overrides]
     log_path = work / "demo.log"
     try:
-        busy_before = busy_cpu_seconds()
+        busy_before, steal_before = busy_cpu_seconds(), steal_seconds()
         start = time.perf_counter()
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -201,6 +208,7 @@ def main() -> None:
         sampler.join()
         tree_cpu = sampler.tree_cpu
         busy = busy_cpu_seconds() - busy_before
+        steal = steal_seconds() - steal_before
         output = "".join(lines)
     finally:
         if args.keep is None:
@@ -228,7 +236,7 @@ def main() -> None:
     print(f"| processes in the tree, at most | {sampler.max_processes} |")
     print(f"| CPU time of the tree (user + sys, each process as last sampled) | {tree_cpu:.0f} s |")
     print(f"| CPU time the machine spent on other work meanwhile | {max(0.0, busy - tree_cpu):.0f} s "
-          f"of {cpus * wall:.0f} s available |")
+          f"of {cpus * wall:.0f} s available, of which {steal:.0f} s stolen by the hypervisor |")
     print(f"| load average (1 min) during the run, mean / max | {sum(sampler.loads) / max(1, len(sampler.loads)):.1f} "
           f"/ {max(sampler.loads, default=0):.1f} |")
     print()
