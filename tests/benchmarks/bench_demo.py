@@ -14,7 +14,8 @@ mapping them: the tree's real footprint) and the largest single RSS. Also report
 time of the tree (each process's user + system time as last sampled) and how much CPU other
 work on the machine took meanwhile (/proc/stat busy time minus the tree's), since the wall
 time depends on it; the CPU time by process title (which Ray service, the Train worker and its
-loader workers, the driver); and a timeline: the second each phase line of the demo's output
+loader workers, the driver); the time of one fixed training step measured just before the
+demo (the machine's speed at that moment); and a timeline: the second each phase line of the demo's output
 appeared (the full output, each line stamped, is in DIR/demo.log with --keep).
 Not collected by pytest (a script, and __test__ = False).
 """
@@ -109,6 +110,38 @@ def process_title(pid: int) -> str:
     return Path(argv[0]).name
 
 
+def reference_step_ms(steps: int = 15) -> float:
+    """Median ms of one fixed training step (the demo's small CNN, batch 128 at 32 px, one thread) in
+    this process, before the demo starts: how fast the machine runs right now. This machine's speed
+    drifts by tens of percent over an evening with nothing else running (P5 in BENCHMARKS.md), so a
+    wall time is only comparable with another taken at a similar reference."""
+    import statistics
+
+    import torch
+
+    from avgk.models import SmallCNN
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = SmallCNN(width=16).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        images = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        times = []
+        for step in range(steps + 3):
+            start = time.perf_counter()
+            loss = model(images).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step >= 3:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def steal_seconds() -> float:
     """CPU time the hypervisor gave to other guests while this machine wanted it (/proc/stat 'steal')."""
     with open("/proc/stat") as f:
@@ -186,6 +219,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}}
     command = [str(avgk), "demo", f"run.storage={work / 'runs'}", f"data.shards={work / 'synthetic'}", *args.overrides]
     log_path = work / "demo.log"
+    reference_ms = reference_step_ms()
     try:
         busy_before, steal_before = busy_cpu_seconds(), steal_seconds()
         start = time.perf_counter()
@@ -237,6 +271,8 @@ def main() -> None:
     print(f"| CPU time of the tree (user + sys, each process as last sampled) | {tree_cpu:.0f} s |")
     print(f"| CPU time the machine spent on other work meanwhile | {max(0.0, busy - tree_cpu):.0f} s "
           f"of {cpus * wall:.0f} s available, of which {steal:.0f} s stolen by the hypervisor |")
+    print(f"| machine speed right before: one fixed small-CNN training step (see reference_step_ms) | "
+          f"{reference_ms:.1f} ms |")
     print(f"| load average (1 min) during the run, mean / max | {sum(sampler.loads) / max(1, len(sampler.loads)):.1f} "
           f"/ {max(sampler.loads, default=0):.1f} |")
     print()

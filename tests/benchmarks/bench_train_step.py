@@ -14,7 +14,10 @@ drifting on a shared machine). One torch thread by default: on a 2-core machine 
 other work, two intra-op threads wait on each other whenever the other work holds a core, and
 step times swing 2-3x. resnet18 at 112 px by default: 224 px takes ~7 s a step on one thread;
 at 112 the heads' fixed cost weighs 4x more against the backbone, a stricter test.
-With --profile, also the torch.profiler top operators of a few steps of each variant.
+Then what the heads add, timed in isolation on fixed features (the heads and the loss forward
+and backward, the optimizer step, the pseudo-label selection, the BCE): the floor of the
+difference, whatever the backbone. With --profile, also the torch.profiler top operators of a
+few steps of each variant.
 Not collected by pytest (a script, and __test__ = False).
 """
 
@@ -28,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 
@@ -113,6 +116,51 @@ def profile_variant(parts, batch: dict, num_steps: int, row_limit: int = 12) -> 
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
 
 
+def best_ms(fn: Callable[[], object], repeats: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats // 5):
+            fn()
+        best = min(best, (time.perf_counter() - start) / (repeats // 5))
+    return best * 1e3
+
+
+def head_costs(parts: dict, batch: dict) -> list[tuple[str, float, float]]:
+    """(stage, two-head ms, CE ms) of what the heads add to a step, timed in isolation on fixed features:
+    the floor of the two-head / CE difference, whatever the backbone."""
+    import torch.nn.functional as F
+
+    from avgk.pseudo_labels import batch_pseudo_labels
+
+    rows = []
+    labels, idx = batch["label"], batch["idx"]
+    costs = {}
+    for v in VARIANTS:
+        model, loss = parts[v].model, parts[v].loss
+        features = torch.randn(len(labels), next(iter(model.heads.values())).in_features, requires_grad=True)
+
+        def heads_and_loss():
+            out = loss(logits={n: h(features) for n, h in model.heads.items()}, labels=labels, idx=idx, epoch=0)
+            out.total_sum.backward()
+
+        heads_and_loss()  # every parameter of the heads has a gradient for the optimizer step below
+        costs[v] = (best_ms(heads_and_loss), best_ms(parts[v].optimizer.step, repeats=50))
+    rows.append(("heads + loss, forward + backward (features fixed)", costs["two_head"][0], costs["ce"][0]))
+    rows.append(("optimizer step, every parameter (SGD, momentum, weight decay)", costs["two_head"][1], costs["ce"][1]))
+    logits = torch.randn(len(labels), parts["two_head"].num_classes)
+    probs = torch.softmax(logits, dim=1)
+    rows.append(("  of which: pseudo-label selection (batch_pseudo_labels)",
+                 best_ms(lambda: batch_pseudo_labels(probs=probs, labels=labels, k=2)), 0.0))
+    z_m = logits.clone().requires_grad_()
+    targets = batch_pseudo_labels(probs=probs, labels=labels, k=2)
+    rows.append(("  of which: BCE over B x L, forward + backward",
+                 best_ms(lambda: F.binary_cross_entropy_with_logits(z_m, targets, reduction="sum").backward()), 0.0))
+    return rows
+
+
 def parse_backbone(spec: str) -> tuple[str, int]:
     """'small_cnn:32' or 'torchvision:resnet18:112' -> (backbone name, input side)."""
     name, _, side = spec.rpartition(":")
@@ -140,7 +188,7 @@ def main() -> None:
     specs = [parse_backbone(s) for s in args.backbones]
     steps = args.steps if len(args.steps) == len(specs) else [args.steps[0]] * len(specs)
 
-    rows, profiles = [], []
+    rows, profiles, heads = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_train_step-") as tmp:
         shards = Path(tmp) / "shards"
         fake_manifest(shards, num_classes=args.num_classes, num_train=args.batch_size * 1000)
@@ -175,6 +223,8 @@ def main() -> None:
                 rows.append((backbone, side, c, num_steps, len(times[c]["ce"]), med["two_head"], med["ce"],
                              med["two_head"] / med["ce"], statistics.median(ratios[c]), q[0], q[2], elapsed))
             print(f"{backbone} @ {side}px: {elapsed:.0f} s", file=sys.stderr)
+            if not heads:  # the heads see only B x D features: one backbone is enough
+                heads = head_costs(parts, batch)
             if args.profile:
                 for v in VARIANTS:
                     profiles.append((f"{backbone} @ {side}px, {v}", profile_variant(parts[v], batch, num_steps)))
@@ -194,6 +244,13 @@ def main() -> None:
     for backbone, side, c, num_steps, n, t2, t1, ratio, rr, q1, q3, elapsed in rows:
         print(f"| {backbone} | {side} x {side} | {c} | {num_steps} | {n} | {t2 * 1e3:.1f} | {t1 * 1e3:.1f} | {ratio:.3f} "
               f"| {rr:.3f} ({q1:.3f}-{q3:.3f}) | {elapsed:.0f} |")
+    print()
+    print("What the heads add, timed in isolation (best of 5), the floor of the difference above:")
+    print()
+    print("| stage | two-head (ms) | CE (ms) | difference (ms) |")
+    print("|---|---:|---:|---:|")
+    for stage, t2, t1 in heads:
+        print(f"| {stage} | {t2:.3f} | {t1:.3f} | {t2 - t1:.3f} |" if t1 else f"| {stage} | {t2:.3f} | - | - |")
     for title, table in profiles:
         print(f"\ntorch.profiler, {title}:\n{table}")
 
