@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prepare import cpu_model  # noqa: E402
+from proc_stats import command_name, descendants, machine_busy_seconds, process_table, steal_seconds  # noqa: E402
 
 __test__ = False
 
@@ -45,36 +46,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # Lines of the demo's output that start a phase (the training runs' first step and epoch ends
 # included), each printed in the timeline with the second it appeared.
 PHASE_MARKS = ("=== ", "step 20/", "train_loss", "pyfunc model logged", "Wrote ", "synthetic")
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_table() -> dict[int, tuple[int, int, float]]:
-    """pid -> (parent pid, start time in ticks, CPU seconds so far: user + system) of every process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        fields = stat.rsplit(")", 1)[1].split()
-        table[int(entry)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / TICKS)
-    return table
-
-
-def descendants(root: int, table: dict[int, tuple[int, int, float]]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    tree, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, []))
-    return tree
 
 
 def memory_of(pid: int) -> tuple[int, int]:
@@ -91,23 +62,6 @@ def memory_of(pid: int) -> tuple[int, int]:
         return rss, pss
     except (OSError, ValueError, IndexError):
         return 0, 0
-
-
-def process_title(pid: int) -> str:
-    """A short name for grouping CPU time: Ray's process title (ray::RayTrainWorker, raylet, gcs_server,
-    dashboard ...) or the program and its first argument; "" for a process that has gone."""
-    try:
-        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return ""
-    if not argv:
-        return ""
-    if argv[0].startswith("ray::"):
-        return argv[0].split()[0]
-    for arg in argv[1:3]:  # python .../dashboard.py, python -m ..., the avgk entry point
-        if arg.endswith(".py"):
-            return Path(arg).name
-    return Path(argv[0]).name
 
 
 def reference_step_ms(steps: int = 15) -> float:
@@ -142,22 +96,6 @@ def reference_step_ms(steps: int = 15) -> float:
         torch.set_num_threads(threads)
 
 
-def steal_seconds() -> float:
-    """CPU time the hypervisor gave to other guests while this machine wanted it (/proc/stat 'steal')."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return (fields[7] if len(fields) > 7 else 0) / TICKS
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time the whole machine spent busy since boot (all processes), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    guest = sum(fields[8:10]) if len(fields) > 9 else 0  # already counted in user and nice
-    return (sum(fields) - idle - guest) / TICKS
-
-
 class Sampler(threading.Thread):
     def __init__(self, pid: int, interval: float):
         super().__init__(daemon=True)
@@ -180,22 +118,18 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             table = process_table()
-            tree = [pid for pid in descendants(self.pid, table) if pid in table]
+            tree = descendants(self.pid, table)
             for pid in tree:
-                _, started, cpu = table[pid]
+                _, started, cpu, argv = table[pid]
                 self.cpu_of[(pid, started)] = cpu
-                self.name_of[(pid, started)] = process_title(pid) or self.name_of.get((pid, started), "?")
+                self.name_of[(pid, started)] = command_name(argv)
             rss_sum = pss_sum = 0
             for pid in tree:
                 rss, pss = memory_of(pid)
                 rss_sum += rss
                 pss_sum += pss
                 if rss > self.peak_single_rss:
-                    self.peak_single_rss = rss
-                    try:
-                        self.peak_single_name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[:60]
-                    except OSError:
-                        pass
+                    self.peak_single_rss, self.peak_single_name = rss, command_name(table[pid][3])
             self.peak_rss_sum = max(self.peak_rss_sum, rss_sum)
             self.peak_pss_sum = max(self.peak_pss_sum, pss_sum)
             self.max_processes = max(self.max_processes, len(tree))
@@ -221,7 +155,7 @@ def main() -> None:
     log_path = work / "demo.log"
     reference_ms = reference_step_ms()
     try:
-        busy_before, steal_before = busy_cpu_seconds(), steal_seconds()
+        busy_before, steal_before = machine_busy_seconds(), steal_seconds()
         start = time.perf_counter()
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -241,7 +175,7 @@ def main() -> None:
         sampler.stop.set()
         sampler.join()
         tree_cpu = sampler.tree_cpu
-        busy = busy_cpu_seconds() - busy_before
+        busy = machine_busy_seconds() - busy_before
         steal = steal_seconds() - steal_before
         output = "".join(lines)
     finally:

@@ -52,67 +52,30 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prepare import cpu_model  # noqa: E402
+from proc_stats import children_of, command_name, machine_busy_seconds, process_table  # noqa: E402
 
 __test__ = False
 
 
-TICKS = os.sysconf("SC_CLK_TCK")
 PLAIN_LOOP = "benchmark process (plain training runs here)"
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (/proc/stat, guest time excluded)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / TICKS
 
 
 def process_snapshot(root: int) -> dict[tuple[int, int], tuple[str, float]]:
     """(pid, start time) -> (short name, CPU seconds so far) for `root` and all its descendants."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        table[int(entry)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / TICKS, argv)
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, *_rest) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    table = process_table()
+    children = children_of(table)
     out, stack = {}, [(root, "")]
     while stack:
         pid, parent_name = stack.pop()
         if pid not in table:
             continue
         _, started, cpu, argv = table[pid]
-        name = short_name(pid, root, argv)
+        name = PLAIN_LOOP if pid == root else command_name(argv)
         if name == parent_name or (pid != root and argv == table.get(root, (0, 0, 0, None))[3]):
             name = f"{parent_name}: forked child (loader worker)"  # a fork keeps its parent's command line
         out[(pid, started)] = (name, cpu)
         stack.extend((child, name) for child in children.get(pid, []))
     return out
-
-
-def short_name(pid: int, root: int, argv: list[bytes]) -> str:
-    if pid == root:
-        return PLAIN_LOOP
-    words = [a.decode(errors="replace") for a in argv if a]
-    if not words:
-        return "?"
-    if words[0].startswith("ray::") or (" " in words[0] and not words[0].startswith("/")):
-        return words[0].split()[0]  # a process that renamed itself: ray::RayTrainWorker, ray-dashboard-...
-    for word in words:  # python .../dashboard/dashboard.py, .../raylet, gcs_server, log_monitor.py ...
-        base = Path(word).name
-        if any(c in word for c in " '\"{}()") or word.startswith("-"):
-            continue  # an option, or inline code (python -c ...)
-        if base not in {"python", "python3"} and not base.startswith("python3."):
-            return base
-    return Path(words[0]).name + (" -c" if "-c" in words else "")
 
 
 class CpuSampler(threading.Thread):

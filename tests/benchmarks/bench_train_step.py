@@ -37,20 +37,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prepare import cpu_model  # noqa: E402
+
 __test__ = False
 
 VARIANTS = ("two_head", "ce")
 CLOCKS = ("wall", "cpu")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fake_manifest(shards_dir: Path, *, num_classes: int, num_train: int) -> None:
@@ -148,16 +141,16 @@ def head_costs(parts: dict, batch: dict) -> list[tuple[str, float, float]]:
 
         heads_and_loss()  # every parameter of the heads has a gradient for the optimizer step below
         costs[v] = (best_ms(heads_and_loss), best_ms(parts[v].optimizer.step, repeats=50))
-    rows.append(("heads + loss, forward + backward (features fixed)", costs["two_head"][0], costs["ce"][0]))
-    rows.append(("optimizer step, every parameter (SGD, momentum, weight decay)", costs["two_head"][1], costs["ce"][1]))
     logits = torch.randn(len(labels), parts["two_head"].num_classes)
     probs = torch.softmax(logits, dim=1)
-    rows.append(("  of which: pseudo-label selection (batch_pseudo_labels)",
-                 best_ms(lambda: batch_pseudo_labels(probs=probs, labels=labels, k=2)), 0.0))
     z_m = logits.clone().requires_grad_()
     targets = batch_pseudo_labels(probs=probs, labels=labels, k=2)
-    rows.append(("  of which: BCE over B x L, forward + backward",
+    rows.append(("heads + loss, forward + backward (features fixed)", costs["two_head"][0], costs["ce"][0]))
+    rows.append(("  of the heads + loss: pseudo-label selection (batch_pseudo_labels)",
+                 best_ms(lambda: batch_pseudo_labels(probs=probs, labels=labels, k=2)), 0.0))
+    rows.append(("  of the heads + loss: BCE over B x L, forward + backward",
                  best_ms(lambda: F.binary_cross_entropy_with_logits(z_m, targets, reduction="sum").backward()), 0.0))
+    rows.append(("optimizer step, every parameter (SGD, momentum, weight decay)", costs["two_head"][1], costs["ce"][1]))
     return rows
 
 
