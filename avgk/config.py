@@ -49,6 +49,11 @@ class DataConfig(_Section):
     shard_maxcount: int = Field(1000, ge=1, description="samples per shard when writing")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     resize: int = Field(32, ge=8, description="eval: resize the shorter side to this")
+    hflip: bool = Field(
+        True,
+        description="train: random horizontal flips; turn off where a mirror image is another class "
+        "(digits, text, asymmetric specimens)",
+    )
     crop: int = Field(32, ge=8, description="train random crop / eval center crop side")
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per training rank")
     shuffle_buffer: int = Field(1000, ge=1, description="per-worker sample shuffle buffer")
@@ -134,7 +139,9 @@ class ModelConfig(_Section):
         description="'small_cnn', 'timm:<name>' or 'torchvision:<name>' (e.g. timm:resnet50)",
     )
     pretrained: str | None = Field(
-        None, description="local path to backbone weights (state dict); never downloaded at run time"
+        None,
+        description="backbone weights from local disk, never downloaded: a timm/torchvision state dict file, an "
+        "avgk checkpoint file, or an avgk run directory (its best checkpoint); the heads start fresh",
     )
     width: int = Field(16, ge=4, description="small_cnn base channel count")
     channels_last: bool = Field(
@@ -157,12 +164,25 @@ class LossConfig(_Section):
         "sum", description="BCE over classes: 'sum' (then mean over batch) or 'mean' over all entries"
     )
     pseudo_warmup_epochs: int = Field(0, ge=0, description="epochs with the multi-label term off")
+    ml_stop_gradient: bool = Field(
+        False,
+        description="two_head: the multi-label head trains on detached features, so its BCE never reaches "
+        "the shared backbone (the backbone learns from the CE alone)",
+    )
+    pseudo_prior_tau: float = Field(
+        0.0,
+        ge=0,
+        description="two_head: pseudo-labels are selected on p(j|x) / pi_j^tau (pi: training class frequencies), "
+        "so the extra positives do not go to frequent classes by default; 0 = the paper's rule",
+    )
     pseudo_labels: Literal["online", "offline"] = Field(
         "online", description="per-batch pseudo-labels, or the global table from `avgk pseudolabel`"
     )
     refresh_epochs: int = Field(1, ge=1, description="offline mode: recompute global pseudo-labels every R epochs")
-    score_head: Literal["multilabel", "softmax"] | None = Field(
-        None, description="head whose scores are thresholded; default: the loss's own"
+    score_head: Literal["multilabel", "softmax", "fused"] | None = Field(
+        None,
+        description="scores thresholded for average-K: a head's own, or 'fused' (two_head: geometric mean of "
+        "the softmax and sigmoid scores); default: the loss's own head",
     )
     reduction: Literal["sum", "mean"] = Field(
         "sum", description="baselines: sum over classes + mean over batch, or mean over all entries"
@@ -194,6 +214,19 @@ class LossConfig(_Section):
             raise ValueError(f"loss.name must be one of {', '.join(sorted(LOSSES))}, got {self.name!r}")
         if self.pseudo_k is not None and self.pseudo_k < 1:
             raise ValueError(f"loss.pseudo_k must be >= 1, got {self.pseudo_k}")
+        two_head_only = {
+            "loss.ml_stop_gradient": self.ml_stop_gradient,
+            "loss.pseudo_prior_tau": self.pseudo_prior_tau,
+            "loss.score_head=fused": self.score_head == "fused",
+        }
+        for key, value in two_head_only.items():
+            if value and self.name != "two_head":
+                raise ValueError(f"{key} applies to loss.name=two_head only, got loss.name={self.name!r}")
+        if self.pseudo_prior_tau and self.pseudo_labels == "offline":
+            raise ValueError(
+                f"loss.pseudo_prior_tau={self.pseudo_prior_tau} applies to online pseudo-labels only, "
+                "got loss.pseudo_labels='offline'"
+            )
         if self.pseudo_labels == "offline" and self.name != "two_head":
             raise ValueError(
                 "loss.pseudo_labels=offline needs loss.name=two_head (the loss that takes pseudo-labels), "
@@ -211,14 +244,24 @@ class LossConfig(_Section):
         return self.k if self.pseudo_k is None else self.pseudo_k
 
 
+class LrScaleConfig(_Section):
+    """Learning-rate multipliers per parameter group (times train.lr and its schedule)."""
+
+    backbone: float = Field(1.0, ge=0, description="shared feature extractor (0 freezes it)")
+    softmax: float = Field(1.0, gt=0, description="softmax (cross-entropy) head")
+    multilabel: float = Field(1.0, gt=0, description="multi-label (sigmoid) head")
+
+
 class TrainConfig(_Section):
     """Optimisation and distribution."""
 
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(128, ge=1, description="GLOBAL batch size, split evenly over num_workers")
     lr: float = Field(0.1, gt=0, description="peak learning rate")
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum, or AdamW (decoupled decay)")
+    lr_scale: LrScaleConfig = Field(default_factory=LrScaleConfig)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw: moment decay rates, each in [0, 1)")
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="per-step lr schedule")
@@ -239,6 +282,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must both lie in [0, 1), got {list(self.betas)}")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})"

@@ -30,9 +30,9 @@ from avgk.data.transforms import build_transform, normalize_batch
 from avgk.losses import Loss, build_loss, head_scores, score_head_for
 from avgk.metrics import SetMetrics, format_k
 from avgk.models import build_model
+from avgk.runs import CHECKPOINT_FILE
 from avgk.thresholds import StreamingThresholds
 
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # ---------------------------------------------------------------- reporting hooks
@@ -110,14 +110,23 @@ def lr_factor(*, step: int, steps_per_epoch: int, config: Config) -> float:
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """SGD or AdamW over one group per (backbone | head) x (decayed | not), each at train.lr times
+    its train.lr_scale multiplier; the schedule then scales every group alike."""
     t = config.train
-    # No weight decay on norms and biases (the usual recipe; decaying BN scales hurts small nets).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for name, params in unwrap(model).parameter_groups().items():
+        lr = t.lr * getattr(t.lr_scale, name)
+        # No weight decay on norms and biases (the usual recipe; decaying BN scales hurts small nets).
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [
+            {"params": decay, "weight_decay": t.weight_decay, "lr": lr, "name": f"{name}.decay"},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": f"{name}.no_decay"},
+        ]
+    groups = [g for g in groups if g["params"]]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
-    return torch.optim.AdamW(groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
 
 
 def build_parts(
@@ -135,9 +144,12 @@ def build_parts(
     if loss_config.role_table_device == "memmap" and dist.world_size() > 1:
         # Each rank keeps its own copy of the table; they must not share one file.
         loss_config = loss_config.model_copy(update={"role_table_path": f"{loss_config.role_table_path}.rank{dist.rank()}"})
-    loss = build_loss(loss_config, num_classes=num_classes, num_train=train_info.num_samples)
+    loss = build_loss(
+        loss_config, num_classes=num_classes, num_train=train_info.num_samples, class_counts=train_info.class_counts
+    )
     score_head = score_head_for(config.loss)
-    model = build_model(config.model, num_classes=num_classes, heads=loss.heads).to(device)
+    detached = ("multilabel",) if config.loss.ml_stop_gradient else ()
+    model = build_model(config.model, num_classes=num_classes, heads=loss.heads, detached_heads=detached).to(device)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss = loss.to(device)
@@ -478,7 +490,7 @@ def checkpoint_state(parts: Parts, *, epoch: int, best: float, history: list[dic
         "scaler": scaler.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": numpy_rng_state(),
             "python": random.getstate(),
         },
         "config": parts.config.to_dict(),
@@ -486,14 +498,38 @@ def checkpoint_state(parts: Parts, *, epoch: int, best: float, history: list[dic
     }
 
 
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and plain values, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+
+
+def load_checkpoint_bytes(source: str | Path | io.BytesIO, *, name: str) -> dict:
+    """An avgk checkpoint, loaded with weights_only=True: tensors and plain data only, so a crafted
+    file cannot run code. Anything else fails in one line naming the file."""
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same one-line answer
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{name} is not an avgk checkpoint that loads safely (weights only): {detail}") from None
+    if not isinstance(state, dict) or not {"model", "config", "num_classes"} <= set(state):
+        raise ValueError(f"{name} is not an avgk checkpoint: it lacks model, config and num_classes")
+    return state
+
+
 def load_checkpoint_file(path: str | Path) -> dict:
-    # weights_only=False: the file holds RNG states and history written by this code, not foreign input.
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    return load_checkpoint_bytes(Path(path), name=str(path))
 
 
 def load_checkpoint_file_uri(uri: str) -> dict:
     """load_checkpoint_file for a run-directory URI (local path or pyarrow filesystem)."""
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+    return load_checkpoint_bytes(io.BytesIO(storage.read_bytes(uri)), name=uri)
 
 
 def restore(parts: Parts, state: dict, scaler) -> None:
@@ -503,7 +539,7 @@ def restore(parts: Parts, state: dict, scaler) -> None:
     parts.scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
+    set_numpy_rng_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
 
 
@@ -562,7 +598,9 @@ def fit(
             num_workers=config.data.loader_workers,
             epoch=epoch,
             seed=config.train.seed,
-            transform=build_transform(train=True, resize=config.data.resize, crop=config.data.crop),
+            transform=build_transform(
+                train=True, resize=config.data.resize, crop=config.data.crop, hflip=config.data.hflip
+            ),
             normalize=normalize_in_loader(parts.device),
             num_batches=parts.steps_per_epoch,
             shuffle_buffer=config.data.shuffle_buffer,

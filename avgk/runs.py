@@ -6,7 +6,9 @@ import pyarrow.fs as pafs
 
 from avgk import storage
 from avgk.config import Config
-from avgk.engine import CHECKPOINT_FILE
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""An avgk checkpoint's file name in <run_dir>/best/, Ray Train checkpoint_* folders and checkpoints/latest/."""
 
 
 def _run_dir_error(run_dir: str) -> FileNotFoundError:

@@ -108,8 +108,16 @@ def log_evaluation(uri: str, run_id: str, evaluation: engine.Evaluation, *, run_
 
 
 def ensure_shards(config: Config) -> None:
-    """Synthetic data is generated on first use; real sources must have been prepared."""
-    if config.data.source == "synthetic":
+    """Synthetic data is generated on first use; real sources must have been prepared.
+
+    A folder that already holds a prepared data set is used as it is, whatever data.source says:
+    its manifest says what the shards are, and training never writes over its input.
+    """
+    try:
+        existing = read_manifest(config.data.shards)
+    except FileNotFoundError:
+        existing = None
+    if config.data.source == "synthetic" and (existing is None or existing.source == "synthetic"):
         prepare(config)
     manifest = read_manifest(config.data.shards)
     config.validate_num_classes(manifest.num_classes)

@@ -131,7 +131,12 @@ def read_manifest(shards_dir: str | os.PathLike) -> Manifest:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(_missing_data_message(path))
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the manifest is corrupt; prepare the data again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}: prepare the data again")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version must be {FORMAT_VERSION}, got {version!r}")
@@ -378,6 +383,27 @@ def _encode_png(image_HWC: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: "Manifest | None") -> None:
+    """Synthetic data is written only into a missing or empty folder, or over avgk's own synthetic
+    data set: anything else (a prepared real data set, a user's files) is never overwritten."""
+    folder = Path(shards_dir)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"data.shards={str(shards_dir)!r} is a file, not a folder: refusing to write synthetic data there")
+    if existing is not None and existing.source == "synthetic":
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    what = (f"a prepared {existing.source!r} data set ({existing.num_classes} classes)" if existing is not None
+            else f"files that are not avgk's synthetic data ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+    raise ValueError(
+        f"data.shards={str(shards_dir)!r} holds {what}: refusing to overwrite it with synthetic data; "
+        "train on it as it is (its manifest says what it holds), or choose an empty folder"
+    )
+
+
 def write_synthetic_shards(
     *,
     shards_dir: str | os.PathLike,
@@ -422,6 +448,7 @@ def write_synthetic_shards(
         and all(Path(url).is_file() for name in existing.splits for url in existing.shard_urls(name))
     ):
         return existing
+    refuse_foreign_folder(shards_dir, existing)
 
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     entries = {}

@@ -92,12 +92,13 @@ def build_transform(
     crop: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    hflip: bool = True,
 ) -> ImageTransform:
     """Build a callable mapping a PIL image to a float32 3 x crop x crop tensor, normalised by mean/std.
 
-    train, crop >= 64: RandomResizedCrop(crop, scale=(0.35, 1)) + horizontal flip
+    train, crop >= 64: RandomResizedCrop(crop, scale=(0.35, 1)) + horizontal flip (if hflip)
     (`resize` is then unused: the random crop is resized straight to `crop`).
-    train, crop < 64:  Resize(resize) + RandomCrop(crop, padding=crop // 8) + horizontal flip.
+    train, crop < 64:  Resize(resize) + RandomCrop(crop, padding=crop // 8) + horizontal flip (if hflip).
     eval:              Resize(resize) (shorter side) + CenterCrop(crop).
     """
     if int(resize) != resize or resize < 1:
@@ -111,14 +112,11 @@ def build_transform(
     if min(std) <= 0:
         raise ValueError(f"std values must be > 0, got {tuple(std)}")
 
+    flip = [v2.RandomHorizontalFlip()] if hflip else []
     if train and crop >= SMALL_IMAGE_CROP:
-        geometry = [v2.RandomResizedCrop(crop, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        geometry = [v2.RandomResizedCrop(crop, scale=(0.35, 1.0), antialias=True), *flip]
     elif train:
-        geometry = [
-            v2.Resize(resize, antialias=True),
-            v2.RandomCrop(crop, padding=max(1, crop // 8)),
-            v2.RandomHorizontalFlip(),
-        ]
+        geometry = [v2.Resize(resize, antialias=True), v2.RandomCrop(crop, padding=max(1, crop // 8)), *flip]
     else:
         geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
     return ImageTransform(

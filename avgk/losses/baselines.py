@@ -305,7 +305,7 @@ class AnLoss(SinglePositiveLoss):
     """Assume negative (Cole et al. 2021)."""
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int) -> "AnLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "AnLoss":
         return cls(reduction=config.reduction)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -321,7 +321,7 @@ class AnLsLoss(SinglePositiveLoss):
         self.eps = _check_eps(eps)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int) -> "AnLsLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "AnLsLoss":
         return cls(reduction=config.reduction, eps=config.eps)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -337,7 +337,7 @@ class WanLoss(SinglePositiveLoss):
         _check_num_classes(num_classes)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int) -> "WanLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "WanLoss":
         return cls(reduction=config.reduction, num_classes=num_classes)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -356,7 +356,7 @@ class EprLoss(SinglePositiveLoss):
         self.k = _check_k(k, _check_num_classes(num_classes))
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int) -> "EprLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "EprLoss":
         return cls(reduction=config.reduction, k=config.k, num_classes=num_classes)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -372,7 +372,7 @@ class EmLoss(SinglePositiveLoss):
         self.alpha = _check_nonnegative("alpha", alpha)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int) -> "EmLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "EmLoss":
         return cls(reduction=config.reduction, alpha=config.alpha)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -403,7 +403,7 @@ class EmAplLoss(SinglePositiveLoss):
         self.neg_proportion = _check_proportion(neg_proportion)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int) -> "EmAplLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "EmAplLoss":
         return cls(
             reduction=config.reduction,
             alpha=config.alpha,
@@ -493,7 +493,7 @@ class RoleLoss(SinglePositiveLoss):
         self.register_buffer("seen_N", torch.zeros(num_train, dtype=torch.bool), persistent=True)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int) -> "RoleLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "RoleLoss":
         return cls(
             reduction=config.reduction,
             k=config.k,
