@@ -25,10 +25,13 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+# Each verb validates its config before importing torch or Ray, so a config error answers at once.
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    config = _config(args)
     from pipelines.prepare import prepare
 
-    config = _config(args)
     manifest = prepare(config)
     counts = ", ".join(f"{split} {info.num_samples}" for split, info in manifest.splits.items())
     print(f"shards ready in {config.data.shards}: {manifest.num_classes} classes; {counts}")
@@ -36,10 +39,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = _config(args)
     from pipelines.report import format_summary
     from pipelines.train import run_training
 
-    config = _config(args)
     evaluation = run_training(config)
     print(f"run directory: {config.run_dir}")
     if evaluation is not None:
@@ -48,19 +51,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    config = _config(args)
     from pipelines.calibrate import run_evaluate
     from pipelines.report import format_summary
 
-    config = _config(args)
     evaluation = run_evaluate(config, run=args.run, checkpoint=args.checkpoint)
     print(format_summary({config.loss.name: evaluation.metrics}))
     return 0
 
 
 def cmd_pseudolabel(args: argparse.Namespace) -> int:
+    config = _config(args)
     from pipelines.pseudolabel import run_pseudolabel
 
-    run_pseudolabel(_config(args), run=args.run, checkpoint=args.checkpoint)
+    run_pseudolabel(config, run=args.run, checkpoint=args.checkpoint)
     return 0
 
 
@@ -106,6 +110,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    load_config(None, args.overrides)  # fail fast, before torch and Ray are imported
     from pipelines.demo import run_demo
 
     run_demo(args.overrides)

@@ -6,7 +6,7 @@ import time
 
 from avgk import tracking
 from avgk.config import load_config
-from pipelines.report import format_summary
+from pipelines.report import format_summary, verdict
 from pipelines.train import run_training
 
 METHODS = ("two_head", "ce")
@@ -26,6 +26,7 @@ def run_demo(overrides: list[str] | None = None) -> dict[str, dict]:
         documents[method] = evaluation.metrics
     print(f"\n=== test set, thresholds calibrated on val ({time.perf_counter() - start:.0f} s) ===")
     print(format_summary(documents))
+    print("\n" + verdict(documents, method=METHODS[0], reference=METHODS[1], k=base.loss.k))
     if base.tracking.enabled:
         uri = tracking.tracking_uri(base)
         print(f"\nruns in {base.run.storage}/; MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")

@@ -32,6 +32,26 @@ def format_summary(documents: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def verdict(documents: Mapping[str, Mapping[str, Any]], *, method: str, reference: str, k: float,
+            where: str = "docs/RESULTS.md") -> str:
+    """One plain sentence: which of two runs wins at K on test avg-K accuracy, by how much, and the
+    macro (per-class) figure beside it; where the full study is."""
+    key = str(int(k)) if float(k).is_integer() else str(k)
+    tests = {name: documents[name]["test"] for name in (method, reference)}
+    acc = {name: 100 * t["avg_k_accuracy"][key] for name, t in tests.items()}
+    macro = {name: 100 * t["macro_avg_k_accuracy"][key] for name, t in tests.items()}
+    gap, macro_gap = acc[method] - acc[reference], macro[method] - macro[reference]
+    if abs(gap) < 0.5:
+        lead = f"{method} and {reference} tie at avg-{key} ({acc[method]:.1f}% and {acc[reference]:.1f}%)"
+    else:
+        winner, loser = (method, reference) if gap > 0 else (reference, method)
+        lead = (f"{winner} wins at avg-{key}: {acc[winner]:.1f}% against {acc[loser]:.1f}% for {loser} "
+                f"({abs(gap):.1f} points)")
+    return (f"On this data and run, {lead}; macro avg-{key} {macro[method]:.1f}% against {macro[reference]:.1f}% "
+            f"({macro_gap:+.1f} points for {method}). One seed of one regime: the study over regimes, "
+            f"seeds and tuned recipes is in {where}.")
+
+
 def _md_pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 

@@ -8,7 +8,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from avgk.config import LossConfig
+from avgk.config import LOSS_NAMES, LossConfig
 
 
 @dataclass
@@ -51,6 +51,7 @@ LOSSES: dict[str, LossBuilder] = {}
 def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
     def wrap(builder: LossBuilder) -> LossBuilder:
         assert name not in LOSSES, f"loss {name!r} registered twice"
+        assert name in LOSS_NAMES, f"loss {name!r}: add its name to avgk.config.LOSS_NAMES"
         LOSSES[name] = builder
         return builder
 

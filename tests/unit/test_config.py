@@ -68,3 +68,27 @@ def test_real_sources_validate_k_against_manifest_classes():
     config = build_config({"data": {"source": "imagefolder", "root": "/x"}, "eval": {"ks": [1, 5]}})
     with pytest.raises(ValueError, match="K must be < number of classes 4, got 5"):
         config.validate_num_classes(4)
+
+
+def test_the_config_knows_every_registered_loss_and_no_other():
+    from avgk.config import LOSS_NAMES
+    from avgk.losses import LOSSES
+
+    assert sorted(LOSS_NAMES) == sorted(LOSSES)
+
+
+def test_a_config_error_needs_neither_torch_nor_ray(tmp_path):
+    """Config errors answer at once: the CLI validates before it imports the heavy libraries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipelines import cli\n"
+        "rc = cli.main(['train', 'configs/smoke.yaml', 'loss.k=40'])\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules)\n"
+        "print(rc, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+    assert "loss.k must be < number of classes 20, got 40.0" in out.stderr

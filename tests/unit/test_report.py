@@ -132,3 +132,21 @@ def test_cli_report_writes_a_row_per_run(tmp_path, capsys):
 def test_cli_report_missing_run_is_one_error_line(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("avgk: error: no metrics.json in run directory")
+
+
+@pytest.mark.parametrize(
+    "shift, expected",
+    [
+        (0.05, "two_head wins at avg-2: 55.0% against 50.0% for ce (5.0 points)"),
+        (-0.10, "ce wins at avg-2: 50.0% against 40.0% for two_head (10.0 points)"),
+        (0.002, "two_head and ce tie at avg-2 (50.2% and 50.0%)"),
+    ],
+)
+def test_the_demo_verdict_says_who_wins_by_how_much_and_where_the_study_is(shift, expected):
+    from pipelines.report import verdict
+
+    documents = {"two_head": fake_metrics(shift), "ce": fake_metrics(0.0)}
+    sentence = verdict(documents, method="two_head", reference="ce", k=2)
+    assert expected in sentence
+    assert f"({100 * shift:+.1f} points for two_head)" in sentence
+    assert sentence.endswith("is in docs/RESULTS.md.")
