@@ -166,7 +166,9 @@ class LossConfig(_Section):
     pseudo_k: float | None = Field(None, description="K_pl of the pseudo-label rule; default: k; must be >= 1")
     ml_weight: float = Field(1.0, ge=0, description="mu: weight of the multi-label BCE term")
     ml_reduction: Literal["sum", "mean"] = Field(
-        "sum", description="BCE over classes: 'sum' (then mean over batch) or 'mean' over all entries"
+        "mean",
+        description="BCE over classes: 'mean' over the L classes (then over the batch), or 'sum' over classes "
+        "(the backbone then gets a BCE gradient up to L times the CE's)",
     )
     pseudo_warmup_epochs: int = Field(0, ge=0, description="epochs with the multi-label term off")
     ml_stop_gradient: bool = Field(
@@ -247,12 +249,25 @@ class LossConfig(_Section):
         return self.k if self.pseudo_k is None else self.pseudo_k
 
 
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 2e-3, "weight_decay": 0.05}, "sgd": {"lr": 0.05, "weight_decay": 5e-4}}
+"""train.lr and train.weight_decay when a config leaves them out, by optimizer."""
+
+TWO_HEAD_ML_LR_SCALE = 10.0
+"""train.lr_scale.multilabel when left out and loss.name=two_head: with the BCE averaged over classes
+the multi-label head needs a faster learning rate than the backbone (docs/RESULTS.md, the recipe)."""
+
+
 class LrScaleConfig(_Section):
     """Learning-rate multipliers per parameter group (times train.lr and its schedule)."""
 
     backbone: float = Field(1.0, ge=0, description="shared feature extractor (0 freezes it)")
     softmax: float = Field(1.0, gt=0, description="softmax (cross-entropy) head")
-    multilabel: float = Field(1.0, gt=0, description="multi-label (sigmoid) head")
+    multilabel: float | None = Field(
+        None,
+        gt=0,
+        description=f"multi-label (sigmoid) head; default: {TWO_HEAD_ML_LR_SCALE:g} with loss.name=two_head, else 1 "
+        "(the single-head losses train this head alone)",
+    )
 
 
 class TrainConfig(_Section):
@@ -260,17 +275,21 @@ class TrainConfig(_Section):
 
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(128, ge=1, description="GLOBAL batch size, split evenly over num_workers")
-    lr: float = Field(0.1, gt=0, description="peak learning rate")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum, or AdamW (decoupled decay)")
+    lr: float = Field(
+        None, gt=0, description="peak learning rate; default by optimizer: adamw 2e-3, sgd 0.05"  # type: ignore[arg-type]
+    )
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="AdamW (decoupled decay), or SGD with momentum")
     lr_scale: LrScaleConfig = Field(default_factory=LrScaleConfig)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw: moment decay rates, each in [0, 1)")
     nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(
+        None, ge=0, description="default by optimizer: adamw 0.05, sgd 5e-4 (never on biases and norms)"  # type: ignore[arg-type]
+    )
     schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="per-step lr schedule")
     milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length, epochs (fractions allowed)")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up length, epochs (fractions allowed)")
     grad_clip: float | None = Field(None, gt=0, description="clip global grad norm to this")
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype (GPU; bf16 also on CPU)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
@@ -282,6 +301,15 @@ class TrainConfig(_Section):
     seed: int = 0
     max_failures: int = Field(0, ge=-1, description="Ray Train worker-failure restarts (-1 = unlimited)")
     log_every: int = Field(20, ge=1, description="print progress every N steps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _optimizer_defaults(cls, data: Any) -> Any:
+        """lr and weight decay left out (or null) take the optimizer's defaults, written into the config."""
+        if isinstance(data, dict):
+            defaults = OPTIMIZER_DEFAULTS.get(data.get("optimizer", "adamw"), {})
+            data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -401,6 +429,14 @@ class Config(_Section):
             raise ValueError(f"loss.k must be < number of classes {num_classes}, got {self.loss.k}")
         if self.loss.effective_pseudo_k >= num_classes:
             raise ValueError(f"loss.pseudo_k must be < number of classes {num_classes}, got {self.loss.effective_pseudo_k}")
+
+    @property
+    def multilabel_lr_scale(self) -> float:
+        """train.lr_scale.multilabel, or its default for the loss."""
+        scale = self.train.lr_scale.multilabel
+        if scale is not None:
+            return scale
+        return TWO_HEAD_ML_LR_SCALE if self.loss.name == "two_head" else 1.0
 
     @property
     def run_dir(self) -> str:

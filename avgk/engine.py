@@ -115,7 +115,7 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     t = config.train
     groups = []
     for name, params in unwrap(model).parameter_groups().items():
-        lr = t.lr * getattr(t.lr_scale, name)
+        lr = t.lr * (config.multilabel_lr_scale if name == "multilabel" else getattr(t.lr_scale, name))
         # No weight decay on norms and biases (the usual recipe; decaying BN scales hurts small nets).
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]

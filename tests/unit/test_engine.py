@@ -24,11 +24,12 @@ def smoke(smoke_shards, tmp_path, *overrides):
     "overrides, step, expected",
     [
         (["train.schedule=constant", "train.warmup_epochs=1"], 4, 0.5),  # 10 steps/epoch: (4+1)/10
-        (["train.schedule=constant"], 7, 1.0),
-        (["train.schedule=step", "train.milestones=[1, 2]", "train.epochs=3"], 15, 0.1),
-        (["train.schedule=step", "train.milestones=[1, 2]", "train.epochs=3"], 25, 0.01),
-        (["train.schedule=cosine", "train.epochs=2"], 10, 0.5),
-        (["train.schedule=cosine", "train.epochs=2"], 20, 0.0),
+        (["train.schedule=constant", "train.warmup_epochs=0"], 7, 1.0),
+        (["train.schedule=step", "train.milestones=[1, 2]", "train.epochs=3", "train.warmup_epochs=0"], 15, 0.1),
+        (["train.schedule=step", "train.milestones=[1, 2]", "train.epochs=3", "train.warmup_epochs=0"], 25, 0.01),
+        (["train.schedule=cosine", "train.epochs=2", "train.warmup_epochs=0"], 10, 0.5),
+        (["train.schedule=cosine", "train.epochs=2", "train.warmup_epochs=0"], 20, 0.0),
+        (["train.schedule=cosine", "train.epochs=3"], 20, 0.5),  # the default 1-epoch warm-up, then cosine
     ],
 )
 def test_lr_schedules(overrides, step, expected):
