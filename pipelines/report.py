@@ -48,8 +48,8 @@ def verdict(documents: Mapping[str, Mapping[str, Any]], *, method: str, referenc
         lead = (f"{winner} wins at avg-{key}: {acc[winner]:.1f}% against {acc[loser]:.1f}% for {loser} "
                 f"({abs(gap):.1f} points)")
     return (f"On this data and run, {lead}; macro avg-{key} {macro[method]:.1f}% against {macro[reference]:.1f}% "
-            f"({macro_gap:+.1f} points for {method}). One seed of one regime: the study over regimes, "
-            f"seeds and tuned recipes is in {where}.")
+            f"({macro_gap:+.1f} points for {method}). That is one seed of one short run: measurements over "
+            f"seeds, data sets and recipes are in {where}.")
 
 
 def _md_pct(value: float | None) -> str:

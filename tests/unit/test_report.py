@@ -149,4 +149,4 @@ def test_the_demo_verdict_says_who_wins_by_how_much_and_where_the_study_is(shift
     sentence = verdict(documents, method="two_head", reference="ce", k=2)
     assert expected in sentence
     assert f"({100 * shift:+.1f} points for two_head)" in sentence
-    assert sentence.endswith("is in docs/RESULTS.md.")
+    assert sentence.endswith("are in docs/RESULTS.md.")
