@@ -266,7 +266,8 @@ class LrScaleConfig(_Section):
         None,
         gt=0,
         description=f"multi-label (sigmoid) head; default: {TWO_HEAD_ML_LR_SCALE:g} with loss.name=two_head, else 1 "
-        "(the single-head losses train this head alone)",
+        "(the single-head losses train this head alone); the default was measured with AdamW only: with SGD "
+        "and loss.ml_reduction=mean the head needs about L x (docs/RESULTS.md)",
     )
 
 

@@ -34,7 +34,6 @@ from avgk.runs import CHECKPOINT_FILE
 from avgk.thresholds import StreamingThresholds
 
 
-
 # ---------------------------------------------------------------- reporting hooks
 
 
