@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 
 class SyntheticConfig(_Section):
-    """The built-in procedural data set (METHOD.md: known posterior, long tail, ambiguity)."""
+    """The built-in procedural data set (docs/METHOD.md: known posterior, long tail, ambiguity)."""
 
     num_classes: int = Field(100, ge=2, description="number of classes L")
     num_train: int = Field(12000, ge=1, description="training images")
@@ -132,7 +132,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Backbone and the two heads (METHOD.md section 3)."""
+    """Backbone and the two heads (docs/METHOD.md section 3)."""
 
     backbone: str = Field(
         "small_cnn",
@@ -300,7 +300,11 @@ class TrainConfig(_Section):
         default_factory=dict, description="more Ray resources per worker, e.g. a custom node resource to pin workers"
     )
     seed: int = 0
-    max_failures: int = Field(0, ge=-1, description="Ray Train worker-failure restarts (-1 = unlimited)")
+    max_failures: int = Field(
+        2, ge=-1,
+        description="Ray Train restarts after a worker dies (a killed rank, a lost node, a dead DataLoader "
+        "worker), each from the last checkpoint; -1 = unlimited, 0 = fail at once",
+    )
     log_every: int = Field(20, ge=1, description="print progress every N steps")
 
     @model_validator(mode="before")
@@ -334,6 +338,11 @@ class EvalConfig(_Section):
     ks: list[float] = Field(default_factory=lambda: [1, 2, 3, 5, 10], min_length=1)
     freq_bins: tuple[int, int] = Field((20, 100), description="few < a <= medium <= b < many (train counts)")
     batch_size: int = Field(256, ge=1)
+    strict: bool = Field(
+        True,
+        description="an evaluation that reads fewer samples than the manifest lists (truncated shard, broken or "
+        "unlabelled sample) fails; false: it scores what it read and records the counts in metrics.json",
+    )
     checkpoint: Literal["best", "last"] = Field("best", description="checkpoint evaluated at the end")
     num_actors: int | None = Field(
         None, ge=1, description="scoring-job actors (evaluate, pseudolabel); default one per GPU, else one per CPU"
@@ -395,6 +404,11 @@ class RunConfig(_Section):
 
     name: str = Field("demo", min_length=1, description="run name: <storage>/<name> is the run directory")
     storage: str = Field("runs", description="local folder or pyarrow filesystem URI (s3://, gs://) holding runs")
+    resume: Literal["auto", "never", "force"] = Field(
+        "auto",
+        description="an existing run directory: auto = resume when its config.yaml matches (else stop, naming "
+        "the differing keys); never = stop; force = resume with this config",
+    )
 
     @field_validator("name")
     @classmethod
@@ -513,6 +527,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory: pass a YAML file (e.g. configs/demo.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -527,3 +543,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_keys(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, description) of every config key, in declaration order."""
+    model = model or Config
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += config_keys(annotation, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if get_origin(annotation) is Literal:
+            kind = "one of " + " | ".join(str(v) for v in get_args(annotation))
+        else:
+            kind = str(annotation).replace("typing.", "") if get_args(annotation) else annotation.__name__
+        rows.append((f"{prefix}{name}", kind, default, field.description or ""))
+    return rows
+

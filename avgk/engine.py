@@ -27,6 +27,7 @@ from avgk import storage
 from avgk.config import Config, save_config
 from avgk.data.shards import eval_loader, num_train_batches, read_manifest, train_loader
 from avgk.data.transforms import build_transform, normalize_batch
+from avgk.accounting import account_samples, shortfall
 from avgk.losses import Loss, build_loss, head_scores, score_head_for
 from avgk.metrics import SetMetrics, format_k
 from avgk.models import build_model
@@ -42,7 +43,9 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
-    def latest_checkpoint_dir(self) -> str | None: ...
+    def latest_checkpoint_state(self) -> dict | None:
+        """The newest reported checkpoint's state (engine.load_checkpoint_file), None on a fresh run."""
+        ...
 
 
 class LocalReporter:
@@ -64,6 +67,10 @@ class LocalReporter:
 
     def latest_checkpoint_dir(self) -> str | None:
         return str(self.dir) if (self.dir / CHECKPOINT_FILE).is_file() else None
+
+    def latest_checkpoint_state(self) -> dict | None:
+        latest = self.latest_checkpoint_dir()
+        return load_checkpoint_file(Path(latest) / CHECKPOINT_FILE) if latest else None
 
 
 # ---------------------------------------------------------------- building blocks
@@ -448,15 +455,22 @@ def validate(parts: Parts) -> dict[str, float]:
 
 
 def final_evaluation(parts: Parts) -> Evaluation:
+    """Val thresholds and test metrics, with each split's sample count checked against the manifest."""
     cfg = parts.config
     with_posterior = parts.manifest.source == "synthetic"
-    val = score_split(parts, "val", with_posterior=with_posterior)
-    test = score_split(parts, "test", with_posterior=with_posterior)
-    return evaluate_scores(
-        val=val, test=test, ks=cfg.eval.ks, num_classes=parts.num_classes,
+    scored = {split: score_split(parts, split, with_posterior=with_posterior) for split in ("val", "test")}
+    counts = dist.all_reduce_sum(np.array([sum(len(c.labels_N) for c in scored[s]) for s in scored], dtype=np.int64))
+    samples = account_samples(
+        read=dict(zip(scored, counts.tolist())), expected={s: parts.manifest.split(s).num_samples for s in scored},
+        strict=cfg.eval.strict, shards=str(cfg.data.shards),
+    )
+    evaluation = evaluate_scores(
+        val=scored["val"], test=scored["test"], ks=cfg.eval.ks, num_classes=parts.num_classes,
         train_class_counts=parts.train_class_counts, freq_bins=cfg.eval.freq_bins,
         score_head=parts.score_head, reduce=dist.all_reduce_sum,
     )
+    evaluation.metrics["samples"] = samples
+    return evaluation
 
 
 def write_evaluation(evaluation: Evaluation, run_dir: str) -> None:
@@ -571,9 +585,8 @@ def fit(
     parts = build_parts(config, device=device, wrap_model=wrap_model)
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp == "fp16")
     start_epoch, best, history = 0, -math.inf, []
-    latest = reporter.latest_checkpoint_dir()
-    if latest:
-        state = load_checkpoint_file(Path(latest) / CHECKPOINT_FILE)
+    state = reporter.latest_checkpoint_state()
+    if state is not None:
         restore(parts, state, scaler)
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         if dist.is_main():
@@ -644,6 +657,9 @@ def fit(
         state = load_checkpoint_file_uri(storage.join(run_dir, "best", CHECKPOINT_FILE))
         unwrap(parts.model).load_state_dict(state["model"])
     evaluation = final_evaluation(parts)
+    short = shortfall(evaluation.metrics["samples"], shards=str(config.data.shards))
+    if short and dist.is_main():
+        log(f"warning: {short} (eval.strict=false: metrics over the samples read)")
     if dist.is_main():
         write_evaluation(evaluation, run_dir)
     dist.barrier()

@@ -219,7 +219,7 @@ class SetMetrics:
         return result
 
     def compute(self) -> dict[str, Any]:
-        """Every metric of METHOD.md section 2 as JSON-ready numbers keyed by format_k(K)."""
+        """Every metric of docs/METHOD.md section 2 as JSON-ready numbers keyed by format_k(K)."""
         num_samples = int(self._state["num_samples_L"].sum())
         if num_samples == 0:
             raise ValueError("compute() needs at least one sample, got num_samples=0")

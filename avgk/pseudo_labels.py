@@ -24,7 +24,7 @@ from avgk.thresholds import StreamingSelector, float_to_key, round_count
 
 
 def num_pseudo_positives(*, batch_size: int, num_classes: int, k: float) -> int:
-    """M = floor(K_pl * B + 1/2), the number of positives in a batch (METHOD.md section 3)."""
+    """M = floor(K_pl * B + 1/2), the number of positives in a batch (docs/METHOD.md section 3)."""
     if not k >= 1:
         raise ValueError(f"pseudo-label K_pl must be >= 1 (every true label is a positive), got {k}")
     m = round_count(n=batch_size, k=k)

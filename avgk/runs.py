@@ -4,11 +4,73 @@ from __future__ import annotations
 
 import pyarrow.fs as pafs
 
+import yaml
+
 from avgk import storage
-from avgk.config import Config
+from avgk.config import Config, ConfigError, flatten
 
 CHECKPOINT_FILE = "checkpoint.pt"
 """An avgk checkpoint's file name in <run_dir>/best/, Ray Train checkpoint_* folders and checkpoints/latest/."""
+
+
+CONFIG_FILE = "config.yaml"
+"""The resolved config a run was trained with, written into its run directory when training starts."""
+
+RESUME_FREE_KEYS = ("run.resume", "train.epochs", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
+                    "data.loader_workers", "tracking.")
+"""Keys a resumed run may change: where and how long it trains, not what it learns (a prefix ends with a dot)."""
+
+
+def _free(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_FREE_KEYS)
+
+
+def config_changes(saved: dict, wanted: dict) -> list[str]:
+    """'key: old -> new' for every differing key of two config trees, except RESUME_FREE_KEYS."""
+    old, new = flatten(saved), flatten(wanted)
+    keys = sorted(k for k in set(old) | set(new) if not _free(k) and old.get(k) != new.get(k))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """Workers do not share the driver's working directory: local paths become absolute."""
+    config = config.model_copy(deep=True)
+    config.data.shards = storage.absolute(config.data.shards)
+    config.run.storage = storage.absolute(config.run.storage)
+    if config.data.root:
+        config.data.root = storage.absolute(config.data.root)
+    if config.model.pretrained:
+        config.model.pretrained = storage.absolute(config.model.pretrained)
+    return config
+
+
+def check_resume(config: Config) -> bool:
+    """Whether the run directory already holds this run (True: resume), by run.resume; a stale run is an error.
+
+    auto: a run whose config.yaml matches `config` (up to RESUME_FREE_KEYS) resumes, a different
+    one stops with the differing keys; never: any existing run stops; force: resume regardless.
+    Paths in `config` must be as the run writes them (absolute: with_absolute_paths).
+    """
+    saved_file = storage.join(config.run_dir, CONFIG_FILE)
+    if not storage.exists(saved_file):
+        return False
+    mode = config.run.resume
+    where = f"run directory {config.run_dir} already holds run {config.run.name!r}"
+    if mode == "never":
+        raise ConfigError(f"run config error: {where} and run.resume=never: choose another run.name or remove that folder")
+    if mode == "force":
+        return True
+    try:
+        saved = yaml.safe_load(storage.read_bytes(saved_file)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"run config error: {saved_file} is not readable YAML ({err.__class__.__name__}); "
+                          "set run.resume=force to resume with this config, or choose another run.name") from None
+    changes = config_changes(saved, config.to_dict())
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ConfigError(f"run config error: {where}, trained with a different config ({shown}): "
+                          "rerun with run.resume=force to continue it with this config, or choose another run.name")
+    return True
 
 
 def _run_dir_error(run_dir: str) -> FileNotFoundError:

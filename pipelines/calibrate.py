@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from avgk import engine, storage, tracking
+from avgk.accounting import account_samples, shortfall
 from avgk.config import Config
 from avgk.data.shards import read_manifest
 from avgk.losses import score_head_for
@@ -30,7 +31,8 @@ from pipelines.score import (
     quiet_ray_data,
     score_dataset,
 )
-from pipelines.train import log_evaluation, with_absolute_paths
+from avgk.runs import with_absolute_paths
+from pipelines.train import log_evaluation
 
 
 def _print(line: str) -> None:
@@ -129,7 +131,7 @@ def run_evaluate(
     head = score_head_for(scoring.config.loss)
     with_posterior = manifest.source == "synthetic"
     log(f"evaluating {scoring.uri} ({head} head) on {config.data.shards}")
-    splits = {}
+    splits, read = {}, {}
     for split in ("val", "test"):
         start = time.perf_counter()
         splits[split] = score_dataset(
@@ -137,14 +139,21 @@ def run_evaluate(
             use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
             gpu_wait_seconds=config.eval.gpu_wait_seconds,
         ).materialize()
-        log(f"scored {split}: {splits[split].count()} samples in {time.perf_counter() - start:.1f} s")
+        read[split] = splits[split].count()
+        log(f"scored {split}: {read[split]} samples in {time.perf_counter() - start:.1f} s")
+    samples = account_samples(read=read, expected={s: manifest.split(s).num_samples for s in read},
+                              strict=config.eval.strict, shards=config.data.shards)
     start = time.perf_counter()
     evaluation = evaluate_datasets(
         val=splits["val"], test=splits["test"], ks=config.eval.ks, num_classes=manifest.num_classes,
         train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
         freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior,
     )
+    evaluation.metrics["samples"] = samples
     log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")
+    short = shortfall(samples, shards=config.data.shards)
+    if short:
+        log(f"warning: {short} (eval.strict=false: metrics over the samples read)")
     engine.write_evaluation(evaluation, run_dir)
     log_to_run(config, run_dir, evaluation, checkpoint=scoring.uri, log=log)
     return evaluation

@@ -38,8 +38,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_before_start(config: Config) -> None:
+    """A stale run directory and the backbone name, before torch and Ray are imported (timm's names import torch)."""
+    from avgk.preflight import check_backbone
+    from avgk.runs import check_resume, with_absolute_paths
+
+    check_resume(with_absolute_paths(config))
+    check_backbone(config.model.backbone)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args)
+    _check_before_start(config)
     from pipelines.report import format_summary
     from pipelines.train import run_training
 
@@ -109,6 +119,32 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """The resolved config a run would use (YAML), or every key with its type, default and description."""
+    import yaml
+
+    from avgk.config import config_keys
+
+    if args.keys:
+        for key, kind, default, description in config_keys():
+            print(f"{key}  ({kind}, default {default!r})\n    {description}" if description else
+                  f"{key}  ({kind}, default {default!r})")
+        return 0
+    print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("avgk")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from avgk import __version__
+
+        return __version__
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     load_config(None, args.overrides)  # fail fast, before torch and Ray are imported
     from pipelines.demo import run_demo
@@ -135,6 +171,7 @@ def _add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avgk", description="Average-K classifiers at cluster scale.")
+    parser.add_argument("--version", action="version", version=f"avgk {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs: list[tuple[str, str, Callable[[argparse.Namespace], int], bool]] = [
         ("prepare", "convert data.source into WebDataset shards + manifest at data.shards", cmd_prepare, False),
@@ -196,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="key=value: config keys (train.epochs=3) change the base config, the others the study "
                             "(seeds=[0], max_concurrent=1)")
     study.set_defaults(func=cmd_study)
+    config_help = "print the resolved config a run would use (YAML) and exit; --keys: every key, its type and default"
+    config = sub.add_parser("config", help=config_help, description=config_help)
+    _add_config_args(config, optional=True)
+    config.add_argument("--keys", action="store_true", help="list every config key with type, default and description")
+    config.set_defaults(func=cmd_config)
     demo = sub.add_parser(
         "demo",
         help="the embedded default end to end: synthetic data, two-head vs CE on Ray, MLflow",

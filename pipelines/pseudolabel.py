@@ -1,4 +1,4 @@
-"""Global pseudo-labels (METHOD.md section 3, "at scale"): the `avgk pseudolabel` Ray job and the in-training refresh.
+"""Global pseudo-labels (docs/METHOD.md section 3, "at scale"): the `avgk pseudolabel` Ray job and the in-training refresh.
 
 Both score the training split with the softmax head, force every true label to +inf and
 keep exactly M = round(K_pl * N) entries of the N x L matrix with avgk.pseudo_labels'

@@ -129,7 +129,7 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
 
     from pipelines import ray_env
     from pipelines.prepare import prepare
-    from pipelines.train import with_absolute_paths
+    from avgk.runs import with_absolute_paths
 
     cells = [Cell(c.method, c.ambiguity, c.seed, with_absolute_paths(c.config)) for c in cells]
     root = Path(study_root(study, with_absolute_paths(base)))

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,15 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from avgk import engine, storage, tracking
-from avgk.config import Config
+from avgk import engine, preflight, storage, tracking
+from avgk.config import Config, ConfigError
 from avgk.data.shards import read_manifest
 from pipelines import ray_env
 from pipelines.prepare import prepare
 from pipelines.predict import log_pyfunc_model
 from pipelines.pseudolabel import OfflinePseudoLabels
 from pipelines.report import log_run_plots
-from avgk.runs import resolve_checkpoint
+from avgk.runs import CHECKPOINT_FILE, check_resume, resolve_checkpoint, with_absolute_paths
 
 
 class RayReporter:
@@ -32,9 +33,17 @@ class RayReporter:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    def latest_checkpoint_dir(self) -> str | None:
+    def latest_checkpoint_state(self) -> dict | None:
+        # Each rank downloads into its own folder and removes it: Checkpoint.to_directory()
+        # without a path shares one folder per checkpoint between the ranks of a node, where one
+        # rank's download overwrote the file another was reading after a driver kill.
         checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint else None
+        if checkpoint is None:
+            return None
+        rank = ray.train.get_context().get_world_rank()
+        with tempfile.TemporaryDirectory(prefix=f"avgk-restore-rank{rank}-") as folder:
+            checkpoint.to_directory(folder)
+            return engine.load_checkpoint_file(Path(folder) / CHECKPOINT_FILE)
 
 
 def _console(line: str) -> None:
@@ -111,7 +120,8 @@ def ensure_shards(config: Config) -> None:
     """Synthetic data is generated on first use; real sources must have been prepared.
 
     A folder that already holds a prepared data set is used as it is, whatever data.source says:
-    its manifest says what the shards are, and training never writes over its input.
+    its manifest says what the shards are, and training never writes over its input. The
+    config is then checked against the manifest (preflight.check_data).
     """
     try:
         existing = read_manifest(config.data.shards)
@@ -119,8 +129,27 @@ def ensure_shards(config: Config) -> None:
         existing = None
     if config.data.source == "synthetic" and (existing is None or existing.source == "synthetic"):
         prepare(config)
-    manifest = read_manifest(config.data.shards)
-    config.validate_num_classes(manifest.num_classes)
+    preflight.check_data(config, read_manifest(config.data.shards))
+
+
+def check_before_start(config: Config) -> None:
+    """The checks that need neither data nor Ray: a stale run directory, the backbone, the tracking server."""
+    check_resume(config)
+    preflight.check_backbone(config.model.backbone)
+    if config.tracking.enabled:
+        preflight.check_reachable(tracking.tracking_uri(config))
+
+
+def check_resources(config: Config) -> None:
+    """GPUs asked for must exist in the cluster now: Ray Train would otherwise wait for them without end."""
+    if not config.train.use_gpu:
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < config.train.num_workers:
+        raise ConfigError(
+            f"config error: train.use_gpu=true with train.num_workers={config.train.num_workers} needs that many GPUs, "
+            f"the Ray cluster has {gpus:g}: set train.use_gpu=false, or run on a cluster with GPUs"
+        )
 
 
 def build_trainer(
@@ -153,23 +182,13 @@ def build_trainer(
     )
 
 
-def with_absolute_paths(config: Config) -> Config:
-    """Workers do not share the driver's working directory: local paths become absolute."""
-    config = config.model_copy(deep=True)
-    config.data.shards = storage.absolute(config.data.shards)
-    config.run.storage = storage.absolute(config.run.storage)
-    if config.data.root:
-        config.data.root = storage.absolute(config.data.root)
-    if config.model.pretrained:
-        config.model.pretrained = storage.absolute(config.model.pretrained)
-    return config
-
-
 def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
     config = with_absolute_paths(config)
+    check_before_start(config)
     ensure_shards(config)
     ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(config.train.num_workers * config.train.cpus_per_worker)))
+    check_resources(config)
     uri = run_id = None
     if config.tracking.enabled:
         uri = tracking.tracking_uri(config)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from avgk import storage, tracking
+from avgk import preflight, storage, tracking
 from avgk.config import Config
 from avgk.metrics import format_k
 from avgk.sweep_config import SweepConfig, SweepConfigError, config_for
@@ -300,7 +300,8 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
 
     from pipelines import ray_env
     from pipelines.calibrate import run_evaluate
-    from pipelines.train import ensure_shards, with_absolute_paths
+    from avgk.runs import with_absolute_paths
+    from pipelines.train import ensure_shards
 
     base = with_absolute_paths(base)
     scheduler_cfg = sweep.scheduler
@@ -310,6 +311,9 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
             f"sweep config error: scheduler.grace_period={scheduler_cfg.grace_period} must be <= max_t={max_t} "
             "(scheduler.max_t, default train.epochs)"
         )
+    preflight.check_backbone(base.model.backbone)
+    if base.tracking.enabled:
+        preflight.check_reachable(tracking.tracking_uri(base))
     ensure_shards(base)
     paths = SweepPaths(storage.join(base.run.storage, sweep.name))
     # What decides the trials; evaluate_best, max_concurrent_trials and trial_cpus may change on resume.

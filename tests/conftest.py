@@ -43,3 +43,32 @@ def predict_smoke_run(tmp_path_factory) -> tuple[Path, Path]:
 
     shards = prepare_shards(tmp_path_factory.mktemp("predict_data") / "shards")
     return shards, train_smoke_run(shards, tmp_path_factory.mktemp("predict_runs"))
+
+
+_SNAPSHOT = None
+
+
+def pytest_sessionstart(session):
+    global _SNAPSHOT
+    if Path("/proc/self/stat").exists():
+        from tests.helpers.leftovers import Snapshot
+
+        _SNAPSHOT = Snapshot()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the suite if a process it started outlives it (then end that process, so nothing stays)."""
+    if _SNAPSHOT is None:
+        return
+    from tests.helpers.leftovers import kill
+
+    left = _SNAPSHOT.wait_for_exit(grace=15.0)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(left)} process(es) started by the test session outlived it (now killed):"]
+    lines += [f"  pid {pid}: {command[:200]}" for pid, command in sorted(left.items())]
+    if reporter:
+        reporter.write_line("\n".join(lines), red=True)
+    kill(left)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,6 +1,6 @@
 """Single-positive multi-label baselines on one sigmoid head: AN, AN-LS, WAN, EPR, ROLE, EM, EM+APL.
 
-METHOD.md section 4. Each image has one observed positive (its label) and L - 1 unobserved
+docs/METHOD.md section 4. Each image has one observed positive (its label) and L - 1 unobserved
 entries. References: Cole et al., "Multi-label learning from single positive labels" (CVPR
 2021: AN, AN-LS, WAN, EPR, ROLE) and Zhou et al., "Acknowledging the unknown for multi-label
 learning with single positive labels" (ECCV 2022: EM, APL).

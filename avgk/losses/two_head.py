@@ -58,7 +58,7 @@ class CrossEntropyLoss(Loss):
 
 @register_loss("two_head")
 class TwoHeadLoss(Loss):
-    """L = CE(z_s, y) + mu * BCE(z_m, pseudo-labels from the detached softmax) (METHOD.md section 3)."""
+    """L = CE(z_s, y) + mu * BCE(z_m, pseudo-labels from the detached softmax) (docs/METHOD.md section 3)."""
 
     heads = ("softmax", "multilabel")
     default_score_head = "multilabel"

@@ -161,7 +161,8 @@ def make_stamp_callback(path: str):
 
 
 def run_ray(config, stamps_file: Path) -> dict:
-    from pipelines.train import build_trainer, with_absolute_paths
+    from avgk.runs import with_absolute_paths
+    from pipelines.train import build_trainer
 
     config = with_absolute_paths(config)
     trainer = build_trainer(config, mlflow_run_id=None, tracking_uri=None,

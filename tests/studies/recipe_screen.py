@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+from tests.studies.cells import fit_cell, interval
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "runs" / "recipe-screen"
@@ -114,42 +114,8 @@ def cell_config(data: str, recipe: str, seed: int):
 
 
 def run_cell(args: tuple[str, str, int]) -> dict:
-    import torch
-
-    from avgk import engine
-
-    torch.set_num_threads(1)
     data, recipe, seed = args
-    config = cell_config(data, recipe, seed)
-    run_dir = Path(config.run_dir)
-    done = run_dir / "cell.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log_file:
-        result = engine.fit(config, reporter=engine.LocalReporter(str(run_dir)),
-                            log=lambda line: print(line, file=log_file, flush=True))
-    test = result.evaluation.metrics["test"]
-    history = result.history
-    record = {
-        "data": data, "recipe": recipe, "seed": seed, "seconds": time.perf_counter() - start,
-        "avg2": test["avg_k_accuracy"]["2"], "macro_avg2": test["macro_avg_k_accuracy"]["2"],
-        "avg1": test["avg_k_accuracy"]["1"], "avg3": test["avg_k_accuracy"]["3"],
-        "best_epoch": int(np.argmax([h["val_avg_k_accuracy"] for h in history])) + 1,
-        "val_avg2_by_epoch": [h["val_avg_k_accuracy"] for h in history],
-        "oracle_avg2": test.get("oracle_avg_k_accuracy", {}).get("2"),
-    }
-    done.write_text(json.dumps(record))
-    return record
-
-
-def interval(values: np.ndarray) -> float:
-    """Half-width of the 95% t-interval of the mean (0 for one value)."""
-    from scipy import stats  # noqa: PLC0415 - scipy comes with scikit-learn, a dev dependency
-
-    n = len(values)
-    return 0.0 if n < 2 else float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return fit_cell(cell_config(data, recipe, seed), {"data": data, "recipe": recipe, "seed": seed})
 
 
 REFERENCES = ("ce", "ce_adamw")

@@ -57,7 +57,7 @@ def _epr_reg(p, k):
 
 
 def expected_mean(name, reduction, *, eps=0.1, k=1.5, alpha=0.2, beta=0.7, apl_mask=APL_MASK):
-    """Batch mean of each loss from the METHOD.md formulas, in numpy."""
+    """Batch mean of each loss from the docs/METHOD.md formulas, in numpy."""
     p = _p(Z)
     pos_terms = POS * -np.log(p)
     if name == "an":

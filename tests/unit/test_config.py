@@ -92,3 +92,44 @@ def test_a_config_error_needs_neither_torch_nor_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "2 []", out.stdout + out.stderr
     assert "loss.k must be < number of classes 20, got 40.0" in out.stderr
+
+
+def _avgk(*args, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    out = _avgk("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"avgk {version('avgk')}"
+
+
+def test_avgk_config_prints_the_resolved_config_and_every_key():
+    import yaml
+
+    from avgk.config import Config, load_config
+
+    out = _avgk("config", "configs/smoke.yaml", "train.lr=0.01", "train.optimizer=sgd")
+    assert out.returncode == 0, out.stderr
+    resolved = Config.model_validate(yaml.safe_load(out.stdout))
+    assert resolved == load_config(ROOT / "configs" / "smoke.yaml", ["train.lr=0.01", "train.optimizer=sgd"])
+    assert resolved.train.weight_decay == 5e-4  # the optimizer's own default, as a run would use it
+    keys = _avgk("config", "--keys")
+    listed = {line.split()[0] for line in keys.stdout.splitlines() if line and not line.startswith(" ")}
+    assert set(Config().flat()) <= listed  # (dict-valued keys such as train.extra_resources flatten to nothing)
+    assert "run.resume  (one of auto | never | force, default 'auto')" in keys.stdout
+
+
+def test_a_bad_backbone_stops_before_any_data_ray_or_mlflow(tmp_path):
+    out = _avgk("train", "configs/smoke.yaml", "model.backbone=timm:resnet5", f"run.storage={tmp_path / 'runs'}",
+                f"data.shards={tmp_path / 'shards'}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "avgk: error: config error: model.backbone='timm:resnet5': timm has no model 'resnet5' "
+        "(did you mean resnet50, resnet51q, resnet50t?)"]
+    assert list(tmp_path.iterdir()) == []  # no shards, no run folder, no MLflow store

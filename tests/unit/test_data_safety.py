@@ -38,7 +38,8 @@ def test_training_a_synthetic_config_on_a_prepared_folder_keeps_it_byte_for_byte
     from pipelines.train import ensure_shards
 
     before = tree_digest(prepared_digits)
-    config = load_config(None, [f"data.shards={prepared_digits}", f"run.storage={tmp_path}", "loss.k=2", "eval.ks=[1,2]"])
+    config = load_config(None, [f"data.shards={prepared_digits}", f"run.storage={tmp_path}", "loss.k=2", "eval.ks=[1,2]",
+                                "train.batch_size=16"])
     assert config.data.source == "synthetic"
     ensure_shards(config)
     assert tree_digest(prepared_digits) == before
@@ -73,3 +74,167 @@ def test_a_corrupt_manifest_is_named_in_one_line(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format_version": 1, "classes": ')
     with pytest.raises(ValueError, match=r"manifest.json is not valid JSON .*: the manifest is corrupt"):
         read_manifest(tmp_path)
+
+
+# ---------------------------------------------------------------- every sample accounted for
+
+
+def _truncate_one_test_shard(shards: Path, copy: Path) -> None:
+    """A copy of the shards whose first test shard is cut at half its size (a short read)."""
+    import shutil
+
+    shutil.copytree(shards, copy)
+    shard = copy / read_manifest(copy).split("test").shards[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+
+
+def test_an_evaluation_over_fewer_samples_than_the_manifest_fails_or_is_counted(smoke_shards, tmp_path):
+    from avgk import engine
+    from avgk.accounting import SampleCountError
+    from tests.conftest import ROOT
+
+    _truncate_one_test_shard(smoke_shards, tmp_path / "shards")
+    common = [f"data.shards={tmp_path / 'shards'}", f"run.storage={tmp_path}", "tracking.enabled=false",
+              "train.epochs=1", "data.loader_workers=0"]
+    strict = load_config(ROOT / "configs" / "smoke.yaml", [*common, "run.name=strict"])
+    with pytest.raises(SampleCountError, match=r"split 'test' read \d+ of the manifest's 400 samples.*eval.strict=false"):
+        engine.fit(strict, reporter=engine.LocalReporter(strict.run_dir), log=lambda _: None)
+    assert not (tmp_path / "strict" / "metrics.json").exists()
+    counted = load_config(ROOT / "configs" / "smoke.yaml", [*common, "run.name=counted", "eval.strict=false"])
+    lines: list[str] = []
+    result = engine.fit(counted, reporter=engine.LocalReporter(counted.run_dir), log=lines.append)
+    samples = result.evaluation.metrics["samples"]
+    assert samples["val"] == {"expected": 400, "read": 400, "missing": 0}
+    assert samples["test"]["expected"] == 400 and 0 < samples["test"]["missing"] < 400
+    assert result.evaluation.metrics["test"]["num_samples"] == samples["test"]["read"]
+    assert any(line.startswith("warning:") and "split 'test' read" in line for line in lines)
+
+
+def test_account_samples_names_every_short_split():
+    from avgk.accounting import SampleCountError, account_samples
+
+    ok = account_samples(read={"val": 5, "test": 7}, expected={"val": 5, "test": 7}, strict=True, shards="S")
+    assert ok["test"] == {"expected": 7, "read": 7, "missing": 0}
+    with pytest.raises(SampleCountError, match=r"^data error: S: split 'val' read 4 of the manifest's 5 samples; "
+                                               r"split 'test' read 6 of the manifest's 7 samples"):
+        account_samples(read={"val": 4, "test": 6}, expected={"val": 5, "test": 7}, strict=True, shards="S")
+
+
+# ---------------------------------------------------------------- stale runs: run.resume
+
+
+def _saved_run(tmp_path, *overrides):
+    from avgk.config import save_config
+
+    config = load_config(None, [f"run.storage={tmp_path}", "run.name=r", *overrides])
+    (tmp_path / "r").mkdir(exist_ok=True)
+    save_config(config, tmp_path / "r" / "config.yaml")
+    return config
+
+
+def test_a_rerun_resumes_only_the_same_config_unless_forced(tmp_path):
+    from avgk.config import ConfigError
+    from avgk.runs import check_resume
+
+    fresh = load_config(None, [f"run.storage={tmp_path}", "run.name=r"])
+    assert check_resume(fresh) is False  # no run there yet
+    _saved_run(tmp_path)
+    assert check_resume(fresh) is True
+    longer = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "train.epochs=9", "data.loader_workers=0"])
+    assert check_resume(longer) is True  # how long and where it trains may change, not what it learns
+    changed = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "train.lr=0.01", "loss.k=3"])
+    with pytest.raises(ConfigError, match=r"trained with a different config \(loss.k: 2.0 -> 3.0; train.lr: 0.002 -> 0.01\)"
+                                          r".*run.resume=force"):
+        check_resume(changed)
+    forced = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "train.lr=0.01", "run.resume=force"])
+    assert check_resume(forced) is True
+    never = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "run.resume=never"])
+    with pytest.raises(ConfigError, match="already holds run 'r' and run.resume=never"):
+        check_resume(never)
+
+
+# ---------------------------------------------------------------- fail fast on the driver
+
+
+def _manifest(tmp_path, **overrides):
+    return write_synthetic_shards(shards_dir=tmp_path / "shards", **{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=64"], r"train.batch_size=64 exceeds the 20 training samples of data.shards="),
+    (["loss.k=0.001"], r"loss.k=0.001 selects round\(K x N\) = 0 of the 10 val samples: K x N must be >= 1"),
+    (["eval.ks=[0.01, 2]"], r"eval.ks=0.01 selects round\(K x N\) = 0 of the 10 val samples"),
+    (["train.batch_size=8", "loss.pseudo_k=1.01", "loss.k=1.01"], None),
+    (["eval.ks=[1, 9]"], r"eval.ks: K must be < number of classes 5, got 9"),
+])
+def test_the_config_is_checked_against_the_manifest_before_any_work(tmp_path, overrides, message):
+    from avgk.config import ConfigError
+    from avgk.preflight import check_data
+
+    manifest = _manifest(tmp_path)
+    config = load_config(None, [f"data.shards={tmp_path / 'shards'}", "data.source=imagefolder", "data.root=x",
+                                "train.batch_size=8", "eval.ks=[1, 2]", *overrides])
+    if message is None:
+        check_data(config, manifest)
+        return
+    with pytest.raises(ConfigError, match=message):
+        check_data(config, manifest)
+
+
+def test_a_manifest_without_a_split_is_refused(tmp_path):
+    import dataclasses
+
+    from avgk.config import ConfigError
+    from avgk.preflight import check_data
+
+    manifest = _manifest(tmp_path)
+    manifest = dataclasses.replace(manifest, splits={k: v for k, v in manifest.splits.items() if k != "val"})
+    config = load_config(None, [f"data.shards={tmp_path / 'shards'}", "train.batch_size=8", "data.synthetic.num_classes=5",
+                                "eval.ks=[1,2]"])
+    with pytest.raises(ConfigError, match=r"has no 'val' split \(it has \['test', 'train'\]\)"):
+        check_data(config, manifest)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("small_cnn", None),
+    ("timm:resnet18", None),
+    ("timm:resnet18.a1_in1k", None),  # a pretrained tag: timm's own name check accepts it
+    ("torchvision:resnet18", None),
+    ("timm:resnet5", r"timm has no model 'resnet5' \(did you mean resnet\d+"),
+    ("torchvision:resnet5", r"torchvision has no model 'resnet5' \(did you mean resnet\d+"),
+    ("resnet18", r"must be 'small_cnn', 'timm:<name>' or 'torchvision:<name>'"),
+])
+def test_backbone_names_are_checked_by_each_registry(name, message):
+    from avgk.config import ConfigError
+    from avgk.preflight import check_backbone
+
+    if message is None:
+        check_backbone(name)
+        return
+    with pytest.raises(ConfigError, match=message):
+        check_backbone(name)
+
+
+def test_an_unreachable_tracking_server_is_one_line_at_once():
+    import socket
+    import time
+
+    from avgk.config import ConfigError
+    from avgk.preflight import check_reachable
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"MLflow server at tracking.uri='http://127.0.0.1:{port}' is not reachable"):
+        check_reachable(f"http://127.0.0.1:{port}", timeout=2.0)
+    assert time.perf_counter() - start < 2.5
+    check_reachable("sqlite:///x.db")  # local stores need no server
+
+
+def test_a_directory_passed_as_the_config_is_named(tmp_path):
+    from avgk.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is a directory: pass a YAML file"):
+        load_config(tmp_path)

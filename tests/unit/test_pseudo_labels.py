@@ -1,4 +1,4 @@
-"""The per-batch pseudo-label rule (METHOD.md section 3)."""
+"""The per-batch pseudo-label rule (docs/METHOD.md section 3)."""
 
 import math
 

@@ -1,0 +1,98 @@
+"""Checks a run must pass before any work starts: data written, Ray started or an MLflow run opened.
+
+Everything here runs on the driver in well under a second and raises a ConfigError whose one
+line names the key, the value and the rule; the same problems found on a Ray worker would cost
+a cluster start-up, a run folder and a FAILED MLflow run each.
+"""
+
+from __future__ import annotations
+
+import difflib
+import socket
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from avgk.config import Config, ConfigError
+
+if TYPE_CHECKING:  # avgk.data imports torch; these checks must answer before any heavy import
+    from avgk.data.shards import Manifest
+
+SPLITS = ("train", "val", "test")
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def check_backbone(name: str) -> None:
+    """small_cnn, torchvision:<registered name> or timm:<name>[.<pretrained tag>], by each library's own registry."""
+    if name == "small_cnn":
+        return
+    library, sep, arch = name.partition(":")
+    if not sep or library not in {"timm", "torchvision"} or not arch:
+        raise ConfigError(f"config error: model.backbone={name!r} must be 'small_cnn', 'timm:<name>' or 'torchvision:<name>'")
+    if library == "timm":
+        import timm
+
+        if not timm.is_model(arch):  # accepts pretrained tags: resnet18.a1_in1k
+            raise ConfigError(f"config error: model.backbone={name!r}: timm has no model {arch!r}"
+                              + _suggest(arch.split(".")[0], timm.list_models()))
+        return
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if arch not in known:
+        raise ConfigError(f"config error: model.backbone={name!r}: torchvision has no model {arch!r}" + _suggest(arch, known))
+
+
+def check_data(config: Config, manifest: "Manifest") -> None:
+    """The config against the prepared data: splits present and non-empty, batch and K x N within the data."""
+    where = f"data.shards={config.data.shards}"
+    for split in SPLITS:
+        if split not in manifest.splits:
+            raise ConfigError(f"data error: {where} has no {split!r} split (it has {sorted(manifest.splits)}): "
+                              "a run needs train, val and test; re-run `avgk prepare`")
+        if manifest.splits[split].num_samples < 1:
+            raise ConfigError(f"data error: {where}: split {split!r} holds no samples")
+    try:
+        config.validate_num_classes(manifest.num_classes)
+    except ValueError as err:
+        raise ConfigError(f"config error: {err} (from {where})") from None
+    train = manifest.splits["train"].num_samples
+    workers = config.train.num_workers
+    if config.train.batch_size > train:
+        raise ConfigError(f"config error: train.batch_size={config.train.batch_size} exceeds the {train} training "
+                          f"samples of {where}: an epoch would hold no full batch")
+    for split in ("val", "test"):
+        n = manifest.splits[split].num_samples
+        for key, k in [("loss.k", config.loss.k), *(("eval.ks", k) for k in config.eval.ks)]:
+            if round(k * n) < 1:
+                raise ConfigError(f"config error: {key}={k:g} selects round(K x N) = 0 of the {n} {split} samples: "
+                                  "K x N must be >= 1")
+    if config.loss.name == "two_head" and config.loss.pseudo_labels == "online":
+        per_rank = config.train.batch_size // workers
+        if round(config.loss.effective_pseudo_k * per_rank) < 1:
+            raise ConfigError(f"config error: loss.pseudo_k={config.loss.effective_pseudo_k:g} selects round(K_pl x B) = 0 "
+                              f"of a rank's {per_rank} samples per batch: K_pl x B must be >= 1")
+
+
+def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
+    """An http(s) tracking server must accept a connection within `timeout` s (local stores always pass)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in {"http", "https"}:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise ConfigError(f"tracking error: the MLflow server at tracking.uri={uri!r} is not reachable ({reason}): "
+                          "start it, fix tracking.uri, or set tracking.enabled=false") from None
+
+
+def check_run(config: Config, manifest: "Manifest") -> None:
+    """Every driver-side check of a training run, cheapest first."""
+    check_data(config, manifest)
+    check_backbone(config.model.backbone)

@@ -1,0 +1,92 @@
+"""Processes a test session started and did not end: the end-of-suite check of tests/conftest.py.
+
+Linux /proc only (the suite's platform). A process counts as the session's when it started after
+the session and descends from the pytest process, or was orphaned (re-parented to init) after
+starting during the session with a command line of the programs the suite starts: Ray, MLflow,
+the S3 server, avgk itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+PATTERN = re.compile(r"ray::|raylet|gcs_server|dashboard|runtime_env|log_monitor|monitor\.py|mlflow|gunicorn|uvicorn"
+                     r"|weed|moto|avgk|pipelines\.|default_worker|multiprocessing")
+
+
+ENDS_WITH_PARENT = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+"""Python's helper processes, which exit when the pytest process does (they wait on its pipe)."""
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks since boot), None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+class Snapshot:
+    """What ran before the session; `leftovers()` lists what the session left behind."""
+
+    def __init__(self) -> None:
+        self.root = os.getpid()
+        self.started = _stat(self.root)[1]
+        self.before = set(_pids())
+
+    def _descends(self, pid: int, parents: dict[int, int]) -> bool:
+        seen = set()
+        while pid in parents and pid not in seen:
+            seen.add(pid)
+            pid = parents[pid]
+            if pid == self.root:
+                return True
+        return False
+
+    def leftovers(self) -> dict[int, str]:
+        stats = {pid: s for pid in _pids() if pid != self.root and pid not in self.before and (s := _stat(pid))}
+        parents = {pid: s[0] for pid, s in stats.items()}
+        out = {}
+        for pid, (ppid, start) in stats.items():
+            if start < self.started:
+                continue
+            command = _cmdline(pid)
+            if not command or any(helper in command for helper in ENDS_WITH_PARENT):
+                continue
+            if self._descends(pid, parents) or (ppid == 1 and PATTERN.search(command)):
+                out[pid] = command
+        return out
+
+    def wait_for_exit(self, *, grace: float) -> dict[int, str]:
+        """The leftovers still alive after `grace` seconds (processes shutting down get that long)."""
+        deadline = time.monotonic() + grace
+        left = self.leftovers()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = self.leftovers()
+        return left
+
+
+def kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
