@@ -238,3 +238,19 @@ def test_a_directory_passed_as_the_config_is_named(tmp_path):
 
     with pytest.raises(ConfigError, match="is a directory: pass a YAML file"):
         load_config(tmp_path)
+
+
+def test_gpus_the_cluster_lacks_are_one_line_at_once(monkeypatch):
+    """train.use_gpu=true on a CPU cluster: Ray Train would wait for GPUs without end."""
+    import ray
+
+    from avgk.config import ConfigError
+    from pipelines.train import check_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    check_resources(load_config(None, ["train.use_gpu=false"]))
+    with pytest.raises(ConfigError, match=r"train.use_gpu=true with train.num_workers=2 needs that many GPUs, "
+                                          r"the Ray cluster has 0"):
+        check_resources(load_config(None, ["train.use_gpu=true", "train.num_workers=2"]))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
+    check_resources(load_config(None, ["train.use_gpu=true", "train.num_workers=2"]))
