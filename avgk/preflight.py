@@ -8,6 +8,7 @@ a cluster start-up, a run folder and a FAILED MLflow run each.
 from __future__ import annotations
 
 import difflib
+import math
 import socket
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -67,12 +68,12 @@ def check_data(config: Config, manifest: "Manifest") -> None:
     for split in ("val", "test"):
         n = manifest.splits[split].num_samples
         for key, k in [("loss.k", config.loss.k), *(("eval.ks", k) for k in config.eval.ks)]:
-            if round(k * n) < 1:
+            if math.floor(k * n + 0.5) < 1:  # m = floor(K N + 1/2), docs/METHOD.md section 1
                 raise ConfigError(f"config error: {key}={k:g} selects round(K x N) = 0 of the {n} {split} samples: "
                                   "K x N must be >= 1")
     if config.loss.name == "two_head" and config.loss.pseudo_labels == "online":
         per_rank = config.train.batch_size // workers
-        if round(config.loss.effective_pseudo_k * per_rank) < 1:
+        if math.floor(config.loss.effective_pseudo_k * per_rank + 0.5) < 1:
             raise ConfigError(f"config error: loss.pseudo_k={config.loss.effective_pseudo_k:g} selects round(K_pl x B) = 0 "
                               f"of a rank's {per_rank} samples per batch: K_pl x B must be >= 1")
 
