@@ -23,6 +23,12 @@ def account_samples(*, read: dict[str, int], expected: dict[str, int], strict: b
     return samples
 
 
+def shortfall_warning(samples: dict[str, dict], *, shards: str) -> str:
+    """The console line of a non-strict evaluation that read fewer samples than the manifest, '' when none."""
+    short = shortfall(samples, shards=shards)
+    return f"warning: {short} (eval.strict=false: metrics over the samples read)" if short else ""
+
+
 def shortfall(samples: dict[str, dict], *, shards: str) -> str:
     """One line naming every split whose count differs from the manifest's, '' when none does."""
     parts = [f"split {split!r} read {c['read']} of the manifest's {c['expected']} samples"

@@ -27,7 +27,7 @@ from avgk import storage
 from avgk.config import Config, save_config
 from avgk.data.shards import eval_loader, num_train_batches, read_manifest, train_loader
 from avgk.data.transforms import build_transform, normalize_batch
-from avgk.accounting import account_samples, shortfall
+from avgk.accounting import account_samples, shortfall_warning
 from avgk.losses import Loss, build_loss, head_scores, score_head_for
 from avgk.metrics import SetMetrics, format_k
 from avgk.models import build_model
@@ -657,9 +657,9 @@ def fit(
         state = load_checkpoint_file_uri(storage.join(run_dir, "best", CHECKPOINT_FILE))
         unwrap(parts.model).load_state_dict(state["model"])
     evaluation = final_evaluation(parts)
-    short = shortfall(evaluation.metrics["samples"], shards=str(config.data.shards))
-    if short and dist.is_main():
-        log(f"warning: {short} (eval.strict=false: metrics over the samples read)")
+    warning = shortfall_warning(evaluation.metrics["samples"], shards=str(config.data.shards))
+    if warning and dist.is_main():
+        log(warning)
     if dist.is_main():
         write_evaluation(evaluation, run_dir)
     dist.barrier()

@@ -93,7 +93,16 @@ def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
                           "start it, fix tracking.uri, or set tracking.enabled=false") from None
 
 
-def check_run(config: Config, manifest: "Manifest") -> None:
-    """Every driver-side check of a training run, cheapest first."""
-    check_data(config, manifest)
+def check_before_start(config: Config, *, resume: bool = True) -> None:
+    """The checks that need neither data nor Ray: a stale run directory (`resume`), the backbone, the tracking server.
+
+    `config` with absolute paths (avgk.runs.with_absolute_paths), as the run will write them.
+    """
+    from avgk import tracking
+    from avgk.runs import check_resume
+
+    if resume:
+        check_resume(config)
     check_backbone(config.model.backbone)
+    if config.tracking.enabled:
+        check_reachable(tracking.tracking_uri(config))

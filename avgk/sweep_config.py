@@ -268,6 +268,8 @@ def read_plan(path: Path, overrides: list[str] | None, *, kind: str, error: type
     `overrides` (`key=value`) go to the base config when the key starts with a Config section
     (data., train., run., ...), else into the file's own tree (num_samples=2, seeds=[0]).
     """
+    if path.is_dir():
+        raise error(f"{kind} config file {str(path)!r} is a directory: pass a YAML file")
     if not path.is_file():
         raise error(f"{kind} config file {str(path)!r} does not exist")
     try:

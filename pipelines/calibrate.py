@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from avgk import engine, storage, tracking
-from avgk.accounting import account_samples, shortfall
+from avgk.accounting import account_samples, shortfall_warning
 from avgk.config import Config
 from avgk.data.shards import read_manifest
 from avgk.losses import score_head_for
@@ -151,9 +151,9 @@ def run_evaluate(
     )
     evaluation.metrics["samples"] = samples
     log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")
-    short = shortfall(samples, shards=config.data.shards)
-    if short:
-        log(f"warning: {short} (eval.strict=false: metrics over the samples read)")
+    warning = shortfall_warning(samples, shards=config.data.shards)
+    if warning:
+        log(warning)
     engine.write_evaluation(evaluation, run_dir)
     log_to_run(config, run_dir, evaluation, checkpoint=scoring.uri, log=log)
     return evaluation

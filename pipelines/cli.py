@@ -39,12 +39,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _check_before_start(config: Config) -> None:
-    """A stale run directory and the backbone name, before torch and Ray are imported (timm's names import torch)."""
-    from avgk.preflight import check_backbone
-    from avgk.runs import check_resume, with_absolute_paths
+    """avgk.preflight.check_before_start before torch and Ray are imported (a timm name imports torch)."""
+    from avgk.preflight import check_before_start
+    from avgk.runs import with_absolute_paths
 
-    check_resume(with_absolute_paths(config))
-    check_backbone(config.model.backbone)
+    check_before_start(with_absolute_paths(config))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

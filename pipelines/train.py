@@ -23,7 +23,7 @@ from pipelines.prepare import prepare
 from pipelines.predict import log_pyfunc_model
 from pipelines.pseudolabel import OfflinePseudoLabels
 from pipelines.report import log_run_plots
-from avgk.runs import CHECKPOINT_FILE, check_resume, resolve_checkpoint, with_absolute_paths
+from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
 
 
 class RayReporter:
@@ -132,14 +132,6 @@ def ensure_shards(config: Config) -> None:
     preflight.check_data(config, read_manifest(config.data.shards))
 
 
-def check_before_start(config: Config) -> None:
-    """The checks that need neither data nor Ray: a stale run directory, the backbone, the tracking server."""
-    check_resume(config)
-    preflight.check_backbone(config.model.backbone)
-    if config.tracking.enabled:
-        preflight.check_reachable(tracking.tracking_uri(config))
-
-
 def check_resources(config: Config) -> None:
     """GPUs asked for must exist in the cluster now: Ray Train would otherwise wait for them without end."""
     if not config.train.use_gpu:
@@ -185,7 +177,7 @@ def build_trainer(
 def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
     config = with_absolute_paths(config)
-    check_before_start(config)
+    preflight.check_before_start(config)  # again for API callers; the CLI ran it before heavy imports
     ensure_shards(config)
     ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(config.train.num_workers * config.train.cpus_per_worker)))
     check_resources(config)

@@ -311,9 +311,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
             f"sweep config error: scheduler.grace_period={scheduler_cfg.grace_period} must be <= max_t={max_t} "
             "(scheduler.max_t, default train.epochs)"
         )
-    preflight.check_backbone(base.model.backbone)
-    if base.tracking.enabled:
-        preflight.check_reachable(tracking.tracking_uri(base))
+    preflight.check_before_start(base, resume=False)  # trials resume through Tune (_check_resume below)
     ensure_shards(base)
     paths = SweepPaths(storage.join(base.run.storage, sweep.name))
     # What decides the trials; evaluate_best, max_concurrent_trials and trial_cpus may change on resume.
