@@ -55,6 +55,21 @@ class DataConfig(_Section):
         "(digits, text, asymmetric specimens)",
     )
     crop: int = Field(32, ge=8, description="train random crop / eval center crop side")
+    crop_scale: tuple[float, float] = Field(
+        (0.35, 1.0),
+        description="train, crop >= 64: the area range (min, max) of RandomResizedCrop, as fractions of the image",
+    )
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = Field(
+        "none",
+        description="train: torchvision's RandAugment (2 ops, magnitude 9) or TrivialAugmentWide after the crop",
+    )
+    mean: tuple[float, float, float] | None = Field(
+        None, description="input normalisation mean (RGB, pixel values in [0, 1]); default: the timm backbone's "
+        "pretrained config (e.g. CLIP's), else ImageNet's",
+    )
+    std: tuple[float, float, float] | None = Field(
+        None, description="input normalisation std (RGB, each > 0); default: as data.mean",
+    )
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per training rank")
     shuffle_buffer: int = Field(1000, ge=1, description="per-worker sample shuffle buffer")
     resampled: bool = Field(False, description="draw shards with replacement (allows fewer shards than ranks x workers)")
@@ -100,6 +115,11 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"data.std values must all be > 0, got {list(self.std)}")
         if self.crop > self.resize:
             raise ValueError(f"data.crop must be <= data.resize, got crop={self.crop} resize={self.resize}")
         if self.source != "synthetic" and not self.root:
@@ -195,6 +215,11 @@ class LossConfig(_Section):
         "sum", description="baselines: sum over classes + mean over batch, or mean over all entries"
     )
     eps: float = Field(0.1, ge=0, lt=1, description="an_ls: label smoothing coefficient")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="ce and two_head: label smoothing of the softmax cross-entropy (two_head's pseudo-labels still "
+        "come from the softmax and its multi-label targets stay 0/1)",
+    )
     alpha: float = Field(0.1, ge=0, description="em/em_apl: entropy weight")
     beta: float = Field(1.0, ge=0, description="em_apl: weight of the negative pseudo-labels")
     apl_warmup_epochs: int = Field(1, ge=0, description="em_apl: epochs before pseudo-labelling starts")
@@ -236,6 +261,11 @@ class LossConfig(_Section):
             raise ValueError(
                 "loss.pseudo_labels=offline needs loss.name=two_head (the loss that takes pseudo-labels), "
                 f"got loss.name={self.name!r}"
+            )
+        if self.label_smoothing and self.name not in ("ce", "two_head"):
+            raise ValueError(
+                f"loss.label_smoothing applies to the softmax cross-entropy of loss.name=ce or two_head, got "
+                f"loss.name={self.name!r} (an_ls has its own: loss.eps)"
             )
         if (self.role_table_device == "memmap") != (self.role_table_path is not None):
             raise ValueError(
@@ -306,6 +336,25 @@ class TrainConfig(_Section):
         "worker), each from the last checkpoint; -1 = unlimited, 0 = fail at once",
     )
     log_every: int = Field(20, ge=1, description="print progress every N steps")
+    grad_accumulation: int = Field(
+        1, ge=1,
+        description="take an optimizer step every N batches: the effective batch is batch_size x N (batch_size "
+        "stays the batch of one forward pass, over all workers); the lr schedule and warm-up count optimizer steps",
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="keep an exponential moving average of the weights (and BN statistics), updated at each "
+        "optimizer step with this decay (e.g. 0.999); validation, the best checkpoint, the final evaluation "
+        "and the logged model then use the averaged weights; 0 = off",
+    )
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="mixup: Beta(alpha, alpha) mixing of image pairs and their labels; loss.name=ce only; 0 = off"
+    )
+    cutmix_alpha: float = Field(
+        0.0, ge=0,
+        description="cutmix: a Beta(alpha, alpha)-sized patch of another image, labels mixed by area; loss.name=ce "
+        "only; with mixup_alpha too, each batch takes one of the two at random; 0 = off",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -433,6 +482,13 @@ class Config(_Section):
     def _check(self) -> "Config":
         if self.data.source == "synthetic":
             self.validate_num_classes(self.data.synthetic.num_classes)
+        if (self.train.mixup_alpha or self.train.cutmix_alpha) and self.loss.name != "ce":
+            # Mixed images have two weighted labels: the two-head pseudo-labels and the single-positive
+            # baselines are defined from one observed label per image, so there is no correct target.
+            raise ValueError(
+                f"train.mixup_alpha / train.cutmix_alpha need loss.name=ce (soft targets for the softmax "
+                f"cross-entropy), got loss.name={self.loss.name!r}: the other losses take one observed label per image"
+            )
         return self
 
     def validate_num_classes(self, num_classes: int) -> None:
@@ -508,7 +564,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote lists as "
+                              f"'{key}=[a, b]'") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from avgk.config import ModelConfig
+from avgk.config import Config, ModelConfig
 from avgk.runs import resolve_checkpoint
 
 
@@ -179,3 +180,18 @@ def build_model(
     return TwoHeadNet(
         backbone=backbone, num_features=dim, num_classes=num_classes, heads=heads, detached_heads=detached_heads
     )
+
+
+# ---------------------------------------------------------------- running a model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+def autocast(config: Config, device: torch.device):
+    if config.train.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if config.train.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from avgk import engine, storage
+from avgk import checkpoints, models, storage
 from avgk.config import Config
-from avgk.data.shards import read_manifest
-from avgk.data.transforms import build_transform
+from avgk.data.manifest import read_manifest
+from avgk.inputs import image_transform
 from avgk.losses import head_scores, loss_class
 from avgk.metrics import format_k
-from avgk.models import build_model
 
 __all__ = ["ImageInput", "LabelSet", "SetPredictor", "decode_image", "model_only_checkpoint"]
 
@@ -104,10 +103,9 @@ class SetPredictor:
         self.class_names = names
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
-        model = build_model(config.model, num_classes=self.num_classes, heads=heads)
-        model.load_state_dict(state["model"])
+        model = checkpoints.build_trained_model(config, num_classes=self.num_classes, model_state=state["model"])
         self.model = model.to(self.device).eval()
-        self.transform = build_transform(train=False, resize=config.data.resize, crop=config.data.crop)
+        self.transform = image_transform(config, train=False)
 
     # ------------------------------------------------------------ loading
 
@@ -125,7 +123,7 @@ class SetPredictor:
         if isinstance(class_names, (str, os.PathLike)):
             class_names = json.loads(storage.read_bytes(str(class_names)))
         return cls(
-            checkpoint=engine.load_checkpoint_file_uri(storage.absolute(str(checkpoint))),
+            checkpoint=checkpoints.load_checkpoint_file_uri(storage.absolute(str(checkpoint))),
             thresholds=storage.read_json(storage.absolute(str(thresholds))),
             class_names=class_names,
             batch_size=batch_size,
@@ -158,7 +156,7 @@ class SetPredictor:
             raise FileNotFoundError(
                 f"no {THRESHOLDS_FILE} in run directory {run_dir}: evaluate it first (`avgk evaluate CONFIG --run DIR`)"
             )
-        state = engine.load_checkpoint_file_uri(checkpoint_file)
+        state = checkpoints.load_checkpoint_file_uri(checkpoint_file)
         return cls(
             checkpoint=state,
             thresholds=storage.read_json(thresholds_file),
@@ -189,7 +187,7 @@ class SetPredictor:
             batch = batch.to(self.device)
             if self.config.model.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with engine.autocast(self.config, self.device):
+            with models.autocast(self.config, self.device):
                 logits = self.model(batch)
             chunks.append(head_scores(logits, self.score_head).float().cpu().numpy())
         return np.concatenate(chunks)

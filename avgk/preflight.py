@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from avgk.config import Config, ConfigError
 
 if TYPE_CHECKING:  # avgk.data imports torch; these checks must answer before any heavy import
-    from avgk.data.shards import Manifest
+    from avgk.data.manifest import Manifest
 
 SPLITS = ("train", "val", "test")
 

@@ -6,13 +6,19 @@ rank-0 worker logs into it by id, and the driver ends it with the final status.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from avgk import storage
 from avgk.config import Config
+
+if TYPE_CHECKING:
+    from avgk.evaluation import Evaluation
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 # MLflow rejects param values longer than this.
@@ -103,3 +109,46 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 
 def end_run(uri: str, run_id: str, *, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
+
+
+@dataclass
+class Outcome:
+    """The status a run ends with when its block completes; the block may lower it (e.g. FAILED cells)."""
+
+    status: str = "FINISHED"
+
+
+@contextlib.contextmanager
+def lifecycle(uri: str | None, run_id: str | None) -> Iterator[Outcome]:
+    """Ends the MLflow run with the status its block earned: FINISHED (or what the block set),
+    KILLED on Ctrl-C or SIGTERM (the CLI turns SIGTERM into a KeyboardInterrupt), FAILED on any other
+    error. Without a run id (tracking off) it only runs the block."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except BaseException as err:
+        if run_id:
+            end_run(uri, run_id, status="KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    if run_id:
+        end_run(uri, run_id, status=outcome.status)
+
+
+TEST_METRICS = ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",
+                "macro_top_k_accuracy", "oracle_avg_k_accuracy", "gap_to_oracle")
+RESULT_FILES = ("metrics.json", "thresholds.json", "per_class.parquet", "config.yaml")
+
+
+def log_evaluation(uri: str, run_id: str, evaluation: "Evaluation", *, run_dir: str) -> None:
+    """Test metrics as flat MLflow metrics (test_<name>_k<K>), plus the run directory's result files as artifacts."""
+    test = evaluation.metrics["test"]
+    flat: dict[str, float] = {}
+    for name in TEST_METRICS:
+        for key, value in (test.get(name) or {}).items():
+            if value is not None:
+                flat[f"test_{name}_k{key}"] = value
+    log_metrics(uri, run_id, flat, step=0)
+    for name in RESULT_FILES:
+        local = Path(run_dir) / name
+        if local.is_file():
+            log_artifact(uri, run_id, local)

@@ -3,23 +3,23 @@
 The model runs once per split (Ray Data actor pool, scores kept in the object store);
 lambda_K for all of eval.ks comes from one two-pass streamed selection over the val
 scores, and the test metrics from one counting pass; only int64 states reach the driver.
-The result has the schema of the training's own final evaluation (engine.evaluate_scores)
+The result has the schema of the training's own final evaluation (evaluation.evaluate_scores)
 and, for the same checkpoint, the same numbers bit for bit.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Callable
 
 import numpy as np
 import ray
 
-from avgk import engine, storage, tracking
+from avgk import evaluation, storage, tracking
 from avgk.accounting import account_samples, shortfall_warning
+from avgk.console import say
 from avgk.config import Config
-from avgk.data.shards import read_manifest
+from avgk.data.manifest import read_manifest
 from avgk.losses import score_head_for
 from avgk.runs import resolve_checkpoint, run_dir_of, saved_run_config
 from pipelines import ray_env
@@ -32,12 +32,7 @@ from pipelines.score import (
     score_dataset,
 )
 from avgk.runs import with_absolute_paths
-from pipelines.train import log_evaluation
 
-
-def _print(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def evaluate_datasets(
@@ -51,8 +46,8 @@ def evaluate_datasets(
     score_head: str,
     with_posterior: bool,
     num_tasks: int | None = None,
-) -> engine.Evaluation:
-    """engine.evaluate_scores over Ray Datasets of score rows: the same document, key for key.
+) -> evaluation.Evaluation:
+    """evaluation.evaluate_scores over Ray Datasets of score rows: the same document, key for key.
 
     Thresholds are calibrated on val only; with posteriors (synthetic data) the Bayes oracle
     thresholds the true posteriors the same way.
@@ -69,10 +64,10 @@ def evaluate_datasets(
             test, num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
             freq_bins=freq_bins, column="posterior", num_tasks=num_tasks,
         ).compute()
-    document = engine.metrics_document(
+    document = evaluation.metrics_document(
         ks=ks, score_head=score_head, thresholds=thresholds, test=test_metrics, oracle=oracle
     )
-    return engine.Evaluation(metrics=document, per_class=test_metrics.per_class(), thresholds=thresholds)
+    return evaluation.Evaluation(metrics=document, per_class=test_metrics.per_class(), thresholds=thresholds)
 
 
 def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> tuple[Config, str, ScoringModel]:
@@ -93,7 +88,7 @@ def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> t
     return config, run_dir, scoring
 
 
-def log_to_run(config: Config, run_dir: str, evaluation: engine.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
+def log_to_run(config: Config, run_dir: str, evaluation: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
     """Test metrics and result files into the run's MLflow run (RUN_DIR/mlflow_run_id.txt), unless tracking is off."""
     if not config.tracking.enabled:
         return
@@ -106,7 +101,7 @@ def log_to_run(config: Config, run_dir: str, evaluation: engine.Evaluation, *, c
     # The default store is sqlite:///<run.storage>/mlflow.db: the run directory's parent.
     located = config.model_copy(update={"run": config.run.model_copy(update={"storage": parent, "name": name})})
     uri = tracking.tracking_uri(located)
-    log_evaluation(uri, run_id, evaluation, run_dir=run_dir)
+    tracking.log_evaluation(uri, run_id, evaluation, run_dir=run_dir)
     tracking.set_tags(uri, run_id, {"avgk.evaluated_checkpoint": checkpoint})
 
 
@@ -116,8 +111,8 @@ def run_evaluate(
     run: str | None = None,
     checkpoint: str | None = None,
     num_actors: int | None = None,
-    log: Callable[[str], None] = _print,
-) -> engine.Evaluation:
+    log: Callable[[str], None] = say,
+) -> evaluation.Evaluation:
     """Scores val and test with a run's checkpoint, writes thresholds.json, metrics.json, per_class.parquet.
 
     `config` gives the data location, eval.ks, eval.freq_bins, the device (train.use_gpu)
@@ -154,6 +149,6 @@ def run_evaluate(
     warning = shortfall_warning(samples, shards=config.data.shards)
     if warning:
         log(warning)
-    engine.write_evaluation(evaluation, run_dir)
+    evaluation.write_evaluation(evaluation, run_dir)
     log_to_run(config, run_dir, evaluation, checkpoint=scoring.uri, log=log)
     return evaluation

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +32,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     config = _config(args)
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
 
     manifest = prepare(config)
     counts = ", ".join(f"{split} {info.num_samples}" for split, info in manifest.splits.items())
@@ -264,6 +266,15 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is; a KeyboardInterrupt so every handler that ends
+    a run on Ctrl-C (tracking.lifecycle: KILLED) treats it the same."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -273,8 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    # SIGTERM (a scheduler, `kill`, a container stop) unwinds like Ctrl-C: the MLflow run ends
+    # KILLED, Ray is shut down and temporary folders are removed, instead of a silent exit.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
+    except _Terminated:
+        print("avgk: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("avgk: interrupted", file=sys.stderr)
         return 130
@@ -285,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"avgk: error: {message}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import IO, Any
 import mlflow
 import pandas as pd
 
-from avgk import engine, storage
+from avgk import checkpoints, runs, storage
 from avgk.predict import THRESHOLDS_FILE, SetPredictor, class_names_of, decode_image, model_only_checkpoint
 
 __all__ = ["AvgKSetModel", "iter_image_files", "log_pyfunc_model", "pyfunc_signature", "run_predict"]
@@ -143,7 +143,7 @@ def log_pyfunc_model(
     from mlflow.tracking import MlflowClient
 
     run_dir = storage.absolute(run_dir)
-    state = engine.load_checkpoint_file_uri(checkpoint)
+    state = checkpoints.load_checkpoint_file_uri(checkpoint)
     thresholds = storage.read_json(storage.join(run_dir, THRESHOLDS_FILE))
     calibrated = sorted((float(k) for k in thresholds["thresholds"]))
     loss_k = float(state["config"]["loss"]["k"])
@@ -155,7 +155,7 @@ def log_pyfunc_model(
     with tempfile.TemporaryDirectory() as tmp:
         import torch
 
-        files = {"checkpoint": Path(tmp) / engine.CHECKPOINT_FILE, "thresholds": Path(tmp) / THRESHOLDS_FILE,
+        files = {"checkpoint": Path(tmp) / runs.CHECKPOINT_FILE, "thresholds": Path(tmp) / THRESHOLDS_FILE,
                  "class_names": Path(tmp) / "class_names.json"}
         torch.save(model_only_checkpoint(state), files["checkpoint"])
         files["thresholds"].write_text(json.dumps(thresholds))

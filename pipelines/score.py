@@ -29,13 +29,12 @@ import ray
 import ray.data
 import torch
 
-from avgk import engine, storage
+from avgk import checkpoints, evaluation, storage
 from avgk.config import Config
-from avgk.data.shards import eval_loader
-from avgk.data.transforms import build_transform
+from avgk.data.loaders import eval_loader
+from avgk.inputs import image_transform
 from avgk.losses import loss_class
 from avgk.metrics import SetMetrics
-from avgk.models import build_model
 from avgk.thresholds import StreamingThresholds
 
 __all__ = [
@@ -72,7 +71,7 @@ class ScoringModel:
 
 def load_scoring_model(uri: str) -> ScoringModel:
     """The model part of a training checkpoint (optimizer and RNG states are dropped)."""
-    state = engine.load_checkpoint_file_uri(uri)
+    state = checkpoints.load_checkpoint_file_uri(uri)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{uri} is not an avgk training checkpoint (a dict with 'model' and 'config')")
     return ScoringModel(
@@ -166,20 +165,19 @@ def _read_stream(
     split: str,
     num_streams: int,
     batch_size: int,
-    resize: int,
-    crop: int,
+    config_tree: dict[str, Any],
     num_classes: int,
     with_posterior: bool,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data read stage: each input row names a stream; yields one row per model batch of it.
 
     Stream s is exactly the sample stream of rank s % W, loader worker s // W of the training's
-    evaluation (avgk.data.shards.eval_loader with rank s of W x workers), batched the same
+    evaluation (avgk.data.loaders.eval_loader with rank s of W x workers), batched the same
     way. The scores of a batch depend on its composition in the last float bits (CPU conv
     kernels differ with the batch size), so this is what makes the job's scores, thresholds
     and metrics bit-identical to the in-training evaluation, whatever the actor count.
     """
-    transform = build_transform(train=False, resize=resize, crop=crop)
+    transform = image_transform(Config.model_validate(config_tree), train=False)
     for stream in batch["stream"]:
         loader = eval_loader(
             shards_dir=shards_dir, split=split, batch_size=batch_size, rank=int(stream), world_size=num_streams,
@@ -197,7 +195,7 @@ def _read_stream(
 
 
 class ScoringActor:
-    """Runs the model on model batches: the same head, transform output and precision as engine.score_batches."""
+    """Runs the model on model batches: the same head, transform output and precision as evaluation.score_batches."""
 
     def __init__(self, *, model_box: tuple[Any], head: str, use_gpu: bool, num_threads: int) -> None:
         # The weights travel through the object store (no shared filesystem needed); the box
@@ -206,11 +204,10 @@ class ScoringActor:
         torch.set_num_threads(num_threads)
         self.config = scoring.config
         self.device = torch.device("cuda") if use_gpu else torch.device("cpu")
-        # pretrained=None: the checkpoint holds every weight; a local weights file may not exist on this node.
-        model_config = scoring.config.model.model_copy(update={"pretrained": None})
-        model = build_model(model_config, num_classes=scoring.num_classes, heads=scoring.heads)
-        model.load_state_dict(scoring.model_state)
-        model = model.to(self.device)
+        model_config = scoring.config.model
+        model = checkpoints.build_trained_model(
+            scoring.config, num_classes=scoring.num_classes, model_state=scoring.model_state
+        ).to(self.device)
         if model_config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if model_config.compile:
@@ -227,7 +224,7 @@ class ScoringActor:
                      "label": torch.from_numpy(np.asarray(rows["label"][i]))}
             if "posterior" in rows:
                 batch["posterior"] = np.asarray(rows["posterior"][i])
-            chunk = next(engine.score_batches(self.model, [batch], head=self.head, device=self.device, config=self.config))
+            chunk = next(evaluation.score_batches(self.model, [batch], head=self.head, device=self.device, config=self.config))
             outputs["idx"].append(np.asarray(rows["idx"][i], dtype=np.int64))
             outputs["label"].append(chunk.labels_N.astype(np.int64))
             outputs["scores"].append(chunk.scores_NL)
@@ -266,7 +263,7 @@ def score_dataset(
         num_cpus=plan.read_cpus,
         fn_kwargs=dict(
             shards_dir=storage.absolute(shards_dir), split=split, num_streams=num_streams,
-            batch_size=config.eval.batch_size, resize=config.data.resize, crop=config.data.crop,
+            batch_size=config.eval.batch_size, config_tree=config.to_dict(),
             num_classes=scoring.num_classes, with_posterior=with_posterior,
         ),
     )

@@ -56,9 +56,7 @@ def _train_cell(config_tree: dict[str, Any], *, uri: str | None, parent_run_id: 
     """One cell, inside a Ray task: engine.fit with a local reporter, progress into <run_dir>/train.log."""
     import torch
 
-    from avgk import engine
-    from pipelines.pseudolabel import OfflinePseudoLabels
-    from pipelines.train import log_evaluation
+    from avgk import checkpoints, engine
 
     torch.set_num_threads(threads)
     config = Config.model_validate(config_tree)
@@ -75,22 +73,12 @@ def _train_cell(config_tree: dict[str, Any], *, uri: str | None, parent_run_id: 
             if run_id:
                 tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
 
-        pseudo = None
-        if config.loss.pseudo_labels == "offline":
-            pseudo = OfflinePseudoLabels(run_dir=run_dir, k=config.loss.effective_pseudo_k,
-                                         refresh_epochs=config.loss.refresh_epochs, log=log)
-        try:
-            result = engine.fit(config, reporter=engine.LocalReporter(run_dir), on_epoch_end=on_epoch_end,
-                                pseudo_targets_for_epoch=pseudo, log=log)
-        except BaseException:
+        with tracking.lifecycle(uri, run_id):
+            result = engine.fit(config, reporter=checkpoints.LocalReporter(run_dir), on_epoch_end=on_epoch_end, log=log)
+            seconds = time.perf_counter() - start
             if run_id:
-                tracking.end_run(uri, run_id, status="FAILED")
-            raise
-    seconds = time.perf_counter() - start
-    if run_id:
-        log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
-        tracking.log_metrics(uri, run_id, {"cell_seconds": seconds}, step=0)
-        tracking.end_run(uri, run_id, status="FINISHED")
+                tracking.log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
+                tracking.log_metrics(uri, run_id, {"cell_seconds": seconds}, step=0)
     record = {"seconds": seconds, "history": result.history}
     storage.write_bytes(str(Path(run_dir) / CELL_FILE), json.dumps(record).encode())
     return record
@@ -128,7 +116,7 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
     import ray
 
     from pipelines import ray_env
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
     from avgk.runs import with_absolute_paths
 
     cells = [Cell(c.method, c.ambiguity, c.seed, with_absolute_paths(c.config)) for c in cells]
@@ -160,7 +148,7 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
             records[cell.name] = record
     log(f"study {study.name}: {len(cells)} cells ({len(records)} already finished), "
         f"{study.max_concurrent} at a time -> {root}")
-    try:
+    with tracking.lifecycle(uri, parent_run_id) as outcome:
         if todo:
             ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(study.max_concurrent * study.cpus_per_cell)))
             task = ray.remote(num_cpus=study.cpus_per_cell, max_retries=0)(_train_cell)
@@ -194,16 +182,13 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
                     f"({records[cell.name]['seconds']:.0f} s; {elapsed / done * (len(todo) - done) / 60:.0f} min left)")
         rows, per_class = collect(cells, records)
         write_summary(study, base, root, rows, per_class, failed=failed)
-    except BaseException as err:
         if parent_run_id:
-            tracking.end_run(uri, parent_run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    if parent_run_id:
-        for name in ("summary.md", "results.csv", "study.yaml"):
-            tracking.log_artifact(uri, parent_run_id, root / name)
-        if (root / "plots").is_dir():
-            tracking.log_artifacts(uri, parent_run_id, root / "plots", "plots")
-        tracking.end_run(uri, parent_run_id, status="FAILED" if failed else "FINISHED")
+            for name in ("summary.md", "results.csv", "study.yaml"):
+                tracking.log_artifact(uri, parent_run_id, root / name)
+            if (root / "plots").is_dir():
+                tracking.log_artifacts(uri, parent_run_id, root / "plots", "plots")
+        if failed:
+            outcome.status = "FAILED"
     return StudyResult(root=str(root), rows=rows, failed=failed, parent_run_id=parent_run_id)
 
 

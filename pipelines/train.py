@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,19 +14,18 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from avgk import engine, preflight, storage, tracking
+from avgk import checkpoints, engine, evaluation, preflight, storage, tracking
+from avgk.console import say
 from avgk.config import Config, ConfigError
-from avgk.data.shards import read_manifest
 from pipelines import ray_env
-from pipelines.prepare import prepare
+from avgk.data.prepare import ensure_shards
 from pipelines.predict import log_pyfunc_model
-from pipelines.pseudolabel import OfflinePseudoLabels
 from pipelines.report import log_run_plots
 from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
 
 
 class RayReporter:
-    """engine.Reporter over ray.train: every rank reports, rank 0 attaches the checkpoint."""
+    """checkpoints.Reporter over ray.train: every rank reports, rank 0 attaches the checkpoint."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -43,13 +41,8 @@ class RayReporter:
         rank = ray.train.get_context().get_world_rank()
         with tempfile.TemporaryDirectory(prefix=f"avgk-restore-rank{rank}-") as folder:
             checkpoint.to_directory(folder)
-            return engine.load_checkpoint_file(Path(folder) / CHECKPOINT_FILE)
+            return checkpoints.load_checkpoint_file(Path(folder) / CHECKPOINT_FILE)
 
-
-def _console(line: str) -> None:
-    # Ray Train patches print() to log *and* echo each line (twice on the driver); write directly.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -69,26 +62,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if run_id:
             tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
 
-    pseudo_targets = None
-    if config.loss.pseudo_labels == "offline":
-        # The global table, recomputed every loss.refresh_epochs by all ranks together.
-        pseudo_targets = OfflinePseudoLabels(
-            run_dir=storage.absolute(config.run_dir), k=config.loss.effective_pseudo_k,
-            refresh_epochs=config.loss.refresh_epochs, log=_console,
-        )
     result = engine.fit(
         config,
         reporter=RayReporter(),
         device=ray.train.torch.get_device(),
         wrap_model=ray.train.torch.prepare_model,
         on_epoch_end=on_epoch_end,
-        pseudo_targets_for_epoch=pseudo_targets,
-        log=_console,
+        log=say,
     )
     if rank == 0 and result.evaluation is not None:
         run_dir = storage.absolute(config.run_dir)
         if run_id:
-            log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
+            tracking.log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
         log_run_plots(uri, run_id, run_dir)  # <run_dir>/plots/, and the MLflow run's plots/
         if run_id and config.tracking.log_model:
             # The checkpoint the final evaluation used, so the model matches thresholds.json.
@@ -96,40 +81,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model_uri = log_pyfunc_model(
                 uri, run_id, run_dir, checkpoint=checkpoint, register_as=config.tracking.register_model
             )
-            _console(f"pyfunc model logged: {model_uri}"
+            say(f"pyfunc model logged: {model_uri}"
                      + (f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""))
-
-
-def log_evaluation(uri: str, run_id: str, evaluation: engine.Evaluation, *, run_dir: str) -> None:
-    """Test metrics as flat MLflow metrics, plus the run directory's result files as artifacts."""
-    test = evaluation.metrics["test"]
-    flat: dict[str, float] = {}
-    for name in ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",
-                 "macro_top_k_accuracy", "oracle_avg_k_accuracy", "gap_to_oracle"):
-        for key, value in (test.get(name) or {}).items():
-            if value is not None:
-                flat[f"test_{name}_k{key}"] = value
-    tracking.log_metrics(uri, run_id, flat, step=0)
-    for name in ("metrics.json", "thresholds.json", "per_class.parquet", "config.yaml"):
-        local = Path(run_dir) / name
-        if local.is_file():
-            tracking.log_artifact(uri, run_id, local)
-
-
-def ensure_shards(config: Config) -> None:
-    """Synthetic data is generated on first use; real sources must have been prepared.
-
-    A folder that already holds a prepared data set is used as it is, whatever data.source says:
-    its manifest says what the shards are, and training never writes over its input. The
-    config is then checked against the manifest (preflight.check_data).
-    """
-    try:
-        existing = read_manifest(config.data.shards)
-    except FileNotFoundError:
-        existing = None
-    if config.data.source == "synthetic" and (existing is None or existing.source == "synthetic"):
-        prepare(config)
-    preflight.check_data(config, read_manifest(config.data.shards))
 
 
 def check_resources(config: Config) -> None:
@@ -174,7 +127,7 @@ def build_trainer(
     )
 
 
-def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.Evaluation | None:
+def run_training(config: Config, *, parent_run_id: str | None = None) -> evaluation.Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
     config = with_absolute_paths(config)
     preflight.check_before_start(config)  # again for API callers; the CLI ran it before heavy imports
@@ -186,15 +139,9 @@ def run_training(config: Config, *, parent_run_id: str | None = None) -> engine.
         uri = tracking.tracking_uri(config)
         run_id = tracking.start_run(config, parent_run_id=parent_run_id)
     trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri)
-    try:
+    with tracking.lifecycle(uri, run_id):
         trainer.fit()
-    except BaseException:
-        if run_id:
-            tracking.end_run(uri, run_id, status="FAILED")
-        raise
-    if run_id:
-        tracking.end_run(uri, run_id, status="FINISHED")
     metrics_file = storage.join(storage.absolute(config.run_dir), "metrics.json")
     if not storage.exists(metrics_file):
         return None
-    return engine.Evaluation(metrics=storage.read_json(metrics_file), per_class={}, thresholds={})
+    return evaluation.Evaluation(metrics=storage.read_json(metrics_file), per_class={}, thresholds={})

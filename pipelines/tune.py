@@ -21,23 +21,19 @@ import csv
 import io
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import yaml
 
 from avgk import preflight, storage, tracking
+from avgk.console import say
 from avgk.config import Config
 from avgk.metrics import format_k
 from avgk.sweep_config import SweepConfig, SweepConfigError, config_for
 
 SWEEP_FILE = "sweep.yaml"
 
-
-def _print(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _plain(value: Any) -> Any:
@@ -117,13 +113,8 @@ def run_trial(
         )
     # TuneReportCallback forwards rank 0's per-epoch reports to Tune, so ASHA sees every epoch.
     trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri, callbacks=[TuneReportCallback()])
-    status = "FAILED"
-    try:
+    with tracking.lifecycle(uri, run_id):
         trainer.fit()
-        status = "FINISHED"
-    finally:
-        if run_id:
-            tracking.end_run(uri, run_id, status=status)
 
 
 # ---------------------------------------------------------------- the sweep driver
@@ -292,7 +283,7 @@ def _summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
     return out.getvalue()
 
 
-def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = _print) -> SweepResult:
+def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = say) -> SweepResult:
     """Runs (or resumes) the sweep, evaluates the best trial on test, writes and logs the summary."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -301,7 +292,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
     from pipelines import ray_env
     from pipelines.calibrate import run_evaluate
     from avgk.runs import with_absolute_paths
-    from pipelines.train import ensure_shards
+    from avgk.data.prepare import ensure_shards
 
     base = with_absolute_paths(base)
     scheduler_cfg = sweep.scheduler
@@ -329,7 +320,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
         if not resumed:  # MLflow params are write-once; a resume may change evaluate_best or the concurrency
             tracking.log_params(uri, parent_run_id, sweep.flat())
         base_tree["tracking"]["uri"] = uri  # every trial logs where the parent is, whatever its run.storage
-    try:
+    with tracking.lifecycle(uri, parent_run_id):
         per_trial_cpus = sweep.trial_cpus + base.train.num_workers * base.train.cpus_per_worker
         ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(per_trial_cpus)))
         concurrency = _concurrency(sweep, base, log=log)
@@ -377,12 +368,6 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
             run_evaluate(best_config, run=best.run_dir, log=log)
             best.test_avg_k = _test_avg_k(best.run_dir, best_config.loss.k)
         _write_summary(outcome, sweep, uri=uri, log=log)
-    except BaseException as err:
-        if parent_run_id:
-            tracking.end_run(uri, parent_run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    if parent_run_id:
-        tracking.end_run(uri, parent_run_id, status="FINISHED")
     return outcome
 
 

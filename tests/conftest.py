@@ -13,11 +13,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # runs single-host; tests must stay on loopback (a simulated multi-node cluster included).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.runs import ROOT  # noqa: E402
 
 
 def pytest_configure(config):
-    # avgk.data.shards silences this for the process; pytest re-enables DeprecationWarnings per test.
+    # avgk.data.loaders silences this for the process; pytest re-enables DeprecationWarnings per test.
     # torchvision 0.29 warns on every call of its (deprecated, still shipped) image decoders.
     config.addinivalue_line(
         "filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
@@ -28,7 +28,7 @@ def pytest_configure(config):
 def smoke_shards(tmp_path_factory) -> Path:
     """Shards of configs/smoke.yaml's synthetic data, written once."""
     from avgk.config import load_config
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
 
     shards = tmp_path_factory.mktemp("smoke") / "shards"
     config = load_config(ROOT / "configs" / "smoke.yaml", [f"data.shards={shards}"])
@@ -39,7 +39,7 @@ def smoke_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def predict_smoke_run(tmp_path_factory) -> tuple[Path, Path]:
     """(shards, run directory) of one in-process smoke training: the prediction and pyfunc tests' model."""
-    from tests.unit.test_predict import prepare_shards, train_smoke_run
+    from tests.helpers.runs import prepare_shards, train_smoke_run
 
     shards = prepare_shards(tmp_path_factory.mktemp("predict_data") / "shards")
     return shards, train_smoke_run(shards, tmp_path_factory.mktemp("predict_runs"))

@@ -1,16 +1,8 @@
 """Data layer: synthetic data, WebDataset shards with their manifest, loaders and transforms."""
 
-from avgk.data.shards import (
-    Manifest,
-    SplitInfo,
-    eval_loader,
-    num_train_batches,
-    read_manifest,
-    train_loader,
-    write_manifest,
-    write_split,
-    write_synthetic_shards,
-)
+from avgk.data.manifest import Manifest, SplitInfo, read_manifest, write_manifest
+from avgk.data.loaders import eval_loader, num_train_batches, train_loader
+from avgk.data.shards import write_split, write_synthetic_shards
 from avgk.data.synthetic import SyntheticSplit, generate_synthetic, posterior_dense
 from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 

@@ -14,6 +14,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_CROP", "ImageTransform"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE_CROP = 64
+AUTO_AUGMENT = {"none": None, "randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
 """Below this crop size (CIFAR-like images) training uses pad + random crop instead of RandomResizedCrop."""
 
 
@@ -93,12 +94,15 @@ def build_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     hflip: bool = True,
+    crop_scale: tuple[float, float] = (0.35, 1.0),
+    auto_augment: str = "none",
 ) -> ImageTransform:
     """Build a callable mapping a PIL image to a float32 3 x crop x crop tensor, normalised by mean/std.
 
-    train, crop >= 64: RandomResizedCrop(crop, scale=(0.35, 1)) + horizontal flip (if hflip)
+    train, crop >= 64: RandomResizedCrop(crop, scale=crop_scale) + horizontal flip (if hflip)
     (`resize` is then unused: the random crop is resized straight to `crop`).
     train, crop < 64:  Resize(resize) + RandomCrop(crop, padding=crop // 8) + horizontal flip (if hflip).
+    train, then:       RandAugment (2 ops, magnitude 9) or TrivialAugmentWide if auto_augment says so.
     eval:              Resize(resize) (shorter side) + CenterCrop(crop).
     """
     if int(resize) != resize or resize < 1:
@@ -112,11 +116,16 @@ def build_transform(
     if min(std) <= 0:
         raise ValueError(f"std values must be > 0, got {tuple(std)}")
 
-    flip = [v2.RandomHorizontalFlip()] if hflip else []
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(crop_scale)}")
+    if auto_augment not in AUTO_AUGMENT:
+        raise ValueError(f"auto_augment must be one of {', '.join(AUTO_AUGMENT)}, got {auto_augment!r}")
+    after_crop = [v2.RandomHorizontalFlip()] if hflip else []
+    after_crop += [AUTO_AUGMENT[auto_augment]()] if auto_augment != "none" else []
     if train and crop >= SMALL_IMAGE_CROP:
-        geometry = [v2.RandomResizedCrop(crop, scale=(0.35, 1.0), antialias=True), *flip]
+        geometry = [v2.RandomResizedCrop(crop, scale=tuple(crop_scale), antialias=True), *after_crop]
     elif train:
-        geometry = [v2.Resize(resize, antialias=True), v2.RandomCrop(crop, padding=max(1, crop // 8)), *flip]
+        geometry = [v2.Resize(resize, antialias=True), v2.RandomCrop(crop, padding=max(1, crop // 8)), *after_crop]
     else:
         geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
     return ImageTransform(

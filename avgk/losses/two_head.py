@@ -47,12 +47,17 @@ class CrossEntropyLoss(Loss):
     heads = ("softmax",)
     default_score_head = "softmax"
 
+    def __init__(self, *, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = float(label_smoothing)
+
     @classmethod
     def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "CrossEntropyLoss":
-        return cls()
+        return cls(label_smoothing=config.label_smoothing)
 
     def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
-        ce = F.cross_entropy(logits["softmax"].float(), labels, reduction="sum")
+        # labels: class ids (B), or class probabilities (B x L) from mixup / cutmix.
+        ce = F.cross_entropy(logits["softmax"].float(), labels, reduction="sum", label_smoothing=self.label_smoothing)
         return LossOutput(total_sum=ce, parts_sum={"ce": ce.detach()})
 
 
@@ -73,8 +78,10 @@ class TwoHeadLoss(Loss):
         num_classes: int,
         prior_tau: float = 0.0,
         class_counts: Sequence[int] | None = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
+        self.label_smoothing = float(label_smoothing)
         # Validate K_pl once against L here, not at the first batch of a long job.
         num_pseudo_positives(batch_size=1, num_classes=num_classes, k=pseudo_k)
         self.pseudo_k = pseudo_k
@@ -97,11 +104,12 @@ class TwoHeadLoss(Loss):
             num_classes=num_classes,
             prior_tau=config.pseudo_prior_tau,
             class_counts=class_counts,
+            label_smoothing=config.label_smoothing,
         )
 
     def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
         z_s, z_m = logits["softmax"].float(), logits["multilabel"].float()
-        ce = F.cross_entropy(z_s, labels, reduction="sum")
+        ce = F.cross_entropy(z_s, labels, reduction="sum", label_smoothing=self.label_smoothing)
         if pseudo_targets is None:
             selection = torch.softmax(z_s, dim=1)
             if self.selection_scale_L is not None:

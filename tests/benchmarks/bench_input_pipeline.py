@@ -9,7 +9,7 @@ process) twice: data.resize_shorter=256 (shrunk to 341 x 256 and re-encoded at p
 and data.resize_shorter=0 (the original bytes). Then, in --rounds interleaved rounds (the
 order rotates each round), one pass over the training images of:
 
-  avgk shards        avgk.data.shards.train_loader (the loader `avgk train` uses), on both
+  avgk shards        avgk.data.loaders.train_loader (the loader `avgk train` uses), on both
                      shard sets, product defaults (shuffle buffer 1,000);
   ImageFolder        torchvision.datasets.ImageFolder(DIR/images/train) + DataLoader(shuffle,
                      drop_last), the plain-torchvision script;
@@ -209,7 +209,8 @@ def build_pipelines(
     """(transform name or '-', pipeline name) -> a function creating a fresh loader for one pass."""
     import torchvision
 
-    from avgk.data.shards import read_manifest, train_loader
+    from avgk.data.manifest import read_manifest
+    from avgk.data.loaders import train_loader
 
     num_batches = num_images // batch_size
     epoch_of = {"n": 0}
@@ -279,7 +280,8 @@ DECODE_SHARDS = "decode-only, shard bytes of resize_shorter=256 (341 x 256)"
 def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tuple[str, float]]:
     """Milliseconds per image of each stage, in this process (1 torch thread, like a loader worker)."""
     import webdataset as wds
-    from avgk.data.shards import _Collate, read_manifest
+    from avgk.data.loaders import _Collate
+    from avgk.data.manifest import read_manifest
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -307,7 +309,7 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
                 best = min(best, (time.perf_counter() - start) / len(items))
             return best * 1e3
 
-        from avgk.data.shards import _decode_image_uint8
+        from avgk.data.loaders import _decode_image_uint8
 
         rows = [
             ("decode a 500 x 375 JPEG (the files), PIL", per_item(decode, big)),
@@ -357,7 +359,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
-    import pipelines.prepare  # noqa: F401 - import time stays out of the timings
+    import avgk.data.prepare  # noqa: F401 - import time stays out of the timings
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_input_pipeline-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"  # bars would only add noise to the timings
-    import pipelines.prepare  # noqa: F401 - torch and webdataset imports stay out of the first timing
+    import avgk.data.prepare  # noqa: F401 - torch and webdataset imports stay out of the first timing
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_prepare-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -123,9 +123,9 @@ def make_config(*, work: Path, name: str, num_train: int, epochs: int, threads: 
 
 def run_plain(config, threads: int) -> dict:
     """engine.fit without Ray; epoch stamps taken once the reporter has stored the epoch's checkpoint."""
-    from avgk import engine
+    from avgk import checkpoints, engine
 
-    class StampingReporter(engine.LocalReporter):
+    class StampingReporter(checkpoints.LocalReporter):
         def __init__(self, run_dir: str):
             super().__init__(run_dir)
             self.stamps: list[float] = []
@@ -200,7 +200,7 @@ def main() -> None:
         raise SystemExit("--epochs must be >= 2 (a full epoch is the interval between two reports)")
 
     from pipelines import ray_env
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_ray_overhead-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ CLOCKS = ("wall", "cpu")
 
 def fake_manifest(shards_dir: Path, *, num_classes: int, num_train: int) -> None:
     """A manifest with no shards: build_parts reads L and N from it, and nothing is loaded."""
-    from avgk.data.shards import write_manifest
+    from avgk.data.manifest import write_manifest
 
     shards_dir.mkdir(parents=True, exist_ok=True)
     counts = [num_train // num_classes] * num_classes

@@ -9,7 +9,7 @@ import torch
 
 from avgk.config import load_config
 from avgk.losses import LOSSES
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 pytestmark = [pytest.mark.slow]
 
@@ -18,13 +18,13 @@ pytestmark = [pytest.mark.slow]
 def test_loss_trains_and_writes_metrics(loss, smoke_shards, tmp_path):
     """The engine loop every Ray Train worker runs (pipelines.train wraps it unchanged; the Ray
     wrapper itself is exercised with two_head, ce and role elsewhere): one process, one epoch."""
-    from avgk import engine
+    from avgk import checkpoints, engine
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [
         f"data.shards={smoke_shards}", f"run.storage={tmp_path}", f"run.name={loss}", f"loss.name={loss}",
         "train.epochs=1", "tracking.enabled=false", "data.loader_workers=0",
     ])
-    engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+    engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
     metrics = json.loads((tmp_path / loss / "metrics.json").read_text())
     expected_head = "softmax" if loss == "ce" else "multilabel"
     assert metrics["score_head"] == expected_head
@@ -52,19 +52,19 @@ def test_role_tables_stay_identical_across_two_ranks(smoke_shards, tmp_path, loc
 
 def test_role_table_survives_resume(smoke_shards, tmp_path):
     """The ROLE table restored from a checkpoint equals the table saved in it (single process)."""
-    from avgk import engine
+    from avgk import checkpoints, engine
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [
         f"data.shards={smoke_shards}", f"run.storage={tmp_path}", "run.name=role", "loss.name=role",
         "train.epochs=1", "tracking.enabled=false", "data.loader_workers=0",
     ])
-    reporter = engine.LocalReporter(config.run_dir)
+    reporter = checkpoints.LocalReporter(config.run_dir)
     engine.fit(config, reporter=reporter, log=lambda _: None)
-    saved = engine.load_checkpoint_file(f"{reporter.latest_checkpoint_dir()}/checkpoint.pt")["loss"]
+    saved = checkpoints.load_checkpoint_file(f"{reporter.latest_checkpoint_dir()}/checkpoint.pt")["loss"]
     fresh = engine.build_parts(config, device=torch.device("cpu"))
     assert not torch.equal(fresh.loss.table_NL, saved["table_NL"])  # training moved the table
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    engine.restore(fresh, engine.load_checkpoint_file(f"{reporter.latest_checkpoint_dir()}/checkpoint.pt"), scaler)
+    checkpoints.restore(fresh, checkpoints.load_checkpoint_file(f"{reporter.latest_checkpoint_dir()}/checkpoint.pt"), scaler)
     assert torch.equal(fresh.loss.table_NL, saved["table_NL"])
     assert torch.equal(fresh.loss.seen_N, saved["seen_N"])
     assert int(saved["seen_N"].sum()) > 0

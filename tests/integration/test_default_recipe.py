@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from avgk import engine
+from avgk import checkpoints, engine
 from avgk.config import load_config
-from avgk.data.shards import read_manifest
-from tests.conftest import ROOT
+from avgk.data.manifest import read_manifest
+from tests.helpers.runs import ROOT
 from tests.helpers.digits import write_digit_pairs
 from tests.helpers.prior import prior_avg_k_accuracy
 
@@ -28,7 +28,7 @@ MIN_SHARE_ABOVE_PRIOR = 0.3
 
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory) -> Path:
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("digits")
     write_digit_pairs(root / "images", num_train=2000, num_val=500, num_test=200, ambiguity=0.3, seed=0)
@@ -55,7 +55,7 @@ def share_above_prior(overrides: list[str]) -> tuple[float, float, float]:
     manifest = read_manifest(config.data.shards)
     prior = prior_avg_k_accuracy(train_counts=manifest.split("train").class_counts,
                                  eval_counts=manifest.split("val").class_counts, k=2)
-    result = engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+    result = engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
     best = max(h["val_avg_k_accuracy"] for h in result.history)
     return best, prior, (best - prior) / (1 - prior)
 

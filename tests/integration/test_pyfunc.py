@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from avgk.predict import SetPredictor
 from pipelines.predict import log_pyfunc_model
-from tests.unit.test_predict import read_split
+from tests.helpers.runs import read_split
 
 pytestmark = pytest.mark.slow
 

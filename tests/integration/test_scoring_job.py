@@ -17,7 +17,7 @@ from avgk.config import load_config
 from avgk.metrics import SetMetrics
 from avgk.pseudo_labels import batch_pseudo_labels, read_pseudo_label_table
 from avgk.thresholds import reference_thresholds, round_count
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SMOKE = ROOT / "configs" / "smoke.yaml"

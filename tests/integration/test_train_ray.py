@@ -15,19 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from avgk.config import load_config
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT, SMOKE, smoke_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Ray Train's checkpoint folders (not its checkpoint_manager_snapshot.json), oldest first."""
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-
-
-def smoke_config(smoke_shards, tmp_path, *overrides):
-    return load_config(SMOKE, [f"data.shards={smoke_shards}", f"run.storage={tmp_path / 'runs'}", *overrides])
 
 
 def test_cli_trains_two_workers_and_logs_one_mlflow_run(smoke_shards, tmp_path, mlflow_server):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from avgk.config import Config
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 SWEEP = ROOT / "configs" / "sweeps" / "smoke.yaml"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import free_port
-from tests.integration.test_train_ray import smoke_config
+from tests.helpers.runs import free_port, smoke_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

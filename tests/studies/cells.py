@@ -19,7 +19,7 @@ def fit_cell(config, extra: dict) -> dict:
     """Train and evaluate one config (or read its finished record); `extra` is copied into the record."""
     import torch
 
-    from avgk import engine
+    from avgk import checkpoints, engine
 
     torch.set_num_threads(1)
     run_dir = Path(config.run_dir)
@@ -29,7 +29,7 @@ def fit_cell(config, extra: dict) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as log_file:
-        result = engine.fit(config, reporter=engine.LocalReporter(str(run_dir)),
+        result = engine.fit(config, reporter=checkpoints.LocalReporter(str(run_dir)),
                             log=lambda line: print(line, file=log_file, flush=True))
     test = result.evaluation.metrics["test"]
     curve = [h["val_avg_k_accuracy"] for h in result.history]

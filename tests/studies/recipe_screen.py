@@ -90,7 +90,7 @@ def data_overrides(name: str) -> dict:
 
 def prepare_data(name: str) -> None:
     from avgk.config import build_config
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
 
     values = data_overrides(name)
     if name == "digits" and not Path(values["data.root"]).is_dir():
@@ -103,7 +103,7 @@ def prepare_data(name: str) -> None:
 
 def cell_config(data: str, recipe: str, seed: int):
     from avgk.config import build_config
-    from avgk.data.shards import read_manifest
+    from avgk.data.manifest import read_manifest
 
     values = {**COMMON, **data_overrides(data), **RECIPES[recipe], "train.seed": seed,
               "run.name": f"{data}-{recipe}-s{seed}", "run.storage": str(OUT / "runs")}

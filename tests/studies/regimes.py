@@ -95,7 +95,7 @@ def build(values: dict):
 
 def prepare_data() -> None:
     from avgk.config import load_config
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
 
     prepare(build(COMMON), progress=False)
     prepare(source_config(load_config), progress=False)

@@ -21,7 +21,7 @@ from avgk.losses import (
     score_head_for,
     wan_loss,
 )
-from avgk.losses.baselines import RoleLoss
+from avgk.losses.role import RoleLoss
 from avgk.models import build_model
 
 # A 4 x 3 batch written out; labels are the single observed positives.

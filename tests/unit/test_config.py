@@ -3,7 +3,7 @@
 import pytest
 
 from avgk.config import Config, ConfigError, build_config, load_config
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 
 def test_defaults_are_valid_and_flatten():

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
 import pytest
 
 from avgk.config import load_config
-from avgk.data.shards import read_manifest, write_synthetic_shards
+from avgk.data.manifest import read_manifest
+from avgk.data.shards import write_synthetic_shards
 from tests.helpers.digits import write_digit_pairs
+from tests.helpers.runs import ROOT
 
 SMALL = dict(num_classes=5, num_train=20, num_val=10, num_test=10, image_size=8, zipf_exponent=1.0,
              ambiguity_rate=0.3, seed=0, maxcount=10)
@@ -22,7 +25,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def prepared_digits(tmp_path_factory) -> Path:
-    from pipelines.prepare import prepare
+    from avgk.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("digits")
     write_digit_pairs(root / "images", num_train=60, num_val=20, num_test=20, seed=1)
@@ -35,7 +38,7 @@ def prepared_digits(tmp_path_factory) -> Path:
 def test_training_a_synthetic_config_on_a_prepared_folder_keeps_it_byte_for_byte(prepared_digits, tmp_path):
     """The reported loss: `avgk prepare` of a real source into S, then `avgk train` with the default
     (synthetic) source and data.shards=S regenerated S as synthetic data. Now S is used as it is."""
-    from pipelines.train import ensure_shards
+    from avgk.data.prepare import ensure_shards
 
     before = tree_digest(prepared_digits)
     config = load_config(None, [f"data.shards={prepared_digits}", f"run.storage={tmp_path}", "loss.k=2", "eval.ks=[1,2]",
@@ -90,20 +93,19 @@ def _truncate_one_test_shard(shards: Path, copy: Path) -> None:
 
 
 def test_an_evaluation_over_fewer_samples_than_the_manifest_fails_or_is_counted(smoke_shards, tmp_path):
-    from avgk import engine
+    from avgk import checkpoints, engine
     from avgk.accounting import SampleCountError
-    from tests.conftest import ROOT
 
     _truncate_one_test_shard(smoke_shards, tmp_path / "shards")
     common = [f"data.shards={tmp_path / 'shards'}", f"run.storage={tmp_path}", "tracking.enabled=false",
               "train.epochs=1", "data.loader_workers=0"]
     strict = load_config(ROOT / "configs" / "smoke.yaml", [*common, "run.name=strict"])
     with pytest.raises(SampleCountError, match=r"split 'test' read \d+ of the manifest's 400 samples.*eval.strict=false"):
-        engine.fit(strict, reporter=engine.LocalReporter(strict.run_dir), log=lambda _: None)
+        engine.fit(strict, reporter=checkpoints.LocalReporter(strict.run_dir), log=lambda _: None)
     assert not (tmp_path / "strict" / "metrics.json").exists()
     counted = load_config(ROOT / "configs" / "smoke.yaml", [*common, "run.name=counted", "eval.strict=false"])
     lines: list[str] = []
-    result = engine.fit(counted, reporter=engine.LocalReporter(counted.run_dir), log=lines.append)
+    result = engine.fit(counted, reporter=checkpoints.LocalReporter(counted.run_dir), log=lines.append)
     samples = result.evaluation.metrics["samples"]
     assert samples["val"] == {"expected": 400, "read": 400, "missing": 0}
     assert samples["test"]["expected"] == 400 and 0 < samples["test"]["missing"] < 400
@@ -251,3 +253,47 @@ def test_gpus_the_cluster_lacks_are_one_line_at_once(monkeypatch):
         check_resources(load_config(None, ["train.use_gpu=true", "train.num_workers=2"]))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
     check_resources(load_config(None, ["train.use_gpu=true", "train.num_workers=2"]))
+
+
+@pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"),
+                                            (KeyboardInterrupt(), "KILLED")])
+def test_every_mlflow_run_ends_with_the_status_its_block_earned(tmp_path, raised, status):
+    from mlflow.tracking import MlflowClient
+
+    from avgk import tracking
+
+    config = load_config(ROOT / "configs" / "smoke.yaml", [f"run.storage={tmp_path}", "run.name=life"])
+    uri = tracking.tracking_uri(config)
+    run_id = tracking.start_run(config)
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
+        with tracking.lifecycle(uri, run_id):
+            if raised:
+                raise raised
+    assert MlflowClient(uri).get_run(run_id).info.status == status
+
+
+def test_sigterm_ends_the_cli_like_ctrl_c(tmp_path):
+    """SIGTERM during a command: exit 143 and one line, so run lifecycles unwind (KILLED), not a silent death."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\n"
+        "from pipelines import cli\n"
+        "def slow(args):\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    return 0\n"
+        "cli.cmd_config = slow  # a long command, any command\n"
+        "raise SystemExit(cli.main(['config']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "started"
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err.strip() == "avgk: terminated"
+    assert time.perf_counter() - start < 30

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from avgk import engine
+from avgk import checkpoints, engine, evaluation, inputs
 from avgk.config import load_config
 from avgk.thresholds import reference_thresholds
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 
 def smoke(smoke_shards, tmp_path, *overrides):
@@ -41,7 +41,7 @@ def test_lr_schedules(overrides, step, expected):
 def test_cpu_training_reports_every_metric(loss, smoke_shards, tmp_path):
     config = smoke(smoke_shards, tmp_path, f"loss.name={loss}", f"run.name={loss}")
     lines: list[str] = []
-    result = engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lines.append)
+    result = engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lines.append)
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert any("img/s" in line for line in lines)
     doc = json.loads((tmp_path / loss / "metrics.json").read_text())
@@ -61,15 +61,15 @@ def test_cpu_training_reports_every_metric(loss, smoke_shards, tmp_path):
 def test_thresholds_equal_the_full_sort_of_val_scores(smoke_shards, tmp_path):
     config = smoke(smoke_shards, tmp_path, "run.name=calib")
     parts = engine.build_parts(config, device=torch.device("cpu"))
-    chunks = engine.score_split(parts, "val")
-    calibrated = engine.calibrate(chunks, ks=[1, 1.5, 2, 3], reduce=lambda a: a)
+    chunks = evaluation.score_split(parts, "val")
+    calibrated = evaluation.calibrate(chunks, ks=[1, 1.5, 2, 3], reduce=lambda a: a)
     scores = np.concatenate([c.scores_NL for c in chunks])
     assert calibrated == reference_thresholds(scores, [1, 1.5, 2, 3])
 
 
 def test_bf16_autocast_trains_on_cpu(smoke_shards, tmp_path):
     config = smoke(smoke_shards, tmp_path, "train.amp=bf16", "train.epochs=1", "run.name=bf16")
-    result = engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+    result = engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
     assert np.isfinite(result.history[0]["train_loss"])
 
 
@@ -77,23 +77,23 @@ def test_non_finite_loss_stops_with_step_and_keys(smoke_shards, tmp_path):
     config = smoke(smoke_shards, tmp_path, "train.lr=1e30", "train.schedule=constant", "run.name=nan",
                    "train.optimizer=sgd", "train.momentum=0")
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 0 step \d+; batch keys \['train-"):
-        engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+        engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
 
 
 def test_resume_continues_from_the_latest_checkpoint(smoke_shards, tmp_path):
     config = smoke(smoke_shards, tmp_path, "train.epochs=1", "run.name=resume")
-    engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+    engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
     longer = smoke(smoke_shards, tmp_path, "train.epochs=2", "run.name=resume")
     lines: list[str] = []
-    result = engine.fit(longer, reporter=engine.LocalReporter(longer.run_dir), log=lines.append)
+    result = engine.fit(longer, reporter=checkpoints.LocalReporter(longer.run_dir), log=lines.append)
     assert any("resuming resume from epoch 2" in line for line in lines)
     assert [h["epoch"] for h in result.history] == [1, 2]
 
 
 def test_loaders_normalise_in_workers_on_cpu_and_on_the_device_elsewhere():
-    assert engine.normalize_in_loader(torch.device("cpu"))
-    assert not engine.normalize_in_loader(torch.device("cuda", 0))
-    assert engine.model_input(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), device=torch.device("cpu"),
+    assert inputs.normalize_in_loader(torch.device("cpu"))
+    assert not inputs.normalize_in_loader(torch.device("cuda", 0))
+    assert inputs.model_input(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), device=torch.device("cpu"),
                               config=load_config(None)).dtype == torch.float32
 
 
@@ -105,9 +105,9 @@ def test_uint8_batches_normalised_by_the_engine_score_as_loader_normalised_ones(
     # the scores must equal those of the CPU path (normalised in the loader), as predict sees.
     config = smoke(smoke_shards, tmp_path, "run.name=uint8", f"model.channels_last={channels_last}")
     parts = engine.build_parts(config, device=torch.device("cpu"))
-    float_chunks = engine.score_split(parts, "val")
-    monkeypatch.setattr(engine, "normalize_in_loader", lambda device: False)
-    uint8_chunks = engine.score_split(parts, "val")
+    float_chunks = evaluation.score_split(parts, "val")
+    monkeypatch.setattr(evaluation, "normalize_in_loader", lambda device: False)
+    uint8_chunks = evaluation.score_split(parts, "val")
     assert len(uint8_chunks) == len(float_chunks) > 0
     for u, f in zip(uint8_chunks, float_chunks):
         np.testing.assert_array_equal(u.labels_N, f.labels_N)
@@ -117,8 +117,9 @@ def test_uint8_batches_normalised_by_the_engine_score_as_loader_normalised_ones(
 def test_training_on_uint8_batches_follows_the_same_path(smoke_shards, tmp_path, monkeypatch):
     histories = []
     for in_loader in (True, False):
-        monkeypatch.setattr(engine, "normalize_in_loader", lambda device, flag=in_loader: flag)
+        for module in (engine, evaluation):  # the training loader and the validation loaders
+            monkeypatch.setattr(module, "normalize_in_loader", lambda device, flag=in_loader: flag)
         config = smoke(smoke_shards, tmp_path, "train.epochs=1", f"run.name=in_loader_{in_loader}")
-        result = engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
+        result = engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
         histories.append([(h["train_loss"], h["val_avg_k_accuracy"]) for h in result.history])
     assert histories[0] == histories[1]

@@ -11,46 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avgk import engine
+from avgk import checkpoints, engine
 from avgk.config import load_config
-from avgk.data.shards import read_manifest
+from avgk.data.manifest import read_manifest
 from avgk.predict import SetPredictor, decode_image
 from pipelines import cli
-from tests.conftest import ROOT
-
-
-def read_split(shards: Path, split: str) -> tuple[list[bytes], np.ndarray]:
-    """(encoded PNG bytes, labels) of a split, in shard order, straight from the tar files."""
-    images, labels = [], []
-    for shard in read_manifest(shards).splits[split].shards:
-        with tarfile.open(shards / shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(n for n in members if n.endswith(".png")):
-                key = name[: -len(".png")]
-                images.append(tar.extractfile(members[name]).read())
-                labels.append(int(tar.extractfile(members[f"{key}.cls"]).read()))
-    return images, np.asarray(labels)
-
-
-# The smoke data with larger val and test splits: with 400 samples the test set size strays
-# up to ~8% from K by sampling noise alone (calibration is on val).
-LARGE_EVAL_SPLITS = ["data.synthetic.num_val=2000", "data.synthetic.num_test=2000"]
-
-
-def prepare_shards(shards: Path) -> Path:
-    from pipelines.prepare import prepare
-
-    prepare(load_config(ROOT / "configs" / "smoke.yaml", [f"data.shards={shards}", *LARGE_EVAL_SPLITS]))
-    return shards
-
-
-def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
-    config = load_config(ROOT / "configs" / "smoke.yaml", [
-        f"data.shards={shards}", f"run.storage={storage}", "tracking.enabled=false", f"run.name={name}",
-        *LARGE_EVAL_SPLITS,
-    ])
-    engine.fit(config, reporter=engine.LocalReporter(config.run_dir), log=lambda _: None)
-    return Path(config.run_dir)
+from tests.helpers.runs import ROOT, read_split
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +85,7 @@ def test_inputs_names_and_batching_agree(predictor, trained_run, test_split, tmp
     assert mixed[0] == as_bytes[0] and mixed[1] == as_bytes[1] and mixed[2] == as_bytes[0]
     assert as_bytes[0].names == [f"class_{i:02d}" for i in as_bytes[0].ids]  # from the shard manifest
     small = SetPredictor(
-        checkpoint=engine.load_checkpoint_file(trained_run / "best" / "checkpoint.pt"),
+        checkpoint=checkpoints.load_checkpoint_file(trained_run / "best" / "checkpoint.pt"),
         thresholds={"score_head": predictor.score_head, "thresholds": predictor.thresholds},
         batch_size=7,
     )

@@ -176,7 +176,7 @@ def test_offline_hook_online_first_then_cached_and_reloaded_on_resume(tmp_path, 
     """Epochs < R: online (None); a resumed run between refreshes reloads its refresh's table."""
     from types import SimpleNamespace
 
-    from pipelines import pseudolabel
+    from avgk import pseudo_refresh
 
     parts = SimpleNamespace(num_classes=3, manifest=SimpleNamespace(split=lambda name: SimpleNamespace(num_samples=4)))
     positive_NL = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=bool)
@@ -187,16 +187,16 @@ def test_offline_hook_online_first_then_cached_and_reloaded_on_resume(tmp_path, 
     computed = []
     fresh = PseudoLabelTable.from_rows(idx_R=np.arange(4), counts_R=[1] * 4, labels_P=[0] * 4, num_samples=4,
                                        metadata={})
-    monkeypatch.setattr(pseudolabel.OfflinePseudoLabels, "_compute",
+    monkeypatch.setattr(pseudo_refresh.OfflinePseudoLabels, "_compute",
                         lambda self, parts, refresh: computed.append(refresh) or fresh)
 
-    hook = pseudolabel.OfflinePseudoLabels(run_dir=str(tmp_path), k=1.75, refresh_epochs=2)
+    hook = pseudo_refresh.OfflinePseudoLabels(run_dir=str(tmp_path), k=1.75, refresh_epochs=2)
     assert hook(parts, 0) is None and hook(parts, 1) is None
     targets = hook(parts, 3)(torch.tensor([2, 3]))  # resumed at epoch 3: the epoch-2 table from disk
     assert targets.tolist() == [[1, 1, 1], [0, 0, 1]] and computed == []
     assert hook(parts, 4)(torch.tensor([2])).tolist() == [[1, 0, 0]] and computed == [4]  # refresh
     hook(parts, 5)
     assert computed == [4]  # reused until the next refresh
-    resumed = pseudolabel.OfflinePseudoLabels(run_dir=str(tmp_path), k=1.75, refresh_epochs=3)
+    resumed = pseudo_refresh.OfflinePseudoLabels(run_dir=str(tmp_path), k=1.75, refresh_epochs=3)
     resumed(parts, 4)  # its refresh epoch is 3, the table on disk is epoch 2's: recomputed
     assert computed == [4, 3]

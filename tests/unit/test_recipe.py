@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from avgk import engine
+from avgk import checkpoints, engine
 from avgk.config import ConfigError, LossConfig, ModelConfig, load_config
 from avgk.data.transforms import build_transform
 from avgk.losses import build_loss, head_scores, score_head_for
 from avgk.losses.two_head import selection_scale
 from avgk.models import build_model
 from avgk.pseudo_labels import batch_pseudo_labels
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 HEADS = ("softmax", "multilabel")
 
@@ -142,8 +142,8 @@ def test_hflip_off_never_mirrors_a_training_image(hflip):
 
 def test_fine_tuning_starts_from_an_avgk_run_with_fresh_heads(smoke_shards, tmp_path):
     source = smoke(smoke_shards, tmp_path, "run.name=source", "train.epochs=1")
-    engine.fit(source, reporter=engine.LocalReporter(source.run_dir), log=lambda _: None)
-    state = engine.load_checkpoint_file(tmp_path / "source" / "best" / "checkpoint.pt")
+    engine.fit(source, reporter=checkpoints.LocalReporter(source.run_dir), log=lambda _: None)
+    state = checkpoints.load_checkpoint_file(tmp_path / "source" / "best" / "checkpoint.pt")
     for pretrained in (tmp_path / "source", tmp_path / "source" / "best" / "checkpoint.pt"):
         model = build_model(ModelConfig(width=8, pretrained=str(pretrained)), num_classes=7, heads=HEADS)
         for name, tensor in model.backbone.state_dict().items():
@@ -154,7 +154,7 @@ def test_fine_tuning_starts_from_an_avgk_run_with_fresh_heads(smoke_shards, tmp_
     # The fine-tuning run itself: a config naming the source run trains.
     tuned = smoke(smoke_shards, tmp_path, "run.name=tuned", "train.epochs=1", f"model.pretrained={tmp_path / 'source'}",
                   "train.lr_scale.backbone=0.1")
-    result = engine.fit(tuned, reporter=engine.LocalReporter(tuned.run_dir), log=lambda _: None)
+    result = engine.fit(tuned, reporter=checkpoints.LocalReporter(tuned.run_dir), log=lambda _: None)
     assert result.evaluation.metrics["test"]["avg_k_accuracy"]["2"] > 0.2
 
 
@@ -170,10 +170,10 @@ def test_checkpoints_load_weights_only_so_a_crafted_file_runs_no_code(tmp_path, 
     with open(crafted, "wb") as f:
         pickle.dump({"model": _Exploit()}, f)
     with pytest.raises(ValueError, match=r"checkpoint.pt is not an avgk checkpoint that loads safely"):
-        engine.load_checkpoint_file(crafted)
+        checkpoints.load_checkpoint_file(crafted)
     with pytest.raises(ValueError, match="is not a readable weights file"):
         build_model(ModelConfig(width=8, pretrained=str(crafted)), num_classes=3, heads=HEADS)
     assert not marker.exists()
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="lacks model, config and num_classes"):
-        engine.load_checkpoint_file(tmp_path / "other.pt")
+        checkpoints.load_checkpoint_file(tmp_path / "other.pt")

@@ -10,20 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from avgk.data.shards import (
-    MANIFEST_NAME,
-    decode_posterior,
-    encode_posterior,
-    epoch_shard_order,
-    eval_loader,
-    num_train_batches,
-    read_manifest,
-    train_loader,
-    worker_shards,
-    write_manifest,
-    write_split,
-    write_synthetic_shards,
-)
+from avgk.data.manifest import MANIFEST_NAME, decode_posterior, encode_posterior, read_manifest, write_manifest
+from avgk.data.loaders import epoch_shard_order, eval_loader, num_train_batches, train_loader, worker_shards
+from avgk.data.shards import write_split, write_synthetic_shards
 from avgk.data.synthetic import generate_synthetic
 from avgk.data.transforms import build_transform
 
@@ -412,7 +401,7 @@ def test_loader_batches_equal_the_per_image_transform(shards, reference, num_wor
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_uint8_batches_normalised_later_equal_the_loader_normalised_ones(shards, num_workers):
-    # normalize=False: the consumer (avgk.engine.model_input) normalises where the model runs
+    # normalize=False: the consumer (avgk.models.model_input) normalises where the model runs
     transform = build_transform(train=False, resize=16, crop=16)
     common = dict(shards_dir=shards, split="test", batch_size=32, rank=0, world_size=1, num_workers=num_workers,
                   transform=transform)
@@ -450,7 +439,7 @@ def _encoded(image_HWC: np.ndarray, fmt: str, **options) -> bytes:
 def test_tensor_decoding_gives_the_pixels_pil_gives(kind):
     # Loaders with an ImageTransform decode with torchvision.io (faster); it must match PIL's RGB,
     # which predict and any other transform use, and fall back to PIL where it cannot give 8-bit RGB.
-    from avgk.data.shards import _decode_image, _decode_image_uint8
+    from avgk.data.loaders import _decode_image, _decode_image_uint8
 
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 256, (21, 34, 3), dtype=np.uint8)
@@ -470,7 +459,7 @@ def test_tensor_decoding_gives_the_pixels_pil_gives(kind):
 @pytest.mark.parametrize("broken", ["garbage", "truncated"])
 def test_a_broken_image_raises_what_pil_raises_for_the_skip_handler(broken):
     # torchvision's decoder fails on it, PIL then raises its own error (not a half-decoded image)
-    from avgk.data.shards import _decode_image_uint8
+    from avgk.data.loaders import _decode_image_uint8
 
     jpeg = _encoded(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG")
     data = b"not an image at all" if broken == "garbage" else jpeg[: len(jpeg) // 2]

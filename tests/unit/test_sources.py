@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from avgk.config import ConfigError, build_config
-from avgk.data.shards import MANIFEST_NAME, eval_loader, read_manifest
+from avgk.data.manifest import MANIFEST_NAME, read_manifest
+from avgk.data.loaders import eval_loader
 from avgk.data.sources import (
     HIDDEN_REASON,
     SPECIES_NAMES_FILE,
@@ -25,7 +26,7 @@ from avgk.data.sources import (
     ratio_split,
     stratified_holdout,
 )
-from pipelines.prepare import prepare
+from avgk.data.prepare import prepare
 
 # =====================================================================================
 # Fake inputs

@@ -9,7 +9,7 @@ import pytest
 
 from avgk.study import cell_row, frequency_gains, paired_gains, summarize
 from avgk.study_config import StudyConfigError, load_study
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 STUDY = ROOT / "configs" / "studies" / "synthetic.yaml"
 

@@ -9,7 +9,7 @@ import yaml
 
 from avgk.config import ConfigError
 from avgk.sweep_config import Domain, SweepConfigError, check_key, load_sweep
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 SWEEPS = ROOT / "configs" / "sweeps"
 

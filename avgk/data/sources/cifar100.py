@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from avgk.data.shards import Manifest
+from avgk.data.manifest import Manifest
 from avgk.data.sources.common import ConvertOptions, SplitPlan, encode_array, file_digest, write_image_dataset
 from avgk.data.sources.imagefolder import check_root
 

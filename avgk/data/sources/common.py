@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from avgk.data.shards import Manifest, read_manifest, write_manifest, write_split
+from avgk.data.manifest import Manifest, read_manifest, write_manifest
+from avgk.data.shards import write_split
 
 __all__ = [
     "CONVERTER_VERSION",

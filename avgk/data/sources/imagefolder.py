@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avgk.data.shards import Manifest
+from avgk.data.manifest import Manifest
 from avgk.data.sources.common import (
     ClassTree,
     ConvertOptions,

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from avgk.data.shards import Manifest
+from avgk.data.manifest import Manifest
 from avgk.data.sources.common import ConvertOptions, convert_file, file_digest, scan_class_folders, write_image_dataset
 from avgk.data.sources.imagefolder import SPLITS, check_root, plan_class_splits
 

@@ -1,11 +1,14 @@
-"""`avgk prepare`: the configured source converted to WebDataset shards with a manifest."""
+"""`avgk prepare`: the configured source converted to WebDataset shards with a manifest, and the
+check every training entry point runs first (ensure_shards)."""
 
 from __future__ import annotations
 
 import sys
 
+from avgk import preflight
 from avgk.config import Config
-from avgk.data.shards import Manifest, write_synthetic_shards
+from avgk.data.manifest import Manifest, read_manifest
+from avgk.data.shards import write_synthetic_shards
 from avgk.data.sources import (
     ConvertOptions,
     available_cpus,
@@ -74,3 +77,19 @@ def prepare(config: Config, *, progress: bool = True) -> Manifest:
         print(f"avgk prepare: skipped files ({counts}), listed with reasons under splits.<split>.skipped in "
               f"{manifest.root / 'manifest.json'}", file=sys.stderr)
     return manifest
+
+
+def ensure_shards(config: Config) -> None:
+    """Synthetic data is generated on first use; real sources must have been prepared.
+
+    A folder that already holds a prepared data set is used as it is, whatever data.source says:
+    its manifest says what the shards are, and training never writes over its input. The
+    config is then checked against the manifest (preflight.check_data).
+    """
+    try:
+        existing = read_manifest(config.data.shards)
+    except FileNotFoundError:
+        existing = None
+    if config.data.source == "synthetic" and (existing is None or existing.source == "synthetic"):
+        prepare(config)
+    preflight.check_data(config, read_manifest(config.data.shards))

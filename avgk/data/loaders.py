@@ -1,0 +1,479 @@
+"""Reading WebDataset shards: which shards each rank and loader worker reads (pure functions),
+decoding samples, and the train/eval loaders.
+
+Shape legend: B batch size, L classes, H x W image size.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from avgk.data.transforms import ImageTransform
+from avgk.data.manifest import IMAGE_EXTENSIONS, decode_posterior, read_manifest
+
+log = logging.getLogger(__name__)
+
+# =====================================================================================
+# Shard assignment (pure functions)
+# =====================================================================================
+
+
+def _seed_int(*parts: int) -> int:
+    """One 64-bit seed from several non-negative ints, independent of Python's hash salt."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0])
+
+
+def epoch_shard_order(*, shard_urls: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The training shard order of an epoch: the same on every rank, different from epoch to epoch."""
+    order = list(shard_urls)
+    random.Random(_seed_int(seed, epoch)).shuffle(order)
+    return order
+
+
+def worker_shards(
+    *, shard_urls: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
+    """The shards one worker of one rank reads: every world_size-th from `rank`, then every num_workers-th."""
+    return list(shard_urls)[rank::world_size][worker::max(1, num_workers)]
+
+
+# =====================================================================================
+# Reading
+# =====================================================================================
+
+
+class _SkipAndCount:
+    """Webdataset exception handler: skip the broken sample or shard, count it, warn at most every 30 s."""
+
+    def __init__(self, interval_s: float = 30.0):
+        self.num_skipped = 0
+        self.interval_s = interval_s
+        self._last_warning = -float("inf")
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, _DataSetupError):
+            raise exn
+        self.num_skipped += 1
+        now = time.monotonic()
+        if now - self._last_warning >= self.interval_s:
+            self._last_warning = now
+            log.warning("skipping broken sample (%d skipped so far in this worker): %r", self.num_skipped, exn)
+        return True
+
+
+class _DataSetupError(ValueError):
+    """A configuration error (e.g. a posterior asked for but absent): never skipped."""
+
+
+def _image_bytes(sample: Mapping[str, Any]) -> bytes:
+    for ext in (*IMAGE_EXTENSIONS, "jpeg"):
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
+
+
+def _decode_image(sample: Mapping[str, Any]) -> Image.Image:
+    with Image.open(io.BytesIO(_image_bytes(sample))) as image:
+        return image.convert("RGB")
+
+
+try:
+    # torchvision 0.29 deprecates its decoders in favour of TorchCodec (a further dependency, not
+    # taken yet) but ships them; once a release drops them, every image goes through PIL.
+    from torchvision.io import ImageReadMode, decode_image
+
+    warnings.filterwarnings(
+        "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+        category=DeprecationWarning,
+    )
+except ImportError:  # pragma: no cover - a torchvision without image decoders
+    decode_image = None
+
+
+def _decode_image_uint8(sample: Mapping[str, Any]) -> torch.Tensor:
+    """uint8 3 x H x W RGB. torchvision.io decodes straight into a tensor, 1.9x faster than PIL +
+    convert + to-tensor on 341 x 256 JPEGs with the same pixels (BENCHMARKS.md, P3); what it
+    cannot give as 8-bit RGB (e.g. a 16-bit PNG) goes through PIL, as every image used to."""
+    data = _image_bytes(sample)
+    if decode_image is not None:
+        try:
+            # bytearray: a writable copy (~30 us for 100 KB) that torch wraps without a warning
+            image_CHW = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if image_CHW.dtype == torch.uint8:
+                return image_CHW
+        except RuntimeError:
+            pass  # PIL decides: it decodes what torchvision does not, and raises on a broken image
+    with Image.open(io.BytesIO(data)) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+@dataclass
+class _SampleDecoder:
+    transform: Callable | None
+    num_classes: int | None
+    with_posterior: bool
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict:
+        if isinstance(self.transform, ImageTransform):
+            # its geometry takes tensors; uint8 out, the batch is normalised in _Collate or later
+            image_CHW = self.transform.geometry(_decode_image_uint8(sample))
+        elif self.transform is not None:
+            image_CHW = self.transform(_decode_image(sample))  # any other transform gets a PIL image, as documented
+        else:
+            image_CHW = _decode_image_uint8(sample).float().div_(255.0)
+        out = {
+            "image": image_CHW,
+            "label": int(sample["cls"]),
+            "idx": int(sample["idx"]),
+            "key": sample["__key__"],
+        }
+        if self.with_posterior:
+            if "post.npy" not in sample:
+                raise _DataSetupError(
+                    f"with_posterior=True but sample {sample['__key__']!r} has no post.npy "
+                    "(only synthetic shards carry posteriors)"
+                )
+            post_2M = np.load(io.BytesIO(sample["post.npy"]), allow_pickle=False)
+            out["posterior"] = decode_posterior(post_2M=post_2M, num_classes=self.num_classes)
+        return out
+
+
+def _shared_float_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 tensor; in a loader worker, in shared memory, where the batch must go to reach
+    the main process (a plain tensor would be copied there once more when pickled: 0.3 ms per
+    3 x 224 x 224 image). The same calls as torch's default_collate."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    elem = torch.empty(0, dtype=torch.float32)
+    storage = elem._typed_storage()._new_shared(int(np.prod(shape)), device=elem.device)
+    return elem.new(storage).resize_(*shape)
+
+
+@dataclass
+class _Collate:
+    """Samples -> one batch dict. uint8 images from an ImageTransform's geometry are normalised here
+    in one pass over the batch, or, with normalize=False, left uint8 for the consumer."""
+
+    transform: Callable | None
+    normalize: bool = True
+
+    def __call__(self, samples: list[dict]) -> dict:
+        images = [s["image"] for s in samples]
+        if isinstance(self.transform, ImageTransform) and self.normalize:
+            uint8_BCHW = torch.stack(images)
+            image_batch = self.transform.finish(uint8_BCHW, out=_shared_float_batch(tuple(uint8_BCHW.shape)))
+        else:
+            # default_collate stacks straight into shared memory in a loader worker (see above).
+            image_batch = torch.utils.data.default_collate(images)
+        batch = {
+            "image": image_batch,
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+            "idx": torch.tensor([s["idx"] for s in samples], dtype=torch.int64),
+            "key": [s["key"] for s in samples],
+        }
+        if "posterior" in samples[0]:
+            batch["posterior"] = torch.from_numpy(np.stack([s["posterior"] for s in samples]))
+        return batch
+
+
+def _check_normalize(transform: Callable | None, normalize: bool) -> None:
+    if not normalize and not isinstance(transform, ImageTransform):
+        raise ValueError(
+            f"normalize=False needs an ImageTransform (avgk.data.transforms.build_transform) to leave uint8 "
+            f"images for the consumer, got transform={transform!r}"
+        )
+
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Batches from the shards one (rank, worker) owns; the worker index comes from torch, never from env vars."""
+
+    def __init__(
+        self,
+        *,
+        shard_urls: Sequence[str],
+        training: bool,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        resampled: bool,
+        shuffle_buffer: int,
+        batch_size: int,
+        decoder: _SampleDecoder,
+        normalize: bool = True,
+    ):
+        super().__init__()
+        self.normalize = normalize
+        self.shard_urls = list(shard_urls)
+        self.training = training
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = epoch
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.batch_size = batch_size
+        self.decoder = decoder
+        self.handler = _SkipAndCount()
+        self._num_read = 0
+        """Encoded samples read from this worker's shards so far."""
+        self._pass_size = 0
+        """Encoded samples read in the last complete pass over this worker's shards (0: none yet)."""
+        self._worker_shards: list[str] = []
+        """The shards this worker cycles over (training), for error messages."""
+
+    @property
+    def num_skipped(self) -> int:
+        """Broken samples skipped so far (in this process; each worker process counts its own)."""
+        return self.handler.num_skipped
+
+    def _urls(self, worker: int, num_workers: int) -> Iterator[str]:
+        if not self.training:
+            yield from worker_shards(
+                shard_urls=self.shard_urls,
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=worker,
+                num_workers=num_workers,
+            )
+            return
+        if self.resampled:
+            mine = self.shard_urls
+            rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker, 1))
+            draw = lambda order: [rng.choice(mine) for _ in mine]  # noqa: E731
+        else:
+            mine = worker_shards(
+                shard_urls=epoch_shard_order(shard_urls=self.shard_urls, seed=self.seed, epoch=self.epoch),
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=worker,
+                num_workers=num_workers,
+            )
+            rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker, 2))
+            draw = lambda order: rng.sample(order, len(order))  # noqa: E731
+        self._worker_shards = mine
+        order = list(mine)  # pass 0 keeps the epoch order; later passes reshuffle
+        empty_passes = 0
+        while True:
+            read_before = self._num_read
+            yield from order
+            # an endless stream over shards that hold nothing readable would otherwise spin forever
+            # (shards whose samples read but do not decode: see _decoded)
+            self._pass_size = self._num_read - read_before
+            empty_passes = empty_passes + 1 if self._pass_size == 0 else 0
+            if empty_passes >= 3:
+                raise self._stalled(worker)
+            order = draw(order)
+
+    def _stalled(self, worker: int) -> RuntimeError:
+        mine = self._worker_shards
+        return RuntimeError(
+            f"rank {self.rank} worker {worker}: no readable sample in 3 passes over its "
+            f"{len(mine)} shards (e.g. {mine[:3]}); {self.num_skipped} broken samples or shards skipped"
+        )
+
+    def _read(self, urls: Iterator[str]) -> Iterator[dict]:
+        for sample in wds.tarfile_samples(({"url": url} for url in urls), handler=self.handler):
+            self._num_read += 1
+            yield sample
+
+    def _decoded(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
+        failures = 0  # consecutive samples that did not decode
+        for sample in samples:
+            try:
+                decoded = self.decoder(sample)
+            except Exception as exn:  # noqa: BLE001 - the handler skips and counts, or re-raises setup errors
+                self.handler(exn)
+                failures += 1
+                # Training streams never end: once every sample of 3 passes (plus whatever the
+                # shuffle buffer held) failed, nothing in these shards decodes.
+                if self.training and self._pass_size and failures >= 3 * self._pass_size + self.shuffle_buffer:
+                    raise self._stalled(worker) from None
+                continue
+            failures = 0
+            yield decoded
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._num_read = self._pass_size = 0
+        samples = self._read(self._urls(worker, num_workers))
+        if self.training and self.shuffle_buffer > 1:
+            # The buffer shuffles encoded samples and decoding comes after it (the open_clip
+            # order): it holds compressed bytes, not transformed float tensors (7-20x larger at
+            # 224 px: ~600 MB per worker for 1,000 samples), and the samples still in it when
+            # the epoch's last batch is taken are never decoded (decoding first wasted
+            # shuffle_buffer decodes + transforms per worker and epoch).
+            rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker, 3))
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        decoded = self._decoded(samples, worker)
+        collate = _Collate(self.decoder.transform, normalize=self.normalize)
+        yield from wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)(decoded)
+
+
+def _check_rank(*, rank: int, world_size: int, num_workers: int, batch_size: int) -> None:
+    if int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if int(rank) != rank or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    if int(num_workers) != num_workers or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def _loader(dataset: _ShardStream, *, num_workers: int, seed: int, pin_memory: bool) -> wds.WebLoader:
+    generator = torch.Generator()
+    # makes the torch seeds of the workers (hence random augmentations) reproducible
+    generator.manual_seed(_seed_int(seed, dataset.epoch, dataset.rank, 4) % (1 << 63))
+    return wds.WebLoader(
+        dataset,
+        batch_size=None,  # the dataset batches itself
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+        generator=generator,
+    )
+
+
+def train_loader(
+    *,
+    shards_dir: str | os.PathLike,
+    split: str = "train",
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    epoch: int,
+    seed: int,
+    transform: Callable | None,
+    num_batches: int,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    pin_memory: bool = False,
+    normalize: bool = True,
+) -> wds.WebLoader:
+    """A loader yielding exactly `num_batches` full batches of `batch_size` on this rank; build one per epoch.
+
+    The open_clip scheme: every rank shuffles the full shard list with the same seed
+    (seed, epoch), takes every world_size-th shard from its rank, then every
+    num_workers-th of those per dataloader worker, so ranks x workers partition the shards.
+    Each worker cycles over its shards (reshuffled on every pass after the first) and
+    shuffles samples in a buffer of `shuffle_buffer`; partial batches are dropped, and the
+    loader stops after `num_batches` batches, so no rank runs short and every rank takes the
+    same number of steps. `resampled=True` instead draws shards with replacement, seeded by
+    (seed, epoch, rank, worker). Rank and world size come from the arguments only
+    (webdataset's RANK/WORLD_SIZE environment lookup is not used). Broken samples are
+    skipped, counted and warned about at most every 30 s. Batches: {"image": float32 B x 3 x H x W, "label": int64 B,
+    "idx": int64 B, "key": list[str]}. `transform` maps a PIL image to a 3 x H x W tensor
+    (None: [0, 1] floats, no augmentation). An ImageTransform (build_transform's) runs its
+    geometry per image and normalises each batch in one pass; with `normalize=False` the images
+    stay uint8 B x 3 x H x W, for the consumer to normalise where the model runs
+    (avgk.models.model_input): 4x less shared memory and host-to-device traffic.
+    """
+    _check_rank(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
+    _check_normalize(transform, normalize)
+    if int(num_batches) != num_batches or num_batches < 1:
+        raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
+    if int(epoch) != epoch or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if int(shuffle_buffer) != shuffle_buffer or shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be an integer >= 0, got {shuffle_buffer!r}")
+    manifest = read_manifest(shards_dir)
+    urls = manifest.shard_urls(split)
+    num_streams = world_size * max(1, num_workers)
+    if not urls:
+        raise ValueError(f"split {split!r} in {manifest.root} has no shards to train on")
+    if not resampled and len(urls) < num_streams:
+        raise ValueError(
+            f"split {split!r} has {len(urls)} shards, fewer than world_size x max(1, num_workers) = "
+            f"{world_size} x {max(1, num_workers)} = {num_streams}: every worker needs a shard; "
+            "write more shards (a smaller maxcount) or use resampled=True"
+        )
+    dataset = _ShardStream(
+        shard_urls=urls,
+        training=True,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        batch_size=batch_size,
+        decoder=_SampleDecoder(transform=transform, num_classes=manifest.num_classes, with_posterior=False),
+        normalize=normalize,
+    )
+    return _loader(dataset, num_workers=num_workers, seed=seed, pin_memory=pin_memory).with_epoch(num_batches)
+
+
+def eval_loader(
+    *,
+    shards_dir: str | os.PathLike,
+    split: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    transform: Callable | None,
+    num_classes: int | None = None,
+    with_posterior: bool = False,
+    pin_memory: bool = False,
+    normalize: bool = True,
+) -> wds.WebLoader:
+    """A deterministic loader reading each sample of the split exactly once across all ranks.
+
+    Shard i goes to rank i % world_size, then to that rank's workers in turn; the last batch
+    of each worker may be partial, and a rank without shards yields nothing. With
+    `with_posterior`, batches also hold "posterior": float32 B x L (L = num_classes, by
+    default the manifest's). `transform` and `normalize` as in train_loader.
+    """
+    _check_rank(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
+    _check_normalize(transform, normalize)
+    manifest = read_manifest(shards_dir)
+    urls = manifest.shard_urls(split)
+    if num_classes is None:
+        num_classes = manifest.num_classes
+    elif num_classes < manifest.num_classes:
+        raise ValueError(f"num_classes must be >= the manifest's {manifest.num_classes}, got {num_classes}")
+    dataset = _ShardStream(
+        shard_urls=urls,
+        training=False,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+        epoch=0,
+        resampled=False,
+        shuffle_buffer=0,
+        batch_size=batch_size,
+        decoder=_SampleDecoder(transform=transform, num_classes=num_classes, with_posterior=with_posterior),
+        normalize=normalize,
+    )
+    return _loader(dataset, num_workers=num_workers, seed=0, pin_memory=pin_memory)
+
+
+def num_train_batches(*, num_samples: int, batch_size: int, world_size: int) -> int:
+    """Steps per epoch so that every rank sees about one pass: floor(num_samples / (batch_size * world_size))."""
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size} and {world_size}")
+    num_batches = int(num_samples) // (int(batch_size) * int(world_size))
+    if num_batches < 1:
+        raise ValueError(
+            f"num_samples={num_samples} is less than batch_size x world_size = {batch_size} x {world_size} "
+            f"= {batch_size * world_size}: not one full batch per rank"
+        )
+    return num_batches

@@ -1,0 +1,64 @@
+"""Shared test fixtures' building blocks: small data sets and trained runs, the repository's paths, a free port."""
+
+from __future__ import annotations
+
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+# The smoke data with larger val and test splits: with 400 samples the test set size strays
+# up to ~8% from K by sampling noise alone (calibration is on val).
+LARGE_EVAL_SPLITS = ["data.synthetic.num_val=2000", "data.synthetic.num_test=2000"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smoke_config(smoke_shards: Path, tmp_path: Path, *overrides: str):
+    from avgk.config import load_config
+
+    return load_config(SMOKE, [f"data.shards={smoke_shards}", f"run.storage={tmp_path / 'runs'}", *overrides])
+
+
+def read_split(shards: Path, split: str) -> tuple[list[bytes], np.ndarray]:
+    """(encoded PNG bytes, labels) of a split, in shard order, straight from the tar files."""
+    from avgk.data.manifest import read_manifest
+
+    images, labels = [], []
+    for shard in read_manifest(shards).splits[split].shards:
+        with tarfile.open(shards / shard) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(n for n in members if n.endswith(".png")):
+                key = name[: -len(".png")]
+                images.append(tar.extractfile(members[name]).read())
+                labels.append(int(tar.extractfile(members[f"{key}.cls"]).read()))
+    return images, np.asarray(labels)
+
+
+def prepare_shards(shards: Path) -> Path:
+    from avgk.config import load_config
+    from avgk.data.prepare import prepare
+
+    prepare(load_config(SMOKE, [f"data.shards={shards}", *LARGE_EVAL_SPLITS]))
+    return shards
+
+
+def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
+    """One in-process smoke training (no Ray, no MLflow); returns its run directory."""
+    from avgk import checkpoints, engine
+    from avgk.config import load_config
+
+    config = load_config(SMOKE, [
+        f"data.shards={shards}", f"run.storage={storage}", "tracking.enabled=false", f"run.name={name}",
+        *LARGE_EVAL_SPLITS,
+    ])
+    engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
+    return Path(config.run_dir)
