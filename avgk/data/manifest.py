@@ -8,6 +8,7 @@ Shape legend: L classes, M sparse posterior width.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,10 @@ class SplitInfo:
     """Number of samples per class id (length L)."""
     skipped: tuple[Any, ...] = ()
     """Source items the converter could not read (free-form: paths, or {"path", "reason"})."""
+    shard_samples: tuple[int, ...] = ()
+    """Samples in each shard, in the order of `shards` (empty in manifests written before it existed)."""
+    shard_sha256: tuple[str, ...] = ()
+    """SHA-256 of each shard file, in the order of `shards` (empty as above)."""
 
     def to_json(self) -> dict:
         return {
@@ -51,7 +56,20 @@ class SplitInfo:
             "num_samples": self.num_samples,
             "class_counts": list(self.class_counts),
             "skipped": list(self.skipped),
+            "shard_samples": list(self.shard_samples),
+            "shard_sha256": list(self.shard_sha256),
         }
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> "SplitInfo":
+        return cls(
+            shards=tuple(entry["shards"]),
+            num_samples=int(entry["num_samples"]),
+            class_counts=tuple(int(c) for c in entry["class_counts"]),
+            skipped=tuple(entry.get("skipped", ())),
+            shard_samples=tuple(int(n) for n in entry.get("shard_samples", ())),
+            shard_sha256=tuple(str(h) for h in entry.get("shard_sha256", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -112,15 +130,7 @@ def read_manifest(shards_dir: str | os.PathLike) -> Manifest:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version must be {FORMAT_VERSION}, got {version!r}")
     classes = {int(k): str(v) for k, v in raw["classes"].items()}
-    splits = {
-        name: SplitInfo(
-            shards=tuple(entry["shards"]),
-            num_samples=int(entry["num_samples"]),
-            class_counts=tuple(int(c) for c in entry["class_counts"]),
-            skipped=tuple(entry.get("skipped", ())),
-        )
-        for name, entry in raw["splits"].items()
-    }
+    splits = {name: SplitInfo.from_json(entry) for name, entry in raw["splits"].items()}
     return Manifest(
         root=root,
         format_version=version,
@@ -162,12 +172,7 @@ def write_manifest(
     num_classes = len(named)
     infos: dict[str, SplitInfo] = {}
     for name, entry in splits.items():
-        info = entry if isinstance(entry, SplitInfo) else SplitInfo(
-            shards=tuple(entry["shards"]),
-            num_samples=int(entry["num_samples"]),
-            class_counts=tuple(int(c) for c in entry["class_counts"]),
-            skipped=tuple(entry.get("skipped", ())),
-        )
+        info = entry if isinstance(entry, SplitInfo) else SplitInfo.from_json(entry)
         if len(info.class_counts) != num_classes:
             raise ValueError(
                 f"split {name!r}: class_counts must have one entry per class ({num_classes}), "
@@ -214,3 +219,24 @@ def decode_posterior(*, post_2M: np.ndarray, num_classes: int) -> np.ndarray:
     return dense_L
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_problems(manifest: Manifest) -> list[str]:
+    """What differs between the manifest and the shard files on disk: missing files, and files
+    whose SHA-256 is not the one recorded (truncated, rewritten). Empty when the data set is intact.
+    Reads every shard: run it when reusing a data set, not on each epoch."""
+    problems = []
+    for name, info in manifest.splits.items():
+        for i, relative in enumerate(info.shards):
+            path = manifest.root / relative
+            if not path.is_file():
+                problems.append(f"{relative} is missing")
+            elif i < len(info.shard_sha256) and file_sha256(path) != info.shard_sha256[i]:
+                problems.append(f"{relative} differs from the manifest (SHA-256)")
+    return problems

@@ -30,6 +30,8 @@ from avgk.data.manifest import (
     Manifest,
     SplitInfo,
     encode_posterior,
+    file_sha256,
+    shard_problems,
     read_manifest,
     write_manifest,
 )
@@ -119,12 +121,14 @@ def write_split(
     root = Path(shards_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_NAME).unlink(missing_ok=True)
+    remove_stale_partials(root, split)
     tmp = root / f".{split}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
     class_counts_L = np.zeros(int(num_classes), dtype=np.int64)
     indices: list[int] = []
+    per_shard: dict[int, int] = {}
     try:
         with wds.ShardWriter(
             str(tmp / SHARD_PATTERN),
@@ -137,6 +141,7 @@ def write_split(
             for sample in samples:
                 record = _to_record(sample, int(num_classes))
                 sink.write(record)
+                per_shard[sink.shard - 1] = per_shard.get(sink.shard - 1, 0) + 1  # next_stream advanced sink.shard
                 class_counts_L[int(record["cls"])] += 1
                 indices.append(int(record["idx"]))
         num_samples = len(indices)
@@ -153,6 +158,8 @@ def write_split(
             for name in shard_names:
                 (tmp / name).unlink()
             shard_names = []
+        shard_samples = [per_shard.get(int(name[len("shard-"):-len(".tar")]), 0) for name in shard_names]
+        shard_sha256 = [file_sha256(tmp / name) for name in shard_names]
         _replace_dir(src=tmp, dst=root / split)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,13 +169,31 @@ def write_split(
         num_samples=num_samples,
         class_counts=tuple(int(c) for c in class_counts_L),
         skipped=tuple(skipped or ()),
+        shard_samples=tuple(shard_samples),
+        shard_sha256=tuple(shard_sha256),
     ).to_json()
+
+
+def remove_stale_partials(root: Path, split: str) -> None:
+    """Remove the temporary folders of writers of `split` that died (kill -9) before renaming them into
+    place; a folder whose writer is still running is left alone."""
+    for folder in root.glob(f".{split}.partial-*"):
+        try:
+            pid = int(folder.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def _encode_png(image_HWC: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image_HWC).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+WRITING_MARKER = ".avgk-synthetic-writing"
 
 
 def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: "Manifest | None") -> None:
@@ -181,6 +206,8 @@ def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: "Manifest | N
         raise ValueError(f"data.shards={str(shards_dir)!r} is a file, not a folder: refusing to write synthetic data there")
     if existing is not None and existing.source == "synthetic":
         return
+    if existing is None and (folder / WRITING_MARKER).is_file():
+        return  # avgk's own synthetic write, interrupted before its manifest
     entries = sorted(p.name for p in folder.iterdir())
     if not entries:
         return
@@ -233,10 +260,15 @@ def write_synthetic_shards(
         existing is not None
         and existing.source == "synthetic"
         and existing.settings == settings
-        and all(Path(url).is_file() for name in existing.splits for url in existing.shard_urls(name))
+        and not shard_problems(existing)
     ):
         return existing
     refuse_foreign_folder(shards_dir, existing)
+    # Marks the folder as avgk's synthetic data while it has no manifest, so that a write killed
+    # half-way is finished by the next one instead of being refused as someone else's files.
+    marker = Path(shards_dir) / WRITING_MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("synthetic\n")
 
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     entries = {}
@@ -264,12 +296,14 @@ def write_synthetic_shards(
         entries[split] = write_split(
             samples=samples, shards_dir=shards_dir, split=split, num_classes=num_classes, maxcount=maxcount
         )
-    return write_manifest(
+    manifest = write_manifest(
         shards_dir=shards_dir,
         source="synthetic",
         settings=settings,
         classes=[f"class_{c:0{len(str(num_classes - 1))}d}" for c in range(num_classes)],
         splits=entries,
     )
+    marker.unlink(missing_ok=True)
+    return manifest
 
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from avgk.config import load_config
@@ -297,3 +298,73 @@ def test_sigterm_ends_the_cli_like_ctrl_c(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and err.strip() == "avgk: terminated"
     assert time.perf_counter() - start < 30
+
+
+def test_the_manifest_records_each_shards_count_and_checksum_and_reuse_checks_them(tmp_path):
+    import tarfile
+
+    from avgk.data.manifest import file_sha256, shard_problems
+
+    shards = tmp_path / "shards"
+    kwargs = dict(shards_dir=shards, num_classes=5, num_train=50, num_val=20, num_test=20, image_size=8,
+                  zipf_exponent=0.0, ambiguity_rate=0.0, seed=0, maxcount=16)
+    manifest = write_synthetic_shards(**kwargs)
+    train = manifest.split("train")
+    assert train.shard_samples == (16, 16, 16, 2) and sum(train.shard_samples) == train.num_samples
+    for relative, count, digest in zip(train.shards, train.shard_samples, train.shard_sha256):
+        with tarfile.open(shards / relative) as tar:
+            assert sum(name.endswith(".cls") for name in tar.getnames()) == count
+        assert file_sha256(shards / relative) == digest
+    assert read_manifest(shards).split("train") == train  # written and read back alike
+    assert shard_problems(manifest) == []
+
+    # A shard truncated behind a complete manifest is found, and the data set is written again.
+    victim = shards / train.shards[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert shard_problems(read_manifest(shards)) == [f"{train.shards[1]} differs from the manifest (SHA-256)"]
+    rewritten = write_synthetic_shards(**kwargs)
+    assert shard_problems(rewritten) == [] and file_sha256(victim) == train.shard_sha256[1]
+
+
+def test_a_killed_writers_partial_folder_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = shards / f".train.partial-{int(dead.stdout)}"
+    stale.mkdir(parents=True)
+    (stale / "shard-000000.tar").write_bytes(b"half a shard")
+    from avgk.data.shards import _encode_png, write_split
+
+    image = _encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+    samples = [{"key": f"s{i}", "image": image, "ext": "png", "cls": i % 2, "idx": i} for i in range(4)]
+    write_split(samples=samples, shards_dir=shards, split="train", num_classes=2)
+    assert not stale.exists()
+    assert sorted(p.name for p in shards.iterdir()) == ["train"]
+
+
+def test_a_synthetic_write_killed_half_way_is_finished_by_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    # kill -9 (os._exit) while the val split is being written: train is complete, no manifest.
+    script = (
+        "import os, sys\n"
+        "from avgk.data import shards as s\n"
+        "real = s.write_split\n"
+        "def dying(**kw):\n"
+        "    if kw['split'] == 'val':\n"
+        "        os._exit(9)\n"
+        "    return real(**kw)\n"
+        "s.write_split = dying\n"
+        f"s.write_synthetic_shards(shards_dir={str(shards)!r}, num_classes=5, num_train=20, num_val=10, num_test=10,"
+        " image_size=8, zipf_exponent=0.0, ambiguity_rate=0.0, seed=0, maxcount=100)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script], cwd=ROOT).returncode == 9
+    assert (shards / "train").is_dir() and not (shards / "manifest.json").exists()
+    manifest = write_synthetic_shards(shards_dir=shards, num_classes=5, num_train=20, num_val=10, num_test=10,
+                                      image_size=8, zipf_exponent=0.0, ambiguity_rate=0.0, seed=0, maxcount=100)
+    assert sorted(manifest.splits) == ["test", "train", "val"]
+    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json", "test", "train", "val"]

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from avgk.data.manifest import Manifest, read_manifest, write_manifest
+from avgk.data.manifest import Manifest, read_manifest, shard_problems, write_manifest
 from avgk.data.shards import write_split
 
 __all__ = [
@@ -315,7 +315,7 @@ def _reusable(shards_dir: str | os.PathLike, source: str, fingerprint: str) -> M
         return None
     if existing.source != source or existing.settings.get("fingerprint") != fingerprint:
         return None
-    if not all(Path(url).is_file() for name in existing.splits for url in existing.shard_urls(name)):
+    if shard_problems(existing):  # a missing, truncated or rewritten shard: convert again
         return None
     return existing
 
