@@ -6,9 +6,29 @@ Ray's log monitor prefixes worker output; writing to sys.stdout directly gives o
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 
 def say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+VERBOSE_ENV = "AVGK_VERBOSE"
+
+
+def verbose() -> bool:
+    """`avgk -v`: show every line Ray and MLflow print, including the ones avgk lowers by default."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+NOISE = re.compile(
+    "|".join([
+        # Ray Train's controller, every run: about actor restarts Ray Train itself configures.
+        r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'",
+    ])
+)
+"""Lines from Ray's processes that a user cannot act on, dropped from the console unless verbose();
+they stay in Ray's own log files (/tmp/ray/session_latest/logs)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from avgk import console
 from avgk.config import Config, ConfigError, load_config
 
 # Ray prints a banner per worker and a deprecation hint per run; keep a person's terminal readable.
@@ -173,6 +175,8 @@ def _add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avgk", description="Average-K classifiers at cluster scale.")
     parser.add_argument("--version", action="version", version=f"avgk {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every line Ray and MLflow print (by default avgk lowers the ones a user cannot act on)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs: list[tuple[str, str, Callable[[argparse.Namespace], int], bool]] = [
         ("prepare", "convert data.source into WebDataset shards + manifest at data.shards", cmd_prepare, False),
@@ -284,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if args.verbose:
+        os.environ[console.VERBOSE_ENV] = "1"
+    else:  # MLflow announces the creation of a local store's tables at INFO
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     # SIGTERM (a scheduler, `kill`, a container stop) unwinds like Ctrl-C: the MLflow run ends
     # KILLED, Ray is shut down and temporary folders are removed, instead of a silent exit.
     main_thread = threading.current_thread() is threading.main_thread()

@@ -6,9 +6,13 @@ wherever MLflow loads it (avgk must be importable there).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -16,7 +20,7 @@ from typing import IO, Any
 import mlflow
 import pandas as pd
 
-from avgk import checkpoints, runs, storage
+from avgk import checkpoints, console, runs, storage
 from avgk.predict import THRESHOLDS_FILE, SetPredictor, class_names_of, decode_image, model_only_checkpoint
 
 __all__ = ["AvgKSetModel", "iter_image_files", "log_pyfunc_model", "pyfunc_signature", "run_predict"]
@@ -127,6 +131,32 @@ def _pip_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in names]
 
 
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """While the model is logged: no CloudPickle notice (the model class is avgk's own), no
+    input-example hint (the signature says what the model takes), no per-file progress bars.
+    `avgk -v` shows them."""
+    if console.verbose():
+        yield
+        return
+    previous = {name: logging.getLogger(name).level for name in ("mlflow.pyfunc", "mlflow.models.model")}
+    progress = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        for name in previous:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+            yield
+    finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
+        if progress is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = progress
+
+
 def log_pyfunc_model(
     uri: str,
     run_id: str,
@@ -164,14 +194,15 @@ def log_pyfunc_model(
         try:
             mlflow.start_run(run_id=run_id)
             try:
-                info = mlflow.pyfunc.log_model(
-                    name=PYFUNC_NAME,
-                    python_model=AvgKSetModel(),
-                    artifacts={key: str(path) for key, path in files.items()},
-                    signature=pyfunc_signature(default_k=default_k),
-                    pip_requirements=_pip_requirements(),
-                    registered_model_name=register_as,
-                )
+                with quiet_mlflow():
+                    info = mlflow.pyfunc.log_model(
+                        name=PYFUNC_NAME,
+                        python_model=AvgKSetModel(),
+                        artifacts={key: str(path) for key, path in files.items()},
+                        signature=pyfunc_signature(default_k=default_k),
+                        pip_requirements=_pip_requirements(),
+                        registered_model_name=register_as,
+                    )
             finally:
                 mlflow.end_run()
                 if status != "FINISHED":  # end_run closed it; the run's owner ends it with its real status

@@ -8,6 +8,8 @@ import socket
 
 import ray
 
+from avgk import console
+
 
 DASHBOARD_PORT = 8265
 
@@ -25,13 +27,40 @@ def _free_port(preferred: int) -> int:
         return probe.getsockname()[1]
 
 
-def connect(*, num_cpus: float | None = None, quiet: bool = True) -> None:
+def _quiet_console() -> None:
+    """Drop console.NOISE lines from what Ray forwards to the driver's console (they stay in Ray's log files)."""
+    try:  # a private hook: a Ray that moved it prints everything rather than failing
+        from ray._private import worker
+
+        dispatcher = worker.global_worker_stdstream_dispatcher
+        ignore_prefix = worker._should_ignore_worker_log_prefix(worker.global_worker)
+    except (ImportError, AttributeError):
+        return
+
+    def print_filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not console.NOISE.search(line)]
+        if lines:
+            worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_filtered)
+
+
+def connect(*, num_cpus: float | None = None, quiet: bool | None = None) -> None:
     """Join RAY_ADDRESS when set, else start (or reuse) a local Ray bound to loopback."""
     if ray.is_initialized():
         return
+    quiet = not console.verbose() if quiet is None else quiet
+    if quiet:  # Ray's notice that token authentication is on: it is, by design
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Workers must import avgk and pipelines the same way the driver does.
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}}
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    if quiet:  # MLflow's per-file progress bars when the workers log artifacts
+        env_vars["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    else:
+        env_vars[console.VERBOSE_ENV] = "1"
+    runtime_env = {"env_vars": env_vars}
     common = dict(
         runtime_env=runtime_env,
         logging_level=logging.WARNING if quiet else logging.INFO,
@@ -39,6 +68,8 @@ def connect(*, num_cpus: float | None = None, quiet: bool = True) -> None:
     )
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
+        if quiet:
+            _quiet_console()
         return
     cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
     ray.init(
@@ -55,3 +86,5 @@ def connect(*, num_cpus: float | None = None, quiet: bool = True) -> None:
         configure_logging=True,
         **common,
     )
+    if quiet:
+        _quiet_console()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from avgk.config import load_config
 from tests.helpers.runs import ROOT, SMOKE, smoke_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -35,6 +35,11 @@ def test_cli_trains_two_workers_and_logs_one_mlflow_run(smoke_shards, tmp_path, 
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "epoch 2/2" in proc.stdout and "img/s" in proc.stdout  # progress a person can follow
+    assert "epoch ends in" in proc.stdout
+    # A quiet console: none of the Ray and MLflow lines a user cannot act on (avgk -v shows them).
+    noise = re.compile(r"core_worker\.cc|Downloading artifacts|CloudPickle|input example|Token authentication|"
+                       r"Creating initial MLflow database")
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines() if noise.search(line)]
     run_dir = tmp_path / "runs" / "cli2"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["ks"] == [1, 2, 3] and metrics["score_head"] == "multilabel"
