@@ -46,23 +46,25 @@ def evaluate_datasets(
     score_head: str,
     with_posterior: bool,
     num_tasks: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> evaluation.Evaluation:
     """evaluation.evaluate_scores over Ray Datasets of score rows: the same document, key for key.
 
     Thresholds are calibrated on val only; with posteriors (synthetic data) the Bayes oracle
     thresholds the true posteriors the same way.
     """
-    thresholds = calibrate_dataset(val, ks=ks, num_tasks=num_tasks)
+    thresholds = calibrate_dataset(val, ks=ks, num_tasks=num_tasks, log=log, label="val thresholds")
     test_metrics = metrics_dataset(
         test, num_classes=num_classes, ks=ks, thresholds=thresholds,
-        train_class_counts=train_class_counts, freq_bins=freq_bins, num_tasks=num_tasks,
+        train_class_counts=train_class_counts, freq_bins=freq_bins, num_tasks=num_tasks, log=log, label="test metrics",
     )
     oracle = None
     if with_posterior:
-        oracle_thresholds = calibrate_dataset(val, ks=ks, column="posterior", num_tasks=num_tasks)
+        oracle_thresholds = calibrate_dataset(val, ks=ks, column="posterior", num_tasks=num_tasks, log=log,
+                                              label="oracle thresholds")
         oracle = metrics_dataset(
             test, num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
-            freq_bins=freq_bins, column="posterior", num_tasks=num_tasks,
+            freq_bins=freq_bins, column="posterior", num_tasks=num_tasks, log=log, label="oracle metrics",
         ).compute()
     document = evaluation.metrics_document(
         ks=ks, score_head=score_head, thresholds=thresholds, test=test_metrics, oracle=oracle
@@ -142,7 +144,7 @@ def run_evaluate(
     evaluation = evaluate_datasets(
         val=splits["val"], test=splits["test"], ks=config.eval.ks, num_classes=manifest.num_classes,
         train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
-        freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior,
+        freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior, log=log,
     )
     evaluation.metrics["samples"] = samples
     log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")

@@ -81,11 +81,12 @@ def _write_part(
 
 
 def select_dataset(
-    ds: ray.data.Dataset, *, k: float, num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None
+    ds: ray.data.Dataset, *, k: float, num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> GlobalSelection:
     """The exact global selection over a Dataset of softmax score rows (idx, label, scores), in parallel tasks."""
     spec = PseudoLabelPass(k)
-    result = run_passes(ds, spec, num_tasks=num_tasks, groups=groups)
+    result = run_passes(ds, spec, num_tasks=num_tasks, groups=groups, log=log, label="selection")
     return GlobalPseudoLabeler.resume(k=k, totals=result.totals).selection
 
 
@@ -150,7 +151,7 @@ def run_pseudolabel(
     log(f"scored train: {scores.count()} samples in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     groups = block_groups(scores, None)
-    selection = select_dataset(scores, k=k, groups=groups)
+    selection = select_dataset(scores, k=k, groups=groups, log=log)
     metadata = describe_selection(selection, source="avgk pseudolabel", checkpoint=scoring.uri, created=time.time())
     uri = write_table_dataset(scores, selection, run_dir=run_dir, metadata=metadata, groups=groups)
     log(f"{summarize_selection(selection)}; table {uri} in {time.perf_counter() - start:.1f} s")

@@ -21,7 +21,7 @@ import os
 import resource
 import time
 import tracemalloc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -373,6 +373,7 @@ def block_groups(ds: ray.data.Dataset, num_tasks: int | None) -> list[list[ray.O
 def run_passes(
     ds: ray.data.Dataset, spec: PassSpec, *, num_tasks: int | None = None, task_cpus: float = 1.0,
     groups: list[list[ray.ObjectRef]] | None = None, trace_memory: bool = False,
+    log: Callable[[str], None] | None = None, label: str = "pass",
 ) -> PassesResult:
     """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums.
 
@@ -383,10 +384,15 @@ def run_passes(
     reports: list[list[TaskReport]] = []
     task = _pass_task.options(num_cpus=task_cpus)
     while not spec.done(totals):
+        start = time.perf_counter()
         totals_ref = ray.put(totals)
         results = ray.get([task.remote(spec, totals_ref, group, trace_memory) for group in groups])
         totals.append(_sum_states([state for state, _ in results]))
         reports.append([report for _, report in results])
+        if log is not None:
+            rows = sum(report.num_rows for report in reports[-1])
+            log(f"{label}: pass {len(totals)} over {rows} rows in {len(groups)} tasks, "
+                f"{time.perf_counter() - start:.1f} s")
     return PassesResult(totals=totals, reports=reports)
 
 
@@ -444,7 +450,8 @@ class MetricsPass:
 
 
 def calibrate_dataset(
-    ds: ray.data.Dataset, *, ks: Iterable[float], column: str = "scores", num_tasks: int | None = None
+    ds: ray.data.Dataset, *, ks: Iterable[float], column: str = "scores", num_tasks: int | None = None,
+    log: Callable[[str], None] | None = None, label: str = "thresholds",
 ) -> dict[float, float]:
     """Exact lambda_K for every K over the rows' `column` (float32 L-vectors), equal to reference_thresholds.
 
@@ -455,7 +462,7 @@ def calibrate_dataset(
     (the model then runs once per split).
     """
     spec = ThresholdsPass(ks=tuple(float(k) for k in ks), column=column)
-    result = run_passes(ds, spec, num_tasks=num_tasks)
+    result = run_passes(ds, spec, num_tasks=num_tasks, log=log, label=label)
     return spec.calibrator(result.totals).thresholds()
 
 
@@ -469,6 +476,8 @@ def metrics_dataset(
     freq_bins: tuple[int, int] = (20, 100),
     column: str = "scores",
     num_tasks: int | None = None,
+    log: Callable[[str], None] | None = None,
+    label: str = "metrics",
 ) -> SetMetrics:
     """SetMetrics of the rows' `column` against their `label`, counted in parallel tasks and summed on the driver."""
     spec = MetricsPass(
@@ -477,7 +486,7 @@ def metrics_dataset(
         train_class_counts=None if train_class_counts is None else tuple(int(c) for c in train_class_counts),
         freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column,
     )
-    result = run_passes(ds, spec, num_tasks=num_tasks)
+    result = run_passes(ds, spec, num_tasks=num_tasks, log=log, label=label)
     metrics = spec.metrics()
     metrics.load_state(result.totals[0])
     return metrics

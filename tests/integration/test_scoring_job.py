@@ -187,6 +187,8 @@ def test_cli_evaluate_on_the_running_cluster(trained, local_ray, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "scored val: 400 samples" in proc.stdout and "avg" in proc.stdout
+    # progress per pass: the two histogram passes of the val thresholds, the test metrics pass
+    assert "val thresholds: pass 2 over 400 rows" in proc.stdout and "test metrics: pass 1 over 400 rows" in proc.stdout
     written = json.loads((trained.run_dir / "metrics.json").read_text())
     assert set(written["val"]["thresholds"]) == {"1", "2", "3"}
 
