@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -584,11 +585,35 @@ def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | None
         raise ConfigError(f"config error: {_format_errors(err)}") from None
 
 
+def bundled_configs_dir() -> Path | None:
+    """The configs/ folder installed with the wheel (<prefix>/share/avgk/configs), if there is one."""
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        folder = Path(prefix) / "share" / "avgk" / "configs"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def find_config_file(path: str | Path) -> Path:
+    """`path` when it exists; else the config of that name that ships with avgk, so that the README's
+    commands work outside a checkout: `configs/smoke.yaml`, `smoke.yaml` and `smoke` all name the
+    installed configs/smoke.yaml (likewise `configs/sweeps/smoke.yaml`). Anything else is returned as given."""
+    path = Path(path)
+    bundled = bundled_configs_dir()
+    if path.exists() or path.is_absolute() or bundled is None:
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    candidate = bundled.joinpath(*parts) if parts else bundled
+    if not candidate.suffix:
+        candidate = candidate.with_suffix(".yaml")
+    return candidate if candidate.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (None: the embedded defaults) and apply overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = find_config_file(path)
         if path.is_dir():
             raise ConfigError(f"config file {str(path)!r} is a directory: pass a YAML file (e.g. configs/demo.yaml)")
         if not path.is_file():

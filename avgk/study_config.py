@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from avgk.config import Config, ConfigError, _format_errors
+from avgk.config import Config, ConfigError, _format_errors, find_config_file
 from avgk.metrics import format_k
 from avgk.sweep_config import _detail, check_key, config_for, read_plan, resolve_base
 
@@ -180,7 +180,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     `overrides` (`key=value`) go to the base config when the key starts with a Config section
     (data., train., ...), else to the study itself (seeds=[0], max_concurrent=1).
     """
-    path = Path(path)
+    path = find_config_file(path)
     tree, base_overrides = read_plan(path, overrides, kind="study", error=StudyConfigError)
     try:
         study = StudyConfig.model_validate(tree)

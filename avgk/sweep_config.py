@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from avgk.config import Config, ConfigError, _format_errors, build_config, load_config
+from avgk.config import Config, ConfigError, _format_errors, build_config, find_config_file, load_config
 
 # domain name -> (number of bounds, integer-valued)
 RANGE_DOMAINS: dict[str, tuple[int, bool]] = {
@@ -320,7 +320,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     `overrides` (`key=value`) go to the base config when the key starts with a Config section
     (data., train., run., ...), else to the sweep itself (num_samples=2, scheduler.name=fifo).
     """
-    path = Path(path)
+    path = find_config_file(path)
     tree, base_overrides = read_plan(path, overrides, kind="sweep", error=SweepConfigError)
     try:
         sweep = SweepConfig.model_validate(tree)

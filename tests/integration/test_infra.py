@@ -632,3 +632,26 @@ def test_sync_data_command_line(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 file(s) copied" in proc.stdout and (tmp_path / "dst" / "w.pth").read_bytes() == b"w"
+
+
+def test_the_wheel_carries_the_packages_and_the_configs(tmp_path):
+    """`pip install avgk` outside a checkout gets configs/ (under <prefix>/share/avgk/configs)."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("avgk", "pipelines", "configs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("avgk-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    data = next(n.split("/data/")[0] for n in names if ".data/data/" in n)
+    shipped = {n.removeprefix(f"{data}/data/share/avgk/") for n in names if n.startswith(f"{data}/data/share/avgk/")}
+    expected = {str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
+    assert shipped == expected
+    assert {"avgk/config.py", "avgk/engine.py", "pipelines/cli.py"} <= names

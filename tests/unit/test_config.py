@@ -1,5 +1,7 @@
 """Config loading, overrides and the errors a user sees."""
 
+from pathlib import Path
+
 import pytest
 
 from avgk.config import Config, ConfigError, build_config, load_config
@@ -133,3 +135,29 @@ def test_a_bad_backbone_stops_before_any_data_ray_or_mlflow(tmp_path):
         "avgk: error: config error: model.backbone='timm:resnet5': timm has no model 'resnet5' "
         "(did you mean resnet50, resnet51q, resnet50t?)"]
     assert list(tmp_path.iterdir()) == []  # no shards, no run folder, no MLflow store
+
+
+def test_configs_that_ship_with_the_wheel_are_found_outside_a_checkout(tmp_path, monkeypatch):
+    """After `pip install`, configs live in <prefix>/share/avgk/configs: the README's paths still work."""
+    import shutil
+    import sys
+
+    from avgk.config import find_config_file, load_config
+    from avgk.sweep_config import load_sweep
+
+    prefix = tmp_path / "prefix"
+    shutil.copytree(ROOT / "configs", prefix / "share" / "avgk" / "configs")
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    monkeypatch.setattr(sys, "base_prefix", str(prefix))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    bundled = prefix / "share" / "avgk" / "configs" / "smoke.yaml"
+    for name in ("configs/smoke.yaml", "smoke.yaml", "smoke"):
+        assert find_config_file(name) == bundled
+    assert load_config("configs/smoke.yaml").run.name == load_config(ROOT / "configs" / "smoke.yaml").run.name
+    sweep, base = load_sweep("configs/sweeps/smoke.yaml")  # its base, ../smoke.yaml, resolves in the bundle too
+    assert sweep.name == "smoke-sweep" and base.data.synthetic.num_classes == 20
+    (elsewhere / "smoke.yaml").write_text("run: {name: mine}\n")  # a local file always wins
+    assert load_config("smoke.yaml").run.name == "mine"
+    assert find_config_file("nope.yaml") == Path("nope.yaml")
