@@ -1,29 +1,29 @@
-"""Scoring a split and turning scores into the metrics document: thresholds calibrated on val
-(exact, two streamed passes), test metrics as summed counts, the Bayes oracle on synthetic data.
+"""Scoring a split on the training ranks, and the metrics document from those scores.
 
-Every function takes a `reduce` (a sum over ranks: avgk.distributed.all_reduce_sum under DDP,
-the identity in one process), so the same code serves one process and many.
-Legend: N samples, L classes.
+The reductions (thresholds calibrated on val, test metrics as summed counts, the Bayes oracle on
+synthetic data) are avgk.passes', driven here over the ranks' scored chunks with states summed by
+avgk.distributed.all_reduce_sum (the identity in one process); `avgk evaluate` drives the same
+passes over Ray tasks. Legend: N samples, L classes.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from avgk import distributed as dist
-from avgk import storage
+from avgk import passes, storage
+from avgk.passes import Evaluation
 from avgk.config import Config
 from avgk.data.loaders import eval_loader
 from avgk.accounting import account_samples
 from avgk.losses import head_scores
-from avgk.metrics import SetMetrics, format_k
-from avgk.thresholds import StreamingThresholds
+from avgk.metrics import format_k
 from avgk.inputs import image_transform, model_input, normalize_in_loader
 from avgk.models import autocast
 
@@ -61,96 +61,19 @@ def score_batches(
         )
 
 
-Reduce = Callable[[np.ndarray], np.ndarray]
-
-
-def calibrate(chunks: list[ScoredChunk], *, ks: list[float], reduce: Reduce, posterior: bool = False) -> dict[float, float]:
-    """Exact lambda_K for every K over the union of all ranks' chunks (two streamed passes)."""
-    calibrator = StreamingThresholds(ks=ks)
-    for pass_number in (1, 2):
-        for chunk in chunks:
-            calibrator.update(chunk.posterior_NL if posterior else chunk.scores_NL)
-        calibrator.load_state(reduce(calibrator.state()))
-        if pass_number == 1:
-            calibrator.next_pass()
-    return calibrator.thresholds()
-
-
-def accumulate(
-    chunks: list[ScoredChunk],
-    *,
-    num_classes: int,
-    ks: list[float],
-    thresholds: dict[float, float],
-    train_class_counts: np.ndarray | None,
-    freq_bins: tuple[int, int],
-    reduce: Reduce,
-    posterior: bool = False,
-) -> SetMetrics:
-    """SetMetrics over the union of all ranks' chunks: counts summed, nothing averaged."""
-    metrics = SetMetrics(
-        num_classes=num_classes, ks=ks, thresholds=thresholds, train_class_counts=train_class_counts, freq_bins=freq_bins
-    )
+def chunk_batches(chunks: list[ScoredChunk]) -> Iterator[passes.Batch]:
+    """Scored chunks as the batches avgk.passes' specs read."""
     for chunk in chunks:
-        metrics.update(scores_NL=chunk.posterior_NL if posterior else chunk.scores_NL, labels_N=chunk.labels_N)
-    metrics.load_state({key: reduce(value) for key, value in sorted(metrics.state().items())})
-    return metrics
+        batch = {"scores": chunk.scores_NL, "label": chunk.labels_N}
+        if chunk.posterior_NL is not None:
+            batch["posterior"] = chunk.posterior_NL
+        yield batch
 
 
-@dataclass
-class Evaluation:
-    metrics: dict[str, Any]  # the metrics.json document
-    per_class: dict[str, np.ndarray]
-    thresholds: dict[float, float]
-
-
-def metrics_document(
-    *, ks: list[float], score_head: str, thresholds: dict[float, float], test: SetMetrics, oracle: dict[str, Any] | None
-) -> dict[str, Any]:
-    """The metrics.json document; `oracle` is the compute() of SetMetrics over the true posteriors."""
-    test_doc = test.compute()
-    if oracle is not None:
-        test_doc["oracle_avg_k_accuracy"] = oracle["avg_k_accuracy"]
-        test_doc["oracle_macro_avg_k_accuracy"] = oracle["macro_avg_k_accuracy"]
-        test_doc["gap_to_oracle"] = {
-            key: oracle["avg_k_accuracy"][key] - test_doc["avg_k_accuracy"][key] for key in test_doc["avg_k_accuracy"]
-        }
-    return {
-        "ks": ks,
-        "score_head": score_head,
-        "val": {"thresholds": {format_k(k): v for k, v in thresholds.items()}},
-        "test": test_doc,
-    }
-
-
-def evaluate_scores(
-    *,
-    val: list[ScoredChunk],
-    test: list[ScoredChunk],
-    ks: list[float],
-    num_classes: int,
-    train_class_counts: np.ndarray,
-    freq_bins: tuple[int, int],
-    score_head: str,
-    reduce: Reduce,
-) -> Evaluation:
-    """Thresholds calibrated on val only, then every test metric; the Bayes oracle when posteriors are known."""
-    thresholds = calibrate(val, ks=ks, reduce=reduce)
-    test_metrics = accumulate(
-        test, num_classes=num_classes, ks=ks, thresholds=thresholds,
-        train_class_counts=train_class_counts, freq_bins=freq_bins, reduce=reduce,
-    )
-    # Every rank must take the same branch: posteriors are present on all ranks or none.
-    has_posterior = bool(reduce(np.array([int(bool(val) and val[0].posterior_NL is not None)]))[0])
-    oracle = None
-    if has_posterior:
-        oracle_thresholds = calibrate(val, ks=ks, reduce=reduce, posterior=True)
-        oracle = accumulate(
-            test, num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
-            train_class_counts=None, freq_bins=freq_bins, reduce=reduce, posterior=True,
-        ).compute()
-    document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test_metrics, oracle=oracle)
-    return Evaluation(metrics=document, per_class=test_metrics.per_class(), thresholds=thresholds)
+def local_runner(scored: dict[str, list[ScoredChunk]], *, reduce: passes.Reduce) -> passes.RunPasses:
+    """The DDP driver of avgk.passes: each pass over this rank's chunks of a split, states summed
+    over the ranks with `reduce` (the identity in one process)."""
+    return lambda spec, split: passes.run_passes_local(spec, lambda: chunk_batches(scored[split]), reduce=reduce)
 
 
 def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[dict[str, Any]]:
@@ -180,10 +103,11 @@ def validate(parts: Parts) -> dict[str, float]:
     cfg = parts.config
     chunks = score_split(parts, "val")
     ks = cfg.eval.ks if cfg.loss.k in cfg.eval.ks else sorted({*cfg.eval.ks, cfg.loss.k})
-    thresholds = calibrate(chunks, ks=ks, reduce=dist.all_reduce_sum)
-    metrics = accumulate(
-        chunks, num_classes=parts.num_classes, ks=ks, thresholds=thresholds,
-        train_class_counts=None, freq_bins=cfg.eval.freq_bins, reduce=dist.all_reduce_sum,
+    run = local_runner({"val": chunks}, reduce=dist.all_reduce_sum)
+    thresholds = passes.calibrate(run, "val", ks=ks)
+    metrics = passes.count_metrics(
+        run, "val", num_classes=parts.num_classes, ks=ks, thresholds=thresholds,
+        train_class_counts=None, freq_bins=cfg.eval.freq_bins,
     ).compute()
     out = {f"val_avg_k_accuracy_k{key}": value for key, value in metrics["avg_k_accuracy"].items()}
     out.update({f"val_macro_avg_k_accuracy_k{key}": v for key, v in metrics["macro_avg_k_accuracy"].items()})
@@ -201,10 +125,13 @@ def final_evaluation(parts: Parts) -> Evaluation:
         read=dict(zip(scored, counts.tolist())), expected={s: parts.manifest.split(s).num_samples for s in scored},
         strict=cfg.eval.strict, shards=str(cfg.data.shards),
     )
-    evaluation = evaluate_scores(
-        val=scored["val"], test=scored["test"], ks=cfg.eval.ks, num_classes=parts.num_classes,
+    # Every rank must take the same branch: posteriors are present on all ranks or none.
+    local = int(bool(scored["val"]) and scored["val"][0].posterior_NL is not None)
+    has_posterior = bool(dist.all_reduce_sum(np.array([local]))[0])
+    evaluation = passes.evaluate(
+        local_runner(scored, reduce=dist.all_reduce_sum), ks=cfg.eval.ks, num_classes=parts.num_classes,
         train_class_counts=parts.train_class_counts, freq_bins=cfg.eval.freq_bins,
-        score_head=parts.score_head, reduce=dist.all_reduce_sum,
+        score_head=parts.score_head, with_posterior=has_posterior,
     )
     evaluation.metrics["samples"] = samples
     return evaluation

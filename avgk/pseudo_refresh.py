@@ -23,6 +23,7 @@ from avgk import distributed as dist
 from avgk import storage
 from avgk.console import say
 from avgk.evaluation import score_batches, split_loader
+from avgk.passes import PseudoLabelPass, run_passes_local
 from avgk.pseudo_labels import (
     PSEUDO_LABELS_DIR,
     GlobalPseudoLabeler,
@@ -106,13 +107,12 @@ def score_train_split(parts: Parts) -> ScoreSpool:
 
 
 def select_distributed(spool: ScoreSpool, *, k: float) -> GlobalSelection:
-    """The global selection over every rank's spool: the labeler's states summed with all_reduce."""
-    labeler = GlobalPseudoLabeler(k=k)
-    while not labeler.done:
-        for probs_NL, labels_N, idx_N in spool:
-            labeler.update(probs_NL=probs_NL, labels_N=labels_N, idx_N=idx_N)
-        labeler.load_state(dist.all_reduce_sum(labeler.state()))
-    return labeler.selection
+    """The global selection over every rank's spool: avgk.passes' PseudoLabelPass, states summed with all_reduce."""
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        return ({"scores": probs_NL, "label": labels_N, "idx": idx_N} for probs_NL, labels_N, idx_N in spool)
+
+    totals = run_passes_local(PseudoLabelPass(k=k), batches, reduce=dist.all_reduce_sum)
+    return GlobalPseudoLabeler.resume(k=k, totals=totals).selection
 
 
 def gather_table(spool: ScoreSpool, selection: GlobalSelection, metadata: dict[str, Any]) -> PseudoLabelTable:

@@ -18,7 +18,7 @@ from avgk import storage
 from avgk.config import Config
 
 if TYPE_CHECKING:
-    from avgk.evaluation import Evaluation
+    from avgk.passes import Evaluation
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 # MLflow rejects param values longer than this.

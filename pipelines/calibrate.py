@@ -3,7 +3,7 @@
 The model runs once per split (Ray Data actor pool, scores kept in the object store);
 lambda_K for all of eval.ks comes from one two-pass streamed selection over the val
 scores, and the test metrics from one counting pass; only int64 states reach the driver.
-The result has the schema of the training's own final evaluation (evaluation.evaluate_scores)
+The result has the schema of the training's own final evaluation (avgk.passes.evaluate)
 and, for the same checkpoint, the same numbers bit for bit.
 """
 
@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import ray
 
-from avgk import evaluation, storage, tracking
+from avgk import evaluation, passes, storage, tracking
 from avgk.accounting import account_samples, shortfall_warning
 from avgk.console import say
 from avgk.config import Config
@@ -24,10 +24,9 @@ from avgk.losses import score_head_for
 from avgk.runs import resolve_checkpoint, run_dir_of, saved_run_config
 from pipelines import ray_env
 from pipelines.score import (
+    ray_runner,
     ScoringModel,
-    calibrate_dataset,
     load_scoring_model,
-    metrics_dataset,
     quiet_ray_data,
     score_dataset,
 )
@@ -48,28 +47,15 @@ def evaluate_datasets(
     num_tasks: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> evaluation.Evaluation:
-    """evaluation.evaluate_scores over Ray Datasets of score rows: the same document, key for key.
+    """avgk.passes.evaluate over Ray Datasets of score rows: the training's own evaluation, driven by Ray tasks.
 
     Thresholds are calibrated on val only; with posteriors (synthetic data) the Bayes oracle
     thresholds the true posteriors the same way.
     """
-    thresholds = calibrate_dataset(val, ks=ks, num_tasks=num_tasks, log=log, label="val thresholds")
-    test_metrics = metrics_dataset(
-        test, num_classes=num_classes, ks=ks, thresholds=thresholds,
-        train_class_counts=train_class_counts, freq_bins=freq_bins, num_tasks=num_tasks, log=log, label="test metrics",
+    return passes.evaluate(
+        ray_runner({"val": val, "test": test}, num_tasks=num_tasks, log=log), ks=ks, num_classes=num_classes,
+        train_class_counts=train_class_counts, freq_bins=freq_bins, score_head=score_head, with_posterior=with_posterior,
     )
-    oracle = None
-    if with_posterior:
-        oracle_thresholds = calibrate_dataset(val, ks=ks, column="posterior", num_tasks=num_tasks, log=log,
-                                              label="oracle thresholds")
-        oracle = metrics_dataset(
-            test, num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
-            freq_bins=freq_bins, column="posterior", num_tasks=num_tasks, log=log, label="oracle metrics",
-        ).compute()
-    document = evaluation.metrics_document(
-        ks=ks, score_head=score_head, thresholds=thresholds, test=test_metrics, oracle=oracle
-    )
-    return evaluation.Evaluation(metrics=document, per_class=test_metrics.per_class(), thresholds=thresholds)
 
 
 def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> tuple[Config, str, ScoringModel]:

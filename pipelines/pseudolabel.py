@@ -17,7 +17,7 @@ is avgk.pseudo_refresh, run by the training ranks themselves.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,27 +37,12 @@ from avgk.pseudo_labels import (
     write_parquet,
 )
 from avgk.console import say
+from avgk.passes import PseudoLabelPass
 from avgk.pseudo_refresh import SOFTMAX, describe_selection, summarize_selection
 from pipelines import ray_env
 from pipelines.score import block_groups, quiet_ray_data, run_passes, score_dataset
 
 # ====================================================================== the Ray job
-
-
-class PseudoLabelPass:
-    """GlobalPseudoLabeler's passes over score rows (idx, label, scores = softmax probabilities)."""
-
-    def __init__(self, k: float) -> None:
-        self.k = k
-
-    def done(self, totals: list[Any]) -> bool:
-        return GlobalPseudoLabeler.resume(k=self.k, totals=totals).done
-
-    def run(self, totals: list[Any], batches: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
-        labeler = GlobalPseudoLabeler.resume(k=self.k, totals=totals)
-        for batch in batches:
-            labeler.update(probs_NL=batch["scores"], labels_N=batch["label"], idx_N=batch["idx"])
-        return labeler.state()
 
 
 @ray.remote
@@ -85,7 +70,7 @@ def select_dataset(
     log: Callable[[str], None] | None = None,
 ) -> GlobalSelection:
     """The exact global selection over a Dataset of softmax score rows (idx, label, scores), in parallel tasks."""
-    spec = PseudoLabelPass(k)
+    spec = PseudoLabelPass(k=k)
     result = run_passes(ds, spec, num_tasks=num_tasks, groups=groups, log=log, label="selection")
     return GlobalPseudoLabeler.resume(k=k, totals=result.totals).selection
 

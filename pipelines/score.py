@@ -22,7 +22,7 @@ import resource
 import time
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import ray
@@ -35,10 +35,9 @@ from avgk.data.loaders import eval_loader
 from avgk.inputs import image_transform
 from avgk.losses import loss_class
 from avgk.metrics import SetMetrics
-from avgk.thresholds import StreamingThresholds
+from avgk.passes import MetricsPass, PassSpec, RunPasses, ThresholdsPass
 
 __all__ = [
-    "PassSpec",
     "ScoringActor",
     "ScoringModel",
     "ScoringPlan",
@@ -47,6 +46,7 @@ __all__ = [
     "metrics_dataset",
     "plan_scoring",
     "quiet_ray_data",
+    "ray_runner",
     "run_passes",
     "score_dataset",
 ]
@@ -290,16 +290,6 @@ def quiet_ray_data() -> None:
 # ====================================================================== streamed reductions
 
 
-class PassSpec(Protocol):
-    """A reduction in passes over a score dataset; each pass returns a summable state per task."""
-
-    def done(self, totals: list[Any]) -> bool:
-        """Whether the passes whose summed states are `totals` are all there is."""
-
-    def run(self, totals: list[Any], batches: Iterable[dict[str, np.ndarray]]) -> Any:
-        """This task's state of the next pass: an int64 array or a dict of them."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskReport:
     """What one reduction task did: for balance checks and memory estimates."""
@@ -396,59 +386,6 @@ def run_passes(
     return PassesResult(totals=totals, reports=reports)
 
 
-@dataclasses.dataclass(frozen=True)
-class ThresholdsPass:
-    """StreamingThresholds' two passes over one column."""
-
-    ks: tuple[float, ...]
-    column: str = "scores"
-
-    def calibrator(self, totals: list[Any]) -> StreamingThresholds:
-        calibrator = StreamingThresholds(ks=self.ks)
-        for number, total in enumerate(totals):
-            calibrator.load_state(total)
-            if number == 0:
-                calibrator.next_pass()
-        return calibrator
-
-    def done(self, totals: list[Any]) -> bool:
-        return len(totals) == 2
-
-    def run(self, totals: list[Any], batches: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
-        calibrator = self.calibrator(totals)
-        for batch in batches:
-            calibrator.update(batch[self.column])
-        return calibrator.state()
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricsPass:
-    """SetMetrics counts over one column, in one pass."""
-
-    num_classes: int
-    ks: tuple[float, ...]
-    thresholds: tuple[tuple[float, float], ...]
-    train_class_counts: tuple[int, ...] | None
-    freq_bins: tuple[int, int]
-    column: str = "scores"
-
-    def metrics(self) -> SetMetrics:
-        counts = None if self.train_class_counts is None else np.asarray(self.train_class_counts, dtype=np.int64)
-        return SetMetrics(
-            num_classes=self.num_classes, ks=self.ks, thresholds=dict(self.thresholds),
-            train_class_counts=counts, freq_bins=self.freq_bins,
-        )
-
-    def done(self, totals: list[Any]) -> bool:
-        return len(totals) == 1
-
-    def run(self, totals: list[Any], batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        metrics = self.metrics()
-        for batch in batches:
-            metrics.update(scores_NL=batch[self.column], labels_N=batch["label"])
-        return metrics.state()
-
-
 def calibrate_dataset(
     ds: ray.data.Dataset, *, ks: Iterable[float], column: str = "scores", num_tasks: int | None = None,
     log: Callable[[str], None] | None = None, label: str = "thresholds",
@@ -487,6 +424,16 @@ def metrics_dataset(
         freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column,
     )
     result = run_passes(ds, spec, num_tasks=num_tasks, log=log, label=label)
-    metrics = spec.metrics()
-    metrics.load_state(result.totals[0])
-    return metrics
+    return spec.metrics(result.totals)
+
+
+def ray_runner(
+    datasets: dict[str, ray.data.Dataset], *, num_tasks: int | None = None, log: Callable[[str], None] | None = None
+) -> RunPasses:
+    """The Ray driver of avgk.passes: each pass in parallel tasks over a split's dataset, summed on the driver."""
+    def run(spec: PassSpec, split: str) -> list[Any]:
+        kind = "thresholds" if isinstance(spec, ThresholdsPass) else "metrics"
+        oracle = "oracle " if getattr(spec, "column", "scores") == "posterior" else ""
+        return run_passes(datasets[split], spec, num_tasks=num_tasks, log=log, label=f"{split} {oracle}{kind}").totals
+
+    return run

@@ -135,8 +135,8 @@ def in_memory_table(repeats: int, seed: int) -> list[str]:
 def streamed_table(*, stream_rows: int, block_rows: int, num_actors: int) -> list[str]:
     import ray
 
-    from pipelines.pseudolabel import PseudoLabelPass
-    from pipelines.score import MetricsPass, ThresholdsPass, block_groups, run_passes
+    from avgk.passes import MetricsPass, PseudoLabelPass, ThresholdsPass
+    from pipelines.score import block_groups, run_passes
     from avgk.pseudo_labels import GlobalPseudoLabeler
 
     num_blocks = -(-stream_rows // block_rows)

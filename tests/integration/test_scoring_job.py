@@ -69,7 +69,8 @@ def test_thresholds_and_metrics_of_a_random_matrix_over_three_tasks(local_ray):
     """40,000 x 1,000 generated inside tasks (never on the driver): equal to a full sort bit for bit."""
     import ray
 
-    from pipelines.score import ThresholdsPass, block_groups, metrics_dataset, run_passes
+    from avgk.passes import ThresholdsPass
+    from pipelines.score import block_groups, metrics_dataset, run_passes
 
     ds = ray.data.range(NUM_BLOCKS, override_num_blocks=NUM_BLOCKS).map_batches(_generate, batch_size=1)
     groups = block_groups(ds, 3)

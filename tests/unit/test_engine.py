@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from avgk import checkpoints, engine, evaluation, inputs
+from avgk import checkpoints, engine, evaluation, inputs, passes
 from avgk.config import load_config
 from avgk.thresholds import reference_thresholds
 from tests.helpers.runs import ROOT
@@ -62,7 +62,8 @@ def test_thresholds_equal_the_full_sort_of_val_scores(smoke_shards, tmp_path):
     config = smoke(smoke_shards, tmp_path, "run.name=calib")
     parts = engine.build_parts(config, device=torch.device("cpu"))
     chunks = evaluation.score_split(parts, "val")
-    calibrated = evaluation.calibrate(chunks, ks=[1, 1.5, 2, 3], reduce=lambda a: a)
+    run = evaluation.local_runner({"val": chunks}, reduce=lambda a: a)
+    calibrated = passes.calibrate(run, "val", ks=[1, 1.5, 2, 3])
     scores = np.concatenate([c.scores_NL for c in chunks])
     assert calibrated == reference_thresholds(scores, [1, 1.5, 2, 3])
 

@@ -1,0 +1,204 @@
+"""The one reduction protocol: thresholds, metrics and global pseudo-labels as passes of summable states.
+
+A pass spec says whether its passes are done, and runs the next pass over a stream of batches
+(dicts of numpy arrays: "scores" N x L, "label" N, "idx" N, "posterior" N x L), given the summed
+states of the passes before it. A driver sums each pass's states over wherever the batches are:
+
+- `run_passes_local` (here): one process, or the DDP ranks of a training run with
+  `reduce=avgk.distributed.all_reduce_sum`;
+- `pipelines.score.run_passes`: parallel Ray tasks over the blocks of a Ray Dataset, summed on
+  the driver.
+
+`evaluate` composes them into the metrics document (thresholds calibrated on val, test metrics,
+the Bayes oracle): training's final evaluation and `avgk evaluate` both call it, with their own
+driver, so they agree by construction.
+
+Legend: N samples, L classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import numpy as np
+
+from avgk.metrics import SetMetrics, format_k
+from avgk.pseudo_labels import GlobalPseudoLabeler
+from avgk.thresholds import StreamingThresholds
+
+Batch = dict[str, np.ndarray]
+Reduce = Callable[[np.ndarray], np.ndarray]
+
+
+class PassSpec(Protocol):
+    """A reduction in passes over score batches; each pass returns a summable state."""
+
+    def done(self, totals: list[Any]) -> bool:
+        """Whether the passes whose summed states are `totals` are all there is."""
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> Any:
+        """This stream's state of the next pass: an int64 array or a dict of them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdsPass:
+    """StreamingThresholds' two passes over one column: the exact lambda_K for every K."""
+
+    ks: tuple[float, ...]
+    column: str = "scores"
+
+    def calibrator(self, totals: list[Any]) -> StreamingThresholds:
+        calibrator = StreamingThresholds(ks=self.ks)
+        for number, total in enumerate(totals):
+            calibrator.load_state(total)
+            if number == 0:
+                calibrator.next_pass()
+        return calibrator
+
+    def done(self, totals: list[Any]) -> bool:
+        return len(totals) == 2
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> np.ndarray:
+        calibrator = self.calibrator(totals)
+        for batch in batches:
+            calibrator.update(batch[self.column])
+        return calibrator.state()
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsPass:
+    """SetMetrics counts over one column, in one pass."""
+
+    num_classes: int
+    ks: tuple[float, ...]
+    thresholds: tuple[tuple[float, float], ...]
+    train_class_counts: tuple[int, ...] | None
+    freq_bins: tuple[int, int]
+    column: str = "scores"
+
+    def metrics(self, totals: list[Any] | None = None) -> SetMetrics:
+        counts = None if self.train_class_counts is None else np.asarray(self.train_class_counts, dtype=np.int64)
+        metrics = SetMetrics(
+            num_classes=self.num_classes, ks=self.ks, thresholds=dict(self.thresholds),
+            train_class_counts=counts, freq_bins=self.freq_bins,
+        )
+        if totals:
+            metrics.load_state(totals[0])
+        return metrics
+
+    def done(self, totals: list[Any]) -> bool:
+        return len(totals) == 1
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+        metrics = self.metrics()
+        for batch in batches:
+            metrics.update(scores_NL=batch[self.column], labels_N=batch["label"])
+        return metrics.state()
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabelPass:
+    """GlobalPseudoLabeler's passes over softmax score batches (idx, label, scores)."""
+
+    k: float
+
+    def done(self, totals: list[Any]) -> bool:
+        return GlobalPseudoLabeler.resume(k=self.k, totals=totals).done
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> np.ndarray:
+        labeler = GlobalPseudoLabeler.resume(k=self.k, totals=totals)
+        for batch in batches:
+            labeler.update(probs_NL=batch["scores"], labels_N=batch["label"], idx_N=batch["idx"])
+        return labeler.state()
+
+
+def reduce_state(state: Any, reduce: Reduce) -> Any:
+    """A pass state summed with `reduce`: an array, or a dict of arrays in sorted key order (every
+    rank must issue its collectives in the same order)."""
+    if isinstance(state, dict):
+        return {key: reduce(value) for key, value in sorted(state.items())}
+    return reduce(state)
+
+
+def run_passes_local(spec: PassSpec, batches: Callable[[], Iterable[Batch]], *, reduce: Reduce) -> list[Any]:
+    """`spec`'s passes over `batches()` (called once per pass), each state summed with `reduce`."""
+    totals: list[Any] = []
+    while not spec.done(totals):
+        totals.append(reduce_state(spec.run(totals, batches()), reduce))
+    return totals
+
+
+RunPasses = Callable[[PassSpec, str], list[Any]]
+"""A driver: the summed states of a spec's passes over a split ("val" or "test")."""
+
+
+@dataclasses.dataclass
+class Evaluation:
+    metrics: dict[str, Any]  # the metrics.json document
+    per_class: dict[str, np.ndarray]
+    thresholds: dict[float, float]
+
+
+def metrics_document(
+    *, ks: list[float], score_head: str, thresholds: dict[float, float], test: SetMetrics, oracle: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The metrics.json document; `oracle` is the compute() of SetMetrics over the true posteriors."""
+    test_doc = test.compute()
+    if oracle is not None:
+        test_doc["oracle_avg_k_accuracy"] = oracle["avg_k_accuracy"]
+        test_doc["oracle_macro_avg_k_accuracy"] = oracle["macro_avg_k_accuracy"]
+        test_doc["gap_to_oracle"] = {
+            key: oracle["avg_k_accuracy"][key] - test_doc["avg_k_accuracy"][key] for key in test_doc["avg_k_accuracy"]
+        }
+    return {
+        "ks": ks,
+        "score_head": score_head,
+        "val": {"thresholds": {format_k(k): v for k, v in thresholds.items()}},
+        "test": test_doc,
+    }
+
+
+def calibrate(run: RunPasses, split: str, *, ks: Iterable[float], column: str = "scores") -> dict[float, float]:
+    """Exact lambda_K for every K over a split's `column`."""
+    spec = ThresholdsPass(ks=tuple(float(k) for k in ks), column=column)
+    return spec.calibrator(run(spec, split)).thresholds()
+
+
+def count_metrics(
+    run: RunPasses, split: str, *, num_classes: int, ks: Iterable[float], thresholds: dict[float, float],
+    train_class_counts: np.ndarray | None, freq_bins: tuple[int, int], column: str = "scores",
+) -> SetMetrics:
+    """SetMetrics of a split's `column` against its labels: counts summed, nothing averaged."""
+    spec = MetricsPass(
+        num_classes=int(num_classes), ks=tuple(float(k) for k in ks),
+        thresholds=tuple((float(k), float(v)) for k, v in thresholds.items()),
+        train_class_counts=None if train_class_counts is None else tuple(int(c) for c in train_class_counts),
+        freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column,
+    )
+    return spec.metrics(run(spec, split))
+
+
+def evaluate(
+    run: RunPasses,
+    *,
+    ks: list[float],
+    num_classes: int,
+    train_class_counts: np.ndarray,
+    freq_bins: tuple[int, int],
+    score_head: str,
+    with_posterior: bool,
+) -> Evaluation:
+    """Thresholds calibrated on val only, then every test metric; with the true posteriors (synthetic
+    data) the Bayes oracle, thresholded the same way."""
+    thresholds = calibrate(run, "val", ks=ks)
+    test = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=thresholds,
+                         train_class_counts=train_class_counts, freq_bins=freq_bins)
+    oracle = None
+    if with_posterior:
+        oracle_thresholds = calibrate(run, "val", ks=ks, column="posterior")
+        oracle = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
+                               train_class_counts=None, freq_bins=freq_bins, column="posterior").compute()
+    document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test, oracle=oracle)
+    return Evaluation(metrics=document, per_class=test.per_class(), thresholds=thresholds)
