@@ -26,8 +26,8 @@ def verbose() -> bool:
 
 NOISE = re.compile(
     "|".join([
-        # Ray Train's controller, every run: about actor restarts Ray Train itself configures.
-        r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'",
+        # Ray Train's controller and Ray Data's actor pools, every run: about restarts Ray itself configures.
+        r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store",
     ])
 )
 """Lines from Ray's processes that a user cannot act on, dropped from the console unless verbose();

@@ -76,7 +76,7 @@ def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> t
     return config, run_dir, scoring
 
 
-def log_to_run(config: Config, run_dir: str, evaluation: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
+def log_to_run(config: Config, run_dir: str, result: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
     """Test metrics and result files into the run's MLflow run (RUN_DIR/mlflow_run_id.txt), unless tracking is off."""
     if not config.tracking.enabled:
         return
@@ -89,7 +89,7 @@ def log_to_run(config: Config, run_dir: str, evaluation: evaluation.Evaluation, 
     # The default store is sqlite:///<run.storage>/mlflow.db: the run directory's parent.
     located = config.model_copy(update={"run": config.run.model_copy(update={"storage": parent, "name": name})})
     uri = tracking.tracking_uri(located)
-    tracking.log_evaluation(uri, run_id, evaluation, run_dir=run_dir)
+    tracking.log_evaluation(uri, run_id, result, run_dir=run_dir)
     tracking.set_tags(uri, run_id, {"avgk.evaluated_checkpoint": checkpoint})
 
 
@@ -127,16 +127,16 @@ def run_evaluate(
     samples = account_samples(read=read, expected={s: manifest.split(s).num_samples for s in read},
                               strict=config.eval.strict, shards=config.data.shards)
     start = time.perf_counter()
-    evaluation = evaluate_datasets(
+    result = evaluate_datasets(
         val=splits["val"], test=splits["test"], ks=config.eval.ks, num_classes=manifest.num_classes,
         train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
         freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior, log=log,
     )
-    evaluation.metrics["samples"] = samples
+    result.metrics["samples"] = samples
     log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")
     warning = shortfall_warning(samples, shards=config.data.shards)
     if warning:
         log(warning)
-    evaluation.write_evaluation(evaluation, run_dir)
-    log_to_run(config, run_dir, evaluation, checkpoint=scoring.uri, log=log)
-    return evaluation
+    evaluation.write_evaluation(result, run_dir)
+    log_to_run(config, run_dir, result, checkpoint=scoring.uri, log=log)
+    return result

@@ -36,7 +36,7 @@ def test_loss_trains_and_writes_metrics(loss, smoke_shards, tmp_path):
 @pytest.mark.ray
 def test_role_tables_stay_identical_across_two_ranks(smoke_shards, tmp_path, local_ray):
     """Under DDP each rank steps its own rows and takes the others': rank 0's checkpoint holds every row."""
-    from avgk.engine import load_checkpoint_file
+    from avgk.checkpoints import load_checkpoint_file
     from pipelines.train import run_training
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [

@@ -184,7 +184,8 @@ def test_cli_evaluate_on_the_running_cluster(trained, local_ray, tmp_path):
     """`avgk evaluate CONFIG --run RUN_DIR --checkpoint last` as a user runs it, joining the cluster in RAY_ADDRESS."""
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "pipelines.cli", "evaluate", str(SMOKE), "--run", str(trained.run_dir),
-           "--checkpoint", "last", f"data.shards={trained.config.data.shards}", "tracking.enabled=false"]
+           "--checkpoint", "last", f"data.shards={trained.config.data.shards}", "tracking.enabled=false",
+           "eval.num_actors=1"]  # one scoring actor: the multi-actor path is test_evaluate_equals_the_trainings_evaluation's
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "scored val: 400 samples" in proc.stdout and "avg" in proc.stdout
