@@ -168,7 +168,7 @@ class ModelConfig(_Section):
     channels_last: bool = Field(
         True,
         description="channels_last (NHWC) memory format for the model and its input batches: faster convolutions "
-        "on CPU (oneDNN; 1.32x small_cnn, 1.09x resnet18 per training step: tests/benchmarks/bench_channels_last.py) "
+        "on CPU (oneDNN; BENCHMARKS.md, channels_last) "
         "and on GPU tensor cores",
     )
     compile: bool = Field(False, description="torch.compile the model")

@@ -56,8 +56,8 @@ def batch_pseudo_labels(*, probs: torch.Tensor, labels: torch.Tensor, k: float) 
         raise ValueError(f"labels must lie in [0, {num_classes}), got min {int(labels.min())} max {int(labels.max())}")
     m = num_pseudo_positives(batch_size=batch_size, num_classes=num_classes, k=k)
     flat = force_labels(probs_BL=probs.float(), labels_B=labels).flatten()
-    # The same set as the defining rule below in O(B*L) instead of a full sort (4.5 ms of a
-    # 70 ms small-CNN step at B=64, L=1,081): every entry above the m-th largest value, then
+    # The same set as the defining rule below in O(B*L) instead of a full sort (the sort was the
+    # two-head step's largest extra cost: BENCHMARKS.md, P2): every entry above the m-th largest value, then
     # the entries equal to it with the lowest flat indices. topk only finds that value.
     threshold = torch.topk(flat, m, sorted=False).values.min() if m else None
     # topk ranks NaN above everything and min() propagates it: a NaN threshold <=> a NaN score

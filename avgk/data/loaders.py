@@ -104,8 +104,8 @@ except ImportError:  # pragma: no cover - a torchvision without image decoders
 
 
 def _decode_image_uint8(sample: Mapping[str, Any]) -> torch.Tensor:
-    """uint8 3 x H x W RGB. torchvision.io decodes straight into a tensor, 1.9x faster than PIL +
-    convert + to-tensor on 341 x 256 JPEGs with the same pixels (BENCHMARKS.md, P3); what it
+    """uint8 3 x H x W RGB. torchvision.io decodes straight into a tensor, faster than PIL +
+    convert + to-tensor with the same pixels (BENCHMARKS.md, P3); what it
     cannot give as 8-bit RGB (e.g. a 16-bit PNG) goes through PIL, as every image used to."""
     data = _image_bytes(sample)
     if decode_image is not None:
@@ -153,8 +153,8 @@ class _SampleDecoder:
 
 def _shared_float_batch(shape: tuple[int, ...]) -> torch.Tensor:
     """An empty float32 tensor; in a loader worker, in shared memory, where the batch must go to reach
-    the main process (a plain tensor would be copied there once more when pickled: 0.3 ms per
-    3 x 224 x 224 image). The same calls as torch's default_collate."""
+    the main process (a plain tensor would be copied there once more when pickled; its cost:
+    BENCHMARKS.md, P3). The same calls as torch's default_collate."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.float32)
     elem = torch.empty(0, dtype=torch.float32)

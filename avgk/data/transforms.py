@@ -20,8 +20,8 @@ AUTO_AUGMENT = {"none": None, "randaugment": v2.RandAugment, "trivialaugment": v
 
 CPU_CHUNK_BYTES = 1 << 20
 """normalize_batch on the CPU works through a batch in chunks of about this many float32 bytes,
-so its four passes (convert, scale, subtract, divide) stay in cache. Measured on one core:
-8.0 -> 3.6 us per 32 x 32 image in batches of 128; no change at 224 x 224 (~0.31 ms per image)."""
+so its four passes (convert, scale, subtract, divide) stay in cache (the gain on small images:
+BENCHMARKS.md, P3)."""
 
 
 def normalize_batch(
