@@ -65,6 +65,11 @@ def check_data(config: Config, manifest: "Manifest") -> None:
     if config.train.batch_size > train:
         raise ConfigError(f"config error: train.batch_size={config.train.batch_size} exceeds the {train} training "
                           f"samples of {where}: an epoch would hold no full batch")
+    accumulation = config.train.grad_accumulation
+    if config.train.batch_size * accumulation > train:
+        raise ConfigError(f"config error: train.grad_accumulation={accumulation} x train.batch_size="
+                          f"{config.train.batch_size} exceeds the {train} training samples of {where}: an epoch "
+                          "would hold no optimizer step")
     for split in ("val", "test"):
         n = manifest.splits[split].num_samples
         for key, k in [("loss.k", config.loss.k), *(("eval.ks", k) for k in config.eval.ks)]:

@@ -13,7 +13,6 @@ import time
 from typing import Callable
 
 import numpy as np
-import ray
 
 from avgk import evaluation, passes, storage, tracking
 from avgk.accounting import account_samples, shortfall_warning
@@ -32,30 +31,6 @@ from pipelines.score import (
 )
 from avgk.runs import with_absolute_paths
 
-
-
-def evaluate_datasets(
-    *,
-    val: ray.data.Dataset,
-    test: ray.data.Dataset,
-    ks: list[float],
-    num_classes: int,
-    train_class_counts: np.ndarray,
-    freq_bins: tuple[int, int],
-    score_head: str,
-    with_posterior: bool,
-    num_tasks: int | None = None,
-    log: Callable[[str], None] | None = None,
-) -> evaluation.Evaluation:
-    """avgk.passes.evaluate over Ray Datasets of score rows: the training's own evaluation, driven by Ray tasks.
-
-    Thresholds are calibrated on val only; with posteriors (synthetic data) the Bayes oracle
-    thresholds the true posteriors the same way.
-    """
-    return passes.evaluate(
-        ray_runner({"val": val, "test": test}, num_tasks=num_tasks, log=log), ks=ks, num_classes=num_classes,
-        train_class_counts=train_class_counts, freq_bins=freq_bins, score_head=score_head, with_posterior=with_posterior,
-    )
 
 
 def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> tuple[Config, str, ScoringModel]:
@@ -127,10 +102,10 @@ def run_evaluate(
     samples = account_samples(read=read, expected={s: manifest.split(s).num_samples for s in read},
                               strict=config.eval.strict, shards=config.data.shards)
     start = time.perf_counter()
-    result = evaluate_datasets(
-        val=splits["val"], test=splits["test"], ks=config.eval.ks, num_classes=manifest.num_classes,
+    result = passes.evaluate(
+        ray_runner(splits, log=log), ks=config.eval.ks, num_classes=manifest.num_classes,
         train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
-        freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior, log=log,
+        freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior,
     )
     result.metrics["samples"] = samples
     log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")

@@ -29,13 +29,13 @@ import ray
 import ray.data
 import torch
 
-from avgk import checkpoints, evaluation, storage
+from avgk import checkpoints, evaluation, passes, storage
 from avgk.config import Config
 from avgk.data.loaders import eval_loader
 from avgk.inputs import image_transform
 from avgk.losses import loss_class
 from avgk.metrics import SetMetrics
-from avgk.passes import MetricsPass, PassSpec, RunPasses, ThresholdsPass
+from avgk.passes import PassSpec, RunPasses, ThresholdsPass
 
 __all__ = [
     "ScoringActor",
@@ -388,19 +388,17 @@ def run_passes(
 
 def calibrate_dataset(
     ds: ray.data.Dataset, *, ks: Iterable[float], column: str = "scores", num_tasks: int | None = None,
-    log: Callable[[str], None] | None = None, label: str = "thresholds",
+    log: Callable[[str], None] | None = None,
 ) -> dict[float, float]:
     """Exact lambda_K for every K over the rows' `column` (float32 L-vectors), equal to reference_thresholds.
 
-    Two passes of StreamingThresholds in `num_tasks` parallel tasks (default: one per cluster
-    CPU, at most one per block), each returning a 65,536-bin int64 histogram (a few in pass
-    2) that the driver sums. A lazy dataset is executed once and its blocks kept in the
-    object store for both passes; pass a materialised one to share it with other reductions
-    (the model then runs once per split).
+    avgk.passes.calibrate driven by Ray: two passes of StreamingThresholds in `num_tasks` parallel
+    tasks (default: one per cluster CPU, at most one per block), each returning a 65,536-bin int64
+    histogram (a few in pass 2) that the driver sums. A lazy dataset is executed once and its
+    blocks kept in the object store for both passes; pass a materialised one to share it with
+    other reductions (the model then runs once per split).
     """
-    spec = ThresholdsPass(ks=tuple(float(k) for k in ks), column=column)
-    result = run_passes(ds, spec, num_tasks=num_tasks, log=log, label=label)
-    return spec.calibrator(result.totals).thresholds()
+    return passes.calibrate(ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", ks=ks, column=column)
 
 
 def metrics_dataset(
@@ -414,17 +412,12 @@ def metrics_dataset(
     column: str = "scores",
     num_tasks: int | None = None,
     log: Callable[[str], None] | None = None,
-    label: str = "metrics",
 ) -> SetMetrics:
-    """SetMetrics of the rows' `column` against their `label`, counted in parallel tasks and summed on the driver."""
-    spec = MetricsPass(
-        num_classes=num_classes, ks=tuple(float(k) for k in ks),
-        thresholds=tuple((float(k), float(v)) for k, v in thresholds.items()),
-        train_class_counts=None if train_class_counts is None else tuple(int(c) for c in train_class_counts),
-        freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column,
+    """SetMetrics of the rows' `column` against their `label`: avgk.passes.count_metrics driven by Ray tasks."""
+    return passes.count_metrics(
+        ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", num_classes=num_classes, ks=ks,
+        thresholds=thresholds, train_class_counts=train_class_counts, freq_bins=freq_bins, column=column,
     )
-    result = run_passes(ds, spec, num_tasks=num_tasks, log=log, label=label)
-    return spec.metrics(result.totals)
 
 
 def ray_runner(

@@ -166,6 +166,8 @@ def _manifest(tmp_path, **overrides):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.batch_size=64"], r"train.batch_size=64 exceeds the 20 training samples of data.shards="),
+    (["train.grad_accumulation=3"], r"train.grad_accumulation=3 x train.batch_size=8 exceeds the 20 training samples"),
+    (["train.grad_accumulation=2"], None),
     (["loss.k=0.001"], r"loss.k=0.001 selects round\(K x N\) = 0 of the 10 val samples: K x N must be >= 1"),
     (["eval.ks=[0.01, 2]"], r"eval.ks=0.01 selects round\(K x N\) = 0 of the 10 val samples"),
     (["train.batch_size=8", "loss.pseudo_k=1.01", "loss.k=1.01"], None),
@@ -278,7 +280,6 @@ def test_sigterm_ends_the_cli_like_ctrl_c(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     script = (
         "import time\n"
@@ -293,11 +294,9 @@ def test_sigterm_ends_the_cli_like_ctrl_c(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().strip() == "started"
-    start = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)  # a hang raises TimeoutExpired
     assert proc.returncode == 143 and err.strip() == "avgk: terminated"
-    assert time.perf_counter() - start < 30
 
 
 def test_the_manifest_records_each_shards_count_and_checksum_and_reuse_checks_them(tmp_path):
@@ -323,7 +322,9 @@ def test_the_manifest_records_each_shards_count_and_checksum_and_reuse_checks_th
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     assert shard_problems(read_manifest(shards)) == [f"{train.shards[1]} differs from the manifest (SHA-256)"]
     rewritten = write_synthetic_shards(**kwargs)
-    assert shard_problems(rewritten) == [] and file_sha256(victim) == train.shard_sha256[1]
+    # Rewritten whole (tar headers carry the write time, so the checksums are the new manifest's).
+    assert shard_problems(rewritten) == [] and file_sha256(victim) == rewritten.split("train").shard_sha256[1]
+    assert rewritten.split("train").shard_samples == train.shard_samples
 
 
 def test_a_killed_writers_partial_folder_is_removed_by_the_next_write(tmp_path):
