@@ -5,11 +5,9 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test test-fast bench clean
 
-# --no-compile: Python compiles what a run imports on first use; compiling every installed module
-# (torch, ray, mlflow, scikit-learn...) up front only lengthens the install.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --no-compile -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
