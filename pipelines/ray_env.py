@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 import ray
 
@@ -50,6 +54,23 @@ def connect(*, num_cpus: float | None = None, quiet: bool | None = None) -> None
     """Join RAY_ADDRESS when set, else start (or reuse) a local Ray bound to loopback."""
     if ray.is_initialized():
         return
+    with _keeping_sigterm_handler():
+        _init(num_cpus=num_cpus, quiet=quiet)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces the process's SIGTERM handler with Ray's own (it prints a stack and
+    exits), so the CLI's, which unwinds like Ctrl-C and ends the MLflow run KILLED, is put back."""
+    handler = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
     quiet = not console.verbose() if quiet is None else quiet
     if quiet:  # Ray's notice that token authentication is on: it is, by design
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -56,6 +56,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         pass
     config = Config.model_validate(loop_config["config"])
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
+    prefix = loop_config.get("log_prefix")
+    log = (lambda line: say(f"[{prefix}] {line}")) if prefix else say
     rank = ray.train.get_context().get_world_rank()
 
     def on_epoch_end(metrics: dict[str, float], epoch: int) -> None:
@@ -68,7 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         wrap_model=ray.train.torch.prepare_model,
         on_epoch_end=on_epoch_end,
-        log=say,
+        log=log,
     )
     if rank == 0 and result.evaluation is not None:
         run_dir = storage.absolute(config.run_dir)
@@ -81,7 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model_uri = log_pyfunc_model(
                 uri, run_id, run_dir, checkpoint=checkpoint, register_as=config.tracking.register_model
             )
-            say(f"pyfunc model logged: {model_uri}"
+            log(f"pyfunc model logged: {model_uri}"
                      + (f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""))
 
 
@@ -98,14 +100,20 @@ def check_resources(config: Config) -> None:
 
 
 def build_trainer(
-    config: Config, *, mlflow_run_id: str | None, tracking_uri: str | None, callbacks: list | None = None
+    config: Config,
+    *,
+    mlflow_run_id: str | None,
+    tracking_uri: str | None,
+    callbacks: list | None = None,
+    log_prefix: str | None = None,
 ) -> TorchTrainer:
     storage_path = storage.absolute(config.run.storage)
     if "://" not in storage_path:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri,
+                           "log_prefix": log_prefix},
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers,
             use_gpu=config.train.use_gpu,
@@ -127,8 +135,13 @@ def build_trainer(
     )
 
 
-def run_training(config: Config, *, parent_run_id: str | None = None) -> evaluation.Evaluation | None:
-    """Train through Ray, log to MLflow, return the final evaluation (also in the run directory)."""
+def run_training(
+    config: Config, *, parent_run_id: str | None = None, log_prefix: str | None = None
+) -> evaluation.Evaluation | None:
+    """Train through Ray, log to MLflow, return the final evaluation (also in the run directory).
+
+    log_prefix starts every progress line of the workers (`avgk demo` runs two trainings at once).
+    """
     config = with_absolute_paths(config)
     preflight.check_before_start(config)  # again for API callers; the CLI ran it before heavy imports
     ensure_shards(config)
@@ -138,7 +151,7 @@ def run_training(config: Config, *, parent_run_id: str | None = None) -> evaluat
     if config.tracking.enabled:
         uri = tracking.tracking_uri(config)
         run_id = tracking.start_run(config, parent_run_id=parent_run_id)
-    trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri)
+    trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri, log_prefix=log_prefix)
     with tracking.lifecycle(uri, run_id):
         trainer.fit()
     metrics_file = storage.join(storage.absolute(config.run_dir), "metrics.json")

@@ -25,6 +25,10 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "test set, thresholds calibrated on val" in out
+    # The two runs train side by side; each progress line says whose it is.
+    assert "=== training two_head and ce side by side" in out
+    for method in ("two_head", "ce"):
+        assert f"[demo-{method}] epoch 1/1 train_loss" in out, out[-3000:]
     for method in ("two_head", "ce"):
         assert (tmp_path / "runs" / f"demo-{method}" / "metrics.json").is_file()
         assert sum(line.split()[1:2] == [method] for line in out.splitlines()) == 3  # one row per K

@@ -188,3 +188,31 @@ def test_killed_worker_resumes_from_latest_checkpoint(smoke_shards, tmp_path, lo
     # run retraces the uninterrupted one up to float non-associativity.
     for key in ("1", "2", "3"):
         assert abs(final["avg_k_accuracy"][key] - expected["avg_k_accuracy"][key]) <= 0.03, (key, final, expected)
+
+
+def test_sigterm_after_ray_started_still_ends_the_cli_like_ctrl_c(tmp_path):
+    """ray.init puts Ray's own SIGTERM handler (a stack dump, then exit) in place of the CLI's;
+    ray_env.connect puts the CLI's back, so a terminated command still unwinds: exit 143, one
+    line, MLflow runs KILLED. Without the fix this process dies with Ray's stack dump."""
+    script = (
+        "import time\n"
+        "from pipelines import cli, ray_env\n"
+        "def slow(args):\n"
+        "    ray_env.connect(num_cpus=1)\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(120)\n"
+        "    return 0\n"
+        "cli.cmd_config = slow\n"
+        "raise SystemExit(cli.main(['config']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # a hang raises TimeoutExpired
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "avgk: terminated" in err and "SIGTERM received" not in err
