@@ -114,6 +114,13 @@ class DataConfig(_Section):
     )
     prepare_workers: int = Field(0, ge=0, description="prepare: conversion processes (0 = every available CPU)")
 
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _rgb(cls, value: Any, info) -> Any:
+        if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3):
+            raise ValueError(f"data.{info.field_name} must be 3 numbers (R, G, B), got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         low, high = self.crop_scale
@@ -373,6 +380,11 @@ class TrainConfig(_Section):
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})"
+            )
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs={self.warmup_epochs:g} must be <= train.epochs={self.epochs}: "
+                "the learning rate would never reach train.lr"
             )
         bad = [m for m in self.milestones if not 0 < m < self.epochs]
         if bad or self.milestones != sorted(self.milestones):

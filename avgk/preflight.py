@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
@@ -98,16 +100,61 @@ def check_reachable(uri: str, *, timeout: float = 10.0) -> None:
                           "start it, fix tracking.uri, or set tracking.enabled=false") from None
 
 
+def check_storage(storage: str) -> None:
+    """A local run.storage must be creatable: no file where a folder of its path must be."""
+    if "://" in storage:
+        return
+    for folder in (Path(storage), *Path(storage).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"config error: run.storage={storage!r} is under {str(folder)!r}, a file: "
+                                  "run.storage must be a folder (or a path where one can be made)")
+            return
+
+
+def check_pretrained(config: Config) -> None:
+    """model.pretrained exists, is a weights file and fits the backbone: built once here, on the
+    driver, instead of failing on every worker after the cluster started."""
+    if not config.model.pretrained:
+        return
+    from avgk.models import build_backbone  # imports torch: only when there are weights to check
+
+    try:
+        build_backbone(config.model)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"config error: {str(err).strip().splitlines()[0]}") from None
+
+
+def check_local_gpus(config: Config) -> None:
+    """train.use_gpu on a local cluster (no RAY_ADDRESS): the GPUs must be on this machine, found
+    at once rather than after Ray started and waited for them."""
+    if not config.train.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < config.train.num_workers:
+        raise ConfigError(
+            f"config error: train.use_gpu=true with train.num_workers={config.train.num_workers} needs that many GPUs, "
+            f"this machine has {found} and RAY_ADDRESS names no cluster: set train.use_gpu=false, or run on a cluster "
+            "with GPUs (RAY_ADDRESS)"
+        )
+
+
 def check_before_start(config: Config, *, resume: bool = True) -> None:
-    """The checks that need neither data nor Ray: a stale run directory (`resume`), the backbone, the tracking server.
+    """The checks that need neither data nor Ray: a stale run directory (`resume`), the backbone and
+    its weights, the run storage, local GPUs, the tracking server.
 
     `config` with absolute paths (avgk.runs.with_absolute_paths), as the run will write them.
     """
     from avgk import tracking
     from avgk.runs import check_resume
 
+    check_storage(config.run.storage)
     if resume:
         check_resume(config)
     check_backbone(config.model.backbone)
+    check_pretrained(config)
+    check_local_gpus(config)
     if config.tracking.enabled:
         check_reachable(tracking.tracking_uri(config))

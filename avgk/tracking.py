@@ -36,13 +36,14 @@ def tracking_uri(config: Config) -> str:
         raise ValueError(
             f"run.storage={storage_dir!r} is remote: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server"
         )
-    Path(storage_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(storage_dir).resolve() / 'mlflow.db'}"
 
 
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///"):  # made when first opened, not when named: a failed check writes nothing
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
 
