@@ -14,7 +14,7 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from avgk import checkpoints, engine, evaluation, preflight, storage, tracking
+from avgk import checkpoints, engine, evaluation, preflight, provenance, storage, tracking
 from avgk.console import say
 from avgk.config import Config, ConfigError
 from pipelines import ray_env
@@ -54,6 +54,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _train_context.logger.setLevel(logging.WARNING)
     except (ImportError, AttributeError):
         pass
+    if loop_config.get("code_fingerprint"):
+        provenance.check_same_code(loop_config["code_fingerprint"],
+                                   where=f"Ray Train worker rank {ray.train.get_context().get_world_rank()}")
     config = Config.model_validate(loop_config["config"])
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
     prefix = loop_config.get("log_prefix")
@@ -113,7 +116,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri,
-                           "log_prefix": log_prefix},
+                           "log_prefix": log_prefix, "code_fingerprint": provenance.code_fingerprint()},
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers,
             use_gpu=config.train.use_gpu,
