@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         print("avgk: terminated", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # `avgk config --keys | head`: the reader left; no traceback, no flush error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("avgk: interrupted", file=sys.stderr)
         return 130

@@ -369,3 +369,16 @@ def test_a_synthetic_write_killed_half_way_is_finished_by_the_next_one(tmp_path)
                                       image_size=8, zipf_exponent=0.0, ambiguity_rate=0.0, seed=0, maxcount=100)
     assert sorted(manifest.splits) == ["test", "train", "val"]
     assert sorted(p.name for p in shards.iterdir()) == ["manifest.json", "test", "train", "val"]
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`avgk config --keys | head -1`: the pipe closes under avgk; exit 141 (as SIGPIPE would), no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "config", "--keys"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before avgk has written anything: its first flush meets a closed pipe
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
