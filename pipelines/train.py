@@ -19,7 +19,7 @@ from avgk.console import say
 from avgk.config import Config, ConfigError
 from pipelines import ray_env
 from avgk.data.prepare import ensure_shards
-from pipelines.predict import log_pyfunc_model
+from avgk.serving import log_pyfunc_model
 from pipelines.report import log_run_plots
 from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
 

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from avgk.predict import SetPredictor
-from pipelines.predict import log_pyfunc_model
+from avgk.serving import log_pyfunc_model
 from tests.helpers.runs import read_split
 
 pytestmark = pytest.mark.slow
