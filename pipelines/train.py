@@ -15,13 +15,13 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from avgk import checkpoints, engine, evaluation, preflight, provenance, storage, tracking
-from avgk.console import say
 from avgk.config import Config, ConfigError
-from pipelines import ray_env
+from avgk.console import say
 from avgk.data.prepare import ensure_shards
-from avgk.serving import log_pyfunc_model
-from pipelines.report import log_run_plots
 from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
+from avgk.serving import log_pyfunc_model
+from pipelines import ray_env
+from pipelines.report import log_run_plots
 
 
 class RayReporter:

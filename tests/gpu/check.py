@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -93,8 +92,6 @@ def amp_rows(*, shards: str, device, backbone: str, size: int, batch: int, steps
 
 
 def input_row(*, shards: str, device, size: int, batch: int, workers: int) -> tuple[str, str, str]:
-    import torch
-
     from avgk.data.loaders import eval_loader, train_loader
     from avgk.data.manifest import read_manifest
     from avgk.inputs import image_transform, model_input

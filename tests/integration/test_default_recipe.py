@@ -16,7 +16,6 @@ import pytest
 from avgk import checkpoints, engine
 from avgk.config import load_config
 from avgk.data.manifest import read_manifest
-from tests.helpers.runs import ROOT
 from tests.helpers.digits import write_digit_pairs
 from tests.helpers.prior import prior_avg_k_accuracy
 

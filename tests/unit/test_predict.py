@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from avgk import checkpoints, engine
+from avgk import checkpoints
 from avgk.config import load_config
-from avgk.data.manifest import read_manifest
 from avgk.predict import SetPredictor, decode_image
 from pipelines import cli
-from tests.helpers.runs import ROOT, read_split
+from tests.helpers.runs import read_split
 
 
 @pytest.fixture(scope="module")
