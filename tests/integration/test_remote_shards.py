@@ -16,7 +16,7 @@ from tests.helpers.runs import SMOKE, smoke_config
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 BUCKET = "avgk-it"
-COMMON = ("train.num_workers=2", "tracking.enabled=false")
+COMMON = ("train.num_workers=2", "train.epochs=1", "tracking.enabled=false")  # 1 epoch: the read path is what differs
 
 
 @pytest.fixture(scope="module")
