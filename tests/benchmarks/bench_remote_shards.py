@@ -15,7 +15,8 @@ round hits both sides alike).
 Measured per run and epoch, as bench_ray_overhead.py (P4) measures them: the training pass
 (samples / samples_per_second, the engine's own timing of train_epoch: reading, decoding,
 forward, backward, all-reduce) and the full epoch (train + val + checkpoint + report, the
-interval between two epoch reports, stamped on the Train controller). Reported: the mean of
+interval between two epoch reports, stamped on the Train controller), and their difference (val
+read and scored from the same shards, checkpoint, report). Reported: the mean of
 each over every epoch of every run per side, and the ratio local time / s3 time (1.0: as fast;
 the goal is >= 0.9). Both sides read every shard the same way (avgk.storage.open_input_stream):
 a local file, or an object fetched 4 MiB per ranged GET, never copied to disk. The server runs
@@ -135,6 +136,10 @@ def main() -> None:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
+    for runs in figures.values():  # what a full epoch adds to its training pass: val, checkpoint, report
+        for run in runs:
+            run["rest_s"] = [full - train for full, train in zip(run["full_s"], run["train_s"][1:])]
+
     def mean(side: str, key: str) -> float:
         return statistics.mean(s for run in figures[side] for s in run[key])
 
@@ -152,7 +157,8 @@ def main() -> None:
     print("| measure | local shards (s) | s3:// shards (s) | local / s3 (>= 0.9 wanted) |")
     print("|---|---:|---:|---:|")
     for label, key in (("training pass (read, decode, step), mean per epoch", "train_s"),
-                       ("full epoch (train + val + checkpoint + report), mean", "full_s")):
+                       ("full epoch (train + val + checkpoint + report), mean", "full_s"),
+                       ("full epoch less its training pass (val + checkpoint + report), mean", "rest_s")):
         local, remote = mean("local", key), mean("s3", key)
         print(f"| {label} | {local:.2f} | {remote:.2f} | {local / remote:.3f} |")
     print()
