@@ -257,6 +257,9 @@ class _RawReader(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
+    def readall(self) -> bytes:  # one request for the rest, not RawIOBase's 8 KiB reads
+        return self._native.read()
+
     def close(self) -> None:
         if not self.closed:
             self._native.close()
