@@ -7,8 +7,8 @@ for mocks; avgk's remote-shard path is meant for real S3-compatible stores (AWS,
 SeaweedFS), so the tests talk to one. Start-up takes about 2 s on the 2-core CI machine.
 
 `S3Server` starts one on free loopback ports with its data under a temporary folder and stops it
-(SIGTERM, then SIGKILL after 5 s: the gateway's graceful stop can take longer than the test) in
-`stop()`, removing the unix sockets SeaweedFS leaves in /tmp.
+in `stop()` (SIGTERM, then SIGKILL after 1 s: its graceful stop takes 5-10 s, and the data is a
+temporary folder), removing the unix sockets SeaweedFS leaves in /tmp.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
