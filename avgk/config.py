@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from avgk import storage
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for a person: the key, the value and the rule."""
@@ -46,7 +48,12 @@ class DataConfig(_Section):
         "synthetic", description="input layout converted by `avgk prepare`"
     )
     root: str | None = Field(None, description="input folder of the source (not needed for synthetic)")
-    shards: str = Field("data/synthetic", description="output/input folder of WebDataset shards + manifest.json")
+    shards: str = Field(
+        "data/synthetic",
+        description="output/input folder of WebDataset shards + manifest.json: a local path or a filesystem URI "
+        "(s3://bucket/prefix, gs://..., any pyarrow filesystem) that every worker streams from; credentials and "
+        "endpoint come from the environment (AWS_* variables, ~/.aws, the node's role), never from this config",
+    )
     shard_maxcount: int = Field(1000, ge=1, description="samples per shard when writing")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     resize: int = Field(32, ge=8, description="eval: resize the shorter side to this")
@@ -123,6 +130,11 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        if storage.is_remote(self.shards):
+            try:
+                storage.check_uri(self.shards)
+            except ValueError as err:
+                raise ValueError(f"data.shards: {err}") from None
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {list(self.crop_scale)}")

@@ -1,11 +1,13 @@
 """Mirror a folder between a local disk and an object store (s3://, gs://, any pyarrow URI), one way.
 
-Cluster nodes read shards and pretrained weights from their own disk (avgk reads `data.shards`
-as a local path), so every node pulls them from the bucket before Ray starts on it:
+avgk streams shards from a bucket itself (data.shards=s3://...), but reads pretrained weights
+(model.pretrained) from local disk only, so every node pulls them before Ray starts on it:
 
-    python /app/infra/sync_data.py s3://my-avgk-bucket/avgk/data /home/ray/data   # on a node (the image has it)
+    python /app/infra/sync_data.py s3://my-avgk-bucket/avgk/weights /home/ray/data   # on a node (the image has it)
 
-and a workstation pushes prepared shards once:
+As an option (infra/README.md, step 3), nodes with fast disks and a slow or per-request-charged
+link to the bucket pull the shards once the same way and train with data.shards=<local folder>;
+and a workstation can push shards prepared locally:
 
     python infra/sync_data.py data/plantnet300k s3://my-avgk-bucket/avgk/data/plantnet300k
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from avgk import console
+from avgk.storage import StorageError
 from avgk.config import Config, ConfigError, load_config
 
 # Ray prints a banner per worker and a deprecation hint per run; keep a person's terminal readable.
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # one clear line for the errors a user can fix
         cause = _root_cause(err)
-        if isinstance(cause, (ConfigError, ValueError, FileNotFoundError, FloatingPointError)):
+        if isinstance(cause, (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError)):
             message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             print(f"avgk: error: {message}", file=sys.stderr)
             return 2

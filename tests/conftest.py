@@ -37,6 +37,32 @@ def smoke_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, tests/helpers/s3.py) on 127.0.0.1, stopped at the end."""
+    from tests.helpers.s3 import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server):
+    """The standard AWS_* variables pointing at `s3_server`, for one test module; request it before
+    local_ray so the local Ray cluster's workers inherit them, as cluster nodes get theirs."""
+    patch = pytest.MonkeyPatch()
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        patch.delenv(key, raising=False)
+    for key, value in s3_server.env().items():
+        patch.setenv(key, value)
+    yield s3_server
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
 def predict_smoke_run(tmp_path_factory) -> tuple[Path, Path]:
     """(shards, run directory) of one in-process smoke training: the prediction and pyfunc tests' model."""
     from tests.helpers.runs import prepare_shards, train_smoke_run

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset import tariterators
 from PIL import Image
 
+from avgk import storage
 from avgk.data.transforms import ImageTransform
 from avgk.data.manifest import IMAGE_EXTENSIONS, decode_posterior, read_manifest
 
@@ -197,6 +199,24 @@ def _check_normalize(transform: Callable | None, normalize: bool) -> None:
         )
 
 
+def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """{"url", "stream"} per shard, as webdataset's url_opener, through avgk.storage: a local file, or
+    a remote object (s3://...) streamed with read-ahead, never copied to disk. A shard that cannot be
+    opened goes to `handler` (skipped and counted), except a storage setup error (credentials,
+    bucket, endpoint), which no later shard would escape: it stops the loader with its message."""
+    for url in urls:
+        try:
+            stream = storage.open_input_stream(url)
+        except storage.StorageError as err:
+            raise _DataSetupError(str(err)) from None
+        except Exception as exn:  # noqa: BLE001 - as webdataset's url_opener: the handler decides
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            break
+        yield {"url": url, "stream": stream}
+
+
 class _ShardStream(torch.utils.data.IterableDataset):
     """Batches from the shards one (rank, worker) owns; the worker index comes from torch, never from env vars."""
 
@@ -286,7 +306,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
         )
 
     def _read(self, urls: Iterator[str]) -> Iterator[dict]:
-        for sample in wds.tarfile_samples(({"url": url} for url in urls), handler=self.handler):
+        streams = _open_shards(urls, handler=self.handler)
+        files = tariterators.tar_file_expander(streams, handler=self.handler)
+        for sample in tariterators.group_by_keys(files, handler=self.handler):
             self._num_read += 1
             yield sample
 

@@ -3,6 +3,9 @@
 Layout:
   <shards_dir>/manifest.json                 written last: its presence marks a complete data set
   <shards_dir>/<split>/shard-000000.tar ...  one folder per split, renamed into place when complete
+                                             (on an object store: uploaded shard by shard, the
+                                             manifest removed first and written last)
+<shards_dir> is a local folder or a filesystem URI (s3://bucket/prefix): see avgk.storage.
 Shape legend: L classes, M sparse posterior width.
 """
 
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from avgk import storage
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -49,6 +53,9 @@ class SplitInfo:
     """Samples in each shard, in the order of `shards` (empty in manifests written before it existed)."""
     shard_sha256: tuple[str, ...] = ()
     """SHA-256 of each shard file, in the order of `shards` (empty as above)."""
+    shard_bytes: tuple[int, ...] = ()
+    """Size of each shard file in bytes, in the order of `shards` (empty as above): what
+    shard_problems checks on an object store, where hashing means downloading every shard."""
 
     def to_json(self) -> dict:
         return {
@@ -58,6 +65,7 @@ class SplitInfo:
             "skipped": list(self.skipped),
             "shard_samples": list(self.shard_samples),
             "shard_sha256": list(self.shard_sha256),
+            "shard_bytes": list(self.shard_bytes),
         }
 
     @classmethod
@@ -69,6 +77,7 @@ class SplitInfo:
             skipped=tuple(entry.get("skipped", ())),
             shard_samples=tuple(int(n) for n in entry.get("shard_samples", ())),
             shard_sha256=tuple(str(h) for h in entry.get("shard_sha256", ())),
+            shard_bytes=tuple(int(n) for n in entry.get("shard_bytes", ())),
         )
 
 
@@ -76,8 +85,8 @@ class SplitInfo:
 class Manifest:
     """The parsed `manifest.json` of a shards folder: the single source of truth for classes and counts."""
 
-    root: Path
-    """Absolute path of the shards folder."""
+    root: str
+    """The shards folder: an absolute local path or a filesystem URI (s3://bucket/prefix)."""
     format_version: int
     source: str
     settings: dict
@@ -89,13 +98,22 @@ class Manifest:
         """The entry of split `name`; an unknown name raises a ValueError listing the known ones."""
         if name not in self.splits:
             raise ValueError(
-                f"unknown split {name!r} in {self.root / MANIFEST_NAME}; known splits: {sorted(self.splits)}"
+                f"unknown split {name!r} in {storage.display(self.path)}; known splits: {sorted(self.splits)}"
             )
         return self.splits[name]
 
+    @property
+    def path(self) -> str:
+        """Where manifest.json is (a path or a URI)."""
+        return storage.join(self.root, MANIFEST_NAME)
+
+    @property
+    def is_remote(self) -> bool:
+        return storage.is_remote(self.root)
+
     def shard_urls(self, split: str) -> list[str]:
-        """Absolute paths of the split's shards, in manifest order."""
-        return [str(self.root / rel) for rel in self.split(split).shards]
+        """Absolute paths (or URIs, for a remote data set) of the split's shards, in manifest order."""
+        return [storage.join(self.root, rel) for rel in self.split(split).shards]
 
     def to_json(self) -> dict:
         return {
@@ -108,22 +126,30 @@ class Manifest:
         }
 
 
-def _missing_data_message(path: Path) -> str:
-    return f"{path} does not exist: no complete shards there; run `avgk prepare CONFIG` first"
+def _missing_data_message(where: str) -> str:
+    return f"{storage.display(where)} does not exist: no complete shards there; run `avgk prepare CONFIG` first"
 
 
 def read_manifest(shards_dir: str | os.PathLike) -> Manifest:
-    """Read `<shards_dir>/manifest.json`; FileNotFoundError if the folder or the manifest is missing."""
-    root = Path(shards_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(_missing_data_message(root))
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(_missing_data_message(path))
+    """Read `<shards_dir>/manifest.json` (a local folder or a URI); FileNotFoundError if the folder or
+    the manifest is missing, avgk.storage.StorageError (an OSError) if the location cannot be read."""
+    root = storage.absolute(str(shards_dir))
+    path = storage.join(root, MANIFEST_NAME)
+    if not storage.is_remote(root):
+        if not Path(root).is_dir():
+            raise FileNotFoundError(_missing_data_message(root))
+        if not Path(path).is_file():
+            raise FileNotFoundError(_missing_data_message(path))
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the manifest is corrupt; prepare the data again") from None
+        text = storage.read_bytes(path)
+    except FileNotFoundError:  # an object store has no folders: a missing prefix is a missing manifest
+        raise FileNotFoundError(_missing_data_message(path)) from None
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{storage.display(path)} is not valid JSON ({err}): the manifest is corrupt; "
+                         "prepare the data again") from None
+    path = storage.display(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}: prepare the data again")
     version = raw.get("format_version")
@@ -166,11 +192,14 @@ def write_manifest(
     """Write `manifest.json` atomically; call it last, once every split is written.
 
     `splits` maps each split name to the dict `write_split` returned (or a SplitInfo).
+    `shards_dir` is a local folder (the manifest is renamed into place) or a URI (the object
+    is published whole when its upload completes).
     """
-    root = Path(shards_dir).expanduser().resolve()
+    root = storage.absolute(str(shards_dir))
     named = _normalise_classes(classes)
     num_classes = len(named)
     infos: dict[str, SplitInfo] = {}
+    stored: dict[str, int] | None = None
     for name, entry in splits.items():
         info = entry if isinstance(entry, SplitInfo) else SplitInfo.from_json(entry)
         if len(info.class_counts) != num_classes:
@@ -183,9 +212,14 @@ def write_manifest(
                 f"split {name!r}: class_counts must sum to num_samples={info.num_samples}, "
                 f"got {sum(info.class_counts)}"
             )
-        missing = [rel for rel in info.shards if not (root / rel).is_file()]
+        if storage.is_remote(root):
+            stored = stored if stored is not None else storage.list_files(root)  # one listing, not one request per shard
+            missing = [rel for rel in info.shards if rel not in stored]
+        else:
+            missing = [rel for rel in info.shards if not (Path(root) / rel).is_file()]
         if missing:
-            raise FileNotFoundError(f"split {name!r}: shards listed but not on disk under {root}: {missing[:5]}")
+            raise FileNotFoundError(f"split {name!r}: shards listed but not stored under {storage.display(root)}: "
+                                    f"{missing[:5]}")
         infos[name] = info
     manifest = Manifest(
         root=root,
@@ -196,10 +230,7 @@ def write_manifest(
         classes=named,
         splits=infos,
     )
-    path = root / MANIFEST_NAME
-    tmp = root / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
-    os.replace(tmp, path)
+    storage.write_bytes(manifest.path, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
     return manifest
 
 
@@ -228,13 +259,26 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def shard_problems(manifest: Manifest) -> list[str]:
-    """What differs between the manifest and the shard files on disk: missing files, and files
-    whose SHA-256 is not the one recorded (truncated, rewritten). Empty when the data set is intact.
-    Reads every shard: run it when reusing a data set, not on each epoch."""
+    """What differs between the manifest and the stored shard files: missing files, and files whose
+    SHA-256 (local) or size (remote) is not the one recorded (truncated, rewritten). Empty when the
+    data set is intact. Locally it reads every shard: run it when reusing a data set, not on each
+    epoch. On an object store it lists each split once and compares sizes: hashing there would mean
+    downloading the whole data set on every `avgk prepare`; the SHA-256s stay in the manifest for a
+    full check (`sha256sum` over a download) when one is wanted."""
     problems = []
     for name, info in manifest.splits.items():
+        if manifest.is_remote:
+            stored = storage.list_files(storage.join(manifest.root, name)) if info.shards else {}
         for i, relative in enumerate(info.shards):
-            path = manifest.root / relative
+            if manifest.is_remote:
+                size = stored.get(relative.split("/", 1)[-1])
+                if size is None:
+                    problems.append(f"{relative} is missing")
+                elif i < len(info.shard_bytes) and size != info.shard_bytes[i]:
+                    problems.append(f"{relative} differs from the manifest (size {size} bytes, "
+                                    f"recorded {info.shard_bytes[i]})")
+                continue
+            path = Path(manifest.root) / relative
             if not path.is_file():
                 problems.append(f"{relative} is missing")
             elif i < len(info.shard_sha256) and file_sha256(path) != info.shard_sha256[i]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from avgk import preflight
+from avgk import preflight, storage
 from avgk.config import Config
 from avgk.data.manifest import Manifest, read_manifest
 from avgk.data.shards import write_synthetic_shards
@@ -75,7 +75,7 @@ def prepare(config: Config, *, progress: bool = True) -> Manifest:
     if skipped:
         counts = ", ".join(f"{split} {n}" for split, n in skipped.items())
         print(f"avgk prepare: skipped files ({counts}), listed with reasons under splits.<split>.skipped in "
-              f"{manifest.root / 'manifest.json'}", file=sys.stderr)
+              f"{storage.display(manifest.path)}", file=sys.stderr)
     return manifest
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from avgk import storage
 from avgk.data.synthetic import generate_synthetic
 from avgk.data.manifest import (
     IMAGE_EXTENSIONS,
@@ -108,6 +110,10 @@ def write_split(
     each. They go to a hidden temporary folder that is renamed to `<shards_dir>/<split>`
     only once every sample is written, and any existing manifest is removed first (the
     data set is no longer complete), so an interrupted write never looks complete.
+    `shards_dir` may be a URI (s3://bucket/prefix, see avgk.storage): the split's old objects
+    are deleted, then each shard is staged in a local temporary folder and uploaded as soon as
+    it is complete (local disk holds one shard at a time); the manifest, written last by
+    write_manifest, again marks the data set complete.
     `skipped` (e.g. a list the sample generator appends unreadable source files to while it
     runs) is read after the samples are consumed and stored in the entry.
     """
@@ -118,13 +124,30 @@ def write_split(
         raise ValueError(f"maxcount must be an integer >= 1, got {maxcount!r}")
     if maxsize_bytes is not None and maxsize_bytes < 1:
         raise ValueError(f"maxsize_bytes must be >= 1 or None, got {maxsize_bytes!r}")
-    root = Path(shards_dir).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST_NAME).unlink(missing_ok=True)
-    remove_stale_partials(root, split)
-    tmp = root / f".{split}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    remote = storage.is_remote(str(shards_dir))
+    if remote:
+        root_uri = storage.absolute(str(shards_dir))
+        storage.check_bucket(root_uri)
+        storage.delete(storage.join(root_uri, MANIFEST_NAME))
+        storage.delete(storage.join(root_uri, split))
+        tmp = Path(tempfile.mkdtemp(prefix=f"avgk-{split}-"))
+    else:
+        root = Path(shards_dir).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MANIFEST_NAME).unlink(missing_ok=True)
+        remove_stale_partials(root, split)
+        tmp = root / f".{split}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    sealed: dict[str, tuple[str, int]] = {}
+    """shard name -> (SHA-256, bytes), recorded as each shard is closed."""
+
+    def seal(fname: str) -> None:
+        path = Path(fname)
+        sealed[path.name] = (file_sha256(path), path.stat().st_size)
+        if remote:
+            storage.upload_file(path, storage.join(root_uri, split, path.name))
+            path.unlink()
 
     class_counts_L = np.zeros(int(num_classes), dtype=np.int64)
     indices: list[int] = []
@@ -135,6 +158,7 @@ def write_split(
             maxcount=int(maxcount),
             maxsize=float(maxsize_bytes) if maxsize_bytes is not None else float("inf"),
             verbose=0,
+            post=seal,
             # an integer mtime: a float one makes tarfile add a PAX header to every member (2x slower both ways)
             mtime=int(time.time()),
         ) as sink:
@@ -152,15 +176,22 @@ def write_split(
                 f"split {split!r}: idx values must be exactly 0..{num_samples - 1}, each once; "
                 f"got max {max(indices, default=-1)}, duplicated {duplicates}"
             )
-        shard_names = sorted(p.name for p in tmp.glob("shard-*.tar"))
+        shard_names = sorted(sealed)
         if num_samples == 0:
-            # ShardWriter opens its first tar before any write; an empty split has no shards
+            # a ShardWriter may open its first tar before any write; an empty split has no shards
             for name in shard_names:
-                (tmp / name).unlink()
+                if remote:
+                    storage.delete(storage.join(root_uri, split, name))
+                else:
+                    (tmp / name).unlink()
             shard_names = []
         shard_samples = [per_shard.get(int(name[len("shard-"):-len(".tar")]), 0) for name in shard_names]
-        shard_sha256 = [file_sha256(tmp / name) for name in shard_names]
-        _replace_dir(src=tmp, dst=root / split)
+        shard_sha256 = [sealed[name][0] for name in shard_names]
+        shard_bytes = [sealed[name][1] for name in shard_names]
+        if remote:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _replace_dir(src=tmp, dst=root / split)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,6 +202,7 @@ def write_split(
         skipped=tuple(skipped or ()),
         shard_samples=tuple(shard_samples),
         shard_sha256=tuple(shard_sha256),
+        shard_bytes=tuple(shard_bytes),
     ).to_json()
 
 
@@ -197,24 +229,28 @@ WRITING_MARKER = ".avgk-synthetic-writing"
 
 
 def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: "Manifest | None") -> None:
-    """Synthetic data is written only into a missing or empty folder, or over avgk's own synthetic
-    data set: anything else (a prepared real data set, a user's files) is never overwritten."""
-    folder = Path(shards_dir)
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise ValueError(f"data.shards={str(shards_dir)!r} is a file, not a folder: refusing to write synthetic data there")
+    """Synthetic data is written only into a missing or empty folder (or prefix), or over avgk's own
+    synthetic data set: anything else (a prepared real data set, a user's files) is never overwritten."""
+    if not storage.is_remote(str(shards_dir)):
+        folder = Path(shards_dir)
+        if not folder.exists():
+            return
+        if not folder.is_dir():
+            raise ValueError(f"data.shards={str(shards_dir)!r} is a file, not a folder: refusing to write synthetic data there")
     if existing is not None and existing.source == "synthetic":
         return
-    if existing is None and (folder / WRITING_MARKER).is_file():
+    if storage.is_remote(str(shards_dir)):
+        entries = sorted(storage.list_files(str(shards_dir)))  # every object under the prefix
+    else:
+        entries = sorted(p.name for p in Path(shards_dir).iterdir())
+    if existing is None and WRITING_MARKER in entries:
         return  # avgk's own synthetic write, interrupted before its manifest
-    entries = sorted(p.name for p in folder.iterdir())
     if not entries:
         return
     what = (f"a prepared {existing.source!r} data set ({existing.num_classes} classes)" if existing is not None
             else f"files that are not avgk's synthetic data ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
     raise ValueError(
-        f"data.shards={str(shards_dir)!r} holds {what}: refusing to overwrite it with synthetic data; "
+        f"data.shards={storage.display(str(shards_dir))!r} holds {what}: refusing to overwrite it with synthetic data; "
         "train on it as it is (its manifest says what it holds), or choose an empty folder"
     )
 
@@ -266,9 +302,8 @@ def write_synthetic_shards(
     refuse_foreign_folder(shards_dir, existing)
     # Marks the folder as avgk's synthetic data while it has no manifest, so that a write killed
     # half-way is finished by the next one instead of being refused as someone else's files.
-    marker = Path(shards_dir) / WRITING_MARKER
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("synthetic\n")
+    marker = storage.join(storage.absolute(str(shards_dir)), WRITING_MARKER)
+    storage.write_bytes(marker, b"synthetic\n")
 
     sizes = {"train": num_train, "val": num_val, "test": num_test}
     entries = {}
@@ -303,7 +338,7 @@ def write_synthetic_shards(
         classes=[f"class_{c:0{len(str(num_classes - 1))}d}" for c in range(num_classes)],
         splits=entries,
     )
-    marker.unlink(missing_ok=True)
+    storage.delete(marker)
     return manifest
 
 

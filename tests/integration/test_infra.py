@@ -213,7 +213,7 @@ def test_kuberay_cluster_spec_has_head_and_gpu_worker_groups(name, spec):
         if pod_name != "head":
             assert any(m["mountPath"] == "/dev/shm" for m in pod["containers"][0]["volumeMounts"])
     assert gpus[0] == 0 and max(gpus[1:]) > 0, f"{name}: GPUs belong to the worker group only"
-    assert "AVGK_DATA_URI" in config_map
+    assert "AVGK_WEIGHTS_URI" in config_map
 
 
 def test_rayjob_runs_on_the_same_cluster_spec_as_raycluster():
