@@ -1,10 +1,11 @@
 """Benchmark of issue #18 item 2: the scoring jobs on top-T score rows against today's full rows.
 
 Run: python tests/benchmarks/bench_top_scores.py [--sizes val plantclef] [--plantclef-rows 300000]
-         [--object-store-gib 4] [--block-rows-val 8192] [--block-rows-plantclef 2048]
+         [--object-store-gib 4] [--block-rows-val 8192] [--block-rows-plantclef 2048] [--rounds 1]
 
 Each size runs the two scoring jobs twice on the same data, today's way (full rows: eval.score_rows=full)
-and the new way (top-T rows, the default), in that order and one at a time:
+and the new way (top-T rows, the default), one at a time (at the val size --rounds pairs, the
+order alternating):
 
   evaluate     score -> materialise -> lambda_K for K in {1, 2, 3, 5, 10} (2 passes) -> SetMetrics at
                those lambda_K (1 pass; over the same rows, standing in for the test split);
@@ -291,6 +292,7 @@ def main() -> None:
     parser.add_argument("--block-rows-plantclef", type=int, default=2048)
     parser.add_argument("--jobs", nargs="+", choices=["evaluate", "pseudolabel"], default=["evaluate", "pseudolabel"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1, help="old/new pairs per job at the val size (order alternates)")
     args = parser.parse_args()
     sizes = {"val": SIZES["val"], "plantclef": (args.plantclef_rows, SIZES["plantclef"][1])}
 
@@ -316,10 +318,12 @@ def main() -> None:
         for size in args.sizes:
             num_rows, num_classes = sizes[size]
             block_rows = args.block_rows_val if size == "val" else args.block_rows_plantclef
-            for job in args.jobs:
+            for job, round_ in [(job, r) for r in range(args.rounds if size == "val" else 1) for job in args.jobs]:
                 top_t = default_top_t(max_k=max(KS) if job == "evaluate" else K_PL)
                 pair = []
-                for way, t in (("today: full rows", None), (f"new: top-{top_t} rows", top_t)):
+                ways = [("today: full rows", None), (f"new: top-{top_t} rows", top_t)]
+                # Alternate which way runs first: a shared machine's speed drifts.
+                for way, t in (ways if round_ % 2 == 0 else ways[::-1]):
                     run = JobRun(job, way, t)
                     if job == "evaluate":
                         body = lambda run=run: evaluate_job(run, num_rows=num_rows, num_classes=num_classes,  # noqa: E731
@@ -332,7 +336,8 @@ def main() -> None:
                     print(f"# {size} {job} {way}: {run.wall:.1f} s, peak {fmt_bytes(run.peak_used)}, "
                           f"spilled {fmt_bytes(run.spilled)}, materialised {fmt_bytes(run.materialised)}"
                           + (f"; {run.notes}" if run.notes else ""), flush=True)
-                runs.append((size, pair[0], pair[1], equal_results(job, pair[0].result, pair[1].result)))
+                old_run, new_run = sorted(pair, key=lambda r: r.top_t is not None)
+                runs.append((size, old_run, new_run, equal_results(job, old_run.result, new_run.result)))
     finally:
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
@@ -353,6 +358,13 @@ def main() -> None:
             print(f"| {label} | {run.job} | {run.way} | {fmt_bytes(run.materialised)} | {fmt_bytes(run.peak_used)} | "
                   f"{fmt_bytes(run.spilled)} / {fmt_bytes(run.restored)} | {run.wall:.1f} | {run.reductions:.1f} | "
                   f"{ratio} | {speed} | {equal if run is new else '-'} |")
+    for size in args.sizes:
+        for job in args.jobs:
+            pairs = [(old, new) for s, old, new, _ in runs if s == size and old.job == job]
+            if len(pairs) > 1:
+                ratios = sorted(new.wall / old.wall for old, new in pairs)
+                print(f"\n{size} {job}: wall new / today over {len(pairs)} rounds: median {np.median(ratios):.2f} "
+                      f"(each: {', '.join(f'{r:.2f}' for r in ratios)})")
     notes = [f"{size} {run.job} {run.way}: {note}" for size, old, new, _ in runs for run in (old, new) for note in run.notes]
     if notes:
         print("\nnotes:\n" + "\n".join(f"- {n}" for n in notes))
