@@ -424,6 +424,16 @@ class EvalConfig(_Section):
     gpu_wait_seconds: float = Field(
         600.0, ge=0, description="scoring jobs on GPU: how long to wait for an autoscaling cluster to bring a GPU up"
     )
+    score_rows: Literal["top", "full"] = Field(
+        "top",
+        description="what the scoring jobs (evaluate, pseudolabel) keep per sample in the object store: 'top': its "
+        "top_t largest scores and the few exact numbers the metrics need (avgk.top_scores), every result proven "
+        "equal to the full rows' at run time, else the job scores again with full rows and says so; 'full': all L scores",
+    )
+    top_t: int | None = Field(
+        None, ge=2, description="scores kept per sample with score_rows=top; None: 8 x the largest K served "
+        "(eval.ks for evaluate, loss.pseudo_k for pseudolabel), at least 16; must exceed every such K",
+    )
 
     @field_validator("ks")
     @classmethod
@@ -507,6 +517,12 @@ class Config(_Section):
     def _check(self) -> "Config":
         if self.data.source == "synthetic":
             self.validate_num_classes(self.data.synthetic.num_classes)
+        largest_k = max(*self.eval.ks, self.loss.effective_pseudo_k)
+        if self.eval.top_t is not None and self.eval.top_t <= largest_k:
+            raise ValueError(
+                f"eval.top_t must be > the largest K it serves (eval.ks and loss.pseudo_k: {largest_k:g}), "
+                f"got {self.eval.top_t}: the scoring jobs keep top_t scores per sample and need rank round(K N) + 1"
+            )
         if (self.train.mixup_alpha or self.train.cutmix_alpha) and self.loss.name != "ce":
             # Mixed images have two weighted labels: the two-head pseudo-labels and the single-positive
             # baselines are defined from one observed label per image, so there is no correct target.

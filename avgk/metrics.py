@@ -139,17 +139,43 @@ class SetMetrics:
         labels = _as_labels(labels_N, num_samples=num_samples, num_classes=num_classes)
         if num_samples == 0:
             return
-        L = self.num_classes
         true_N = _true_scores(scores, labels)
+        num_greater_N = np.count_nonzero(scores > true_N[:, None], axis=1) if self._integer_ks else None
+        self._add(labels_N=labels, true_N=true_N, scores_NT=scores, num_greater_N=num_greater_N)
+
+    def update_top(self, *, top_NT: Any, true_N: Any, num_above_true_N: Any, labels_N: Any) -> None:
+        """Adds a batch in top-T form (avgk.top_scores.top_rows): each row's T largest scores, its true
+        label's score, the number of its scores above that, and its label.
+
+        The counts equal update()'s on the full rows for every K whose threshold is above every
+        row's largest score not kept: the caller checks that (avgk.top_scores.unproven_rows).
+        """
+        top_NT = _as_float32_2d(top_NT, name="top_NT")
+        num_samples = top_NT.shape[0]
+        labels = _as_labels(labels_N, num_samples=num_samples, num_classes=self.num_classes)
+        true_N = np.asarray(true_N, dtype=np.float32)
+        num_above_N = np.asarray(num_above_true_N)
+        if true_N.shape != (num_samples,) or num_above_N.shape != (num_samples,):
+            raise ValueError(
+                f"true_N and num_above_true_N must have shape ({num_samples},), got {true_N.shape} and {num_above_N.shape}"
+            )
+        if num_samples == 0:
+            return
+        self._add(labels_N=labels, true_N=true_N, scores_NT=top_NT, num_greater_N=num_above_N)
+
+    def _add(self, *, labels_N: np.ndarray, true_N: np.ndarray, scores_NT: np.ndarray,
+             num_greater_N: np.ndarray | None) -> None:
+        """Counts of a batch: set sizes from `scores_NT` (full rows, or top-T rows holding every score >= lambda)."""
+        L = self.num_classes
+        labels = labels_N
         self._state["num_samples_L"] += np.bincount(labels, minlength=L)
         for k in self.ks:
             threshold = np.float32(self.thresholds[k])
             in_set_N = true_N >= threshold
-            size_N = np.count_nonzero(scores >= threshold, axis=1)
+            size_N = np.count_nonzero(scores_NT >= threshold, axis=1)
             self._state[f"num_in_set_L@{format_k(k)}"] += np.bincount(labels[in_set_N], minlength=L)
             self._state[f"num_sets_by_size_S@{format_k(k)}"] += np.bincount(size_N, minlength=L + 1)
         if self._integer_ks:
-            num_greater_N = np.count_nonzero(scores > true_N[:, None], axis=1)
             for k in self._integer_ks:
                 correct_N = num_greater_N < k
                 self._state[f"num_top_k_correct_L@{format_k(k)}"] += np.bincount(

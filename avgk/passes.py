@@ -2,7 +2,10 @@
 
 A pass spec says whether its passes are done, and runs the next pass over a stream of batches
 (dicts of numpy arrays: "scores" N x L, "label" N, "idx" N, "posterior" N x L), given the summed
-states of the passes before it. A driver sums each pass's states over wherever the batches are:
+states of the passes before it. With `top=True` the batches hold top-T rows instead of the N x L
+columns ("scores_top", "scores_cut", ...: avgk.top_scores), and each reduction proves its result
+equal to the full rows' or raises avgk.top_scores.NotExact on the driver (the job then runs again
+on full rows). A driver sums each pass's states over wherever the batches are:
 
 - `run_passes_local` (here): one process, or the DDP ranks of a training run with
   `reduce=avgk.distributed.all_reduce_sum`;
@@ -24,9 +27,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from avgk import top_scores
 from avgk.metrics import SetMetrics, format_k
-from avgk.pseudo_labels import GlobalPseudoLabeler
+from avgk.pseudo_labels import GlobalPseudoLabeler, GlobalSelection
 from avgk.thresholds import StreamingThresholds
+from avgk.top_scores import NotExact, TopPseudoLabeler, TopThresholds
 
 Batch = dict[str, np.ndarray]
 Reduce = Callable[[np.ndarray], np.ndarray]
@@ -42,15 +47,30 @@ class PassSpec(Protocol):
         """This stream's state of the next pass: an int64 array or a dict of them."""
 
 
+def _check_top(spec: Any) -> None:
+    if spec.top and spec.num_classes is None:
+        raise ValueError(f"{type(spec).__name__} over top-T rows needs num_classes (the full L), got None")
+
+
 @dataclasses.dataclass(frozen=True)
 class ThresholdsPass:
     """StreamingThresholds' two passes over one column: the exact lambda_K for every K."""
 
     ks: tuple[float, ...]
     column: str = "scores"
+    top: bool = False
+    """Batches hold top-T rows of `column` (TopThresholds) rather than the N x L column."""
+    num_classes: int | None = None
+    """The full L; needed with top=True (K's rank is round(K N) of N x L values)."""
 
-    def calibrator(self, totals: list[Any]) -> StreamingThresholds:
-        calibrator = StreamingThresholds(ks=self.ks)
+    def __post_init__(self) -> None:
+        _check_top(self)
+
+    def calibrator(self, totals: list[Any]) -> StreamingThresholds | TopThresholds:
+        if self.top:
+            calibrator = TopThresholds(ks=self.ks, num_classes=self.num_classes)
+        else:
+            calibrator = StreamingThresholds(ks=self.ks)
         for number, total in enumerate(totals):
             calibrator.load_state(total)
             if number == 0:
@@ -62,8 +82,12 @@ class ThresholdsPass:
 
     def run(self, totals: list[Any], batches: Iterable[Batch]) -> np.ndarray:
         calibrator = self.calibrator(totals)
+        names = top_scores.columns(self.column)
         for batch in batches:
-            calibrator.update(batch[self.column])
+            if self.top:
+                calibrator.update(top_NT=batch[names[top_scores.TOP]], cut_N=batch[names[top_scores.CUT]])
+            else:
+                calibrator.update(batch[self.column])
         return calibrator.state()
 
 
@@ -77,6 +101,9 @@ class MetricsPass:
     train_class_counts: tuple[int, ...] | None
     freq_bins: tuple[int, int]
     column: str = "scores"
+    top: bool = False
+    """Batches hold top-T rows of `column`; the state then also counts, per K, the rows whose set
+    size the top-T rows cannot prove ("unproven_K"), and metrics() raises NotExact unless it is 0."""
 
     def metrics(self, totals: list[Any] | None = None) -> SetMetrics:
         counts = None if self.train_class_counts is None else np.asarray(self.train_class_counts, dtype=np.int64)
@@ -85,7 +112,16 @@ class MetricsPass:
             train_class_counts=counts, freq_bins=self.freq_bins,
         )
         if totals:
-            metrics.load_state(totals[0])
+            state = dict(totals[0])
+            if self.top:
+                unproven_K = np.asarray(state.pop("unproven_K"))
+                for k, count in zip(self.ks, unproven_K.tolist()):
+                    if count:
+                        raise NotExact(
+                            f"K={k}: {count} row(s) of {self.column!r} keep a score not below lambda_K="
+                            f"{dict(self.thresholds)[k]!r} out of their top-T: their set sizes are unknown"
+                        )
+            metrics.load_state(state)
         return metrics
 
     def done(self, totals: list[Any]) -> bool:
@@ -93,9 +129,18 @@ class MetricsPass:
 
     def run(self, totals: list[Any], batches: Iterable[Batch]) -> dict[str, np.ndarray]:
         metrics = self.metrics()
+        if not self.top:
+            for batch in batches:
+                metrics.update(scores_NL=batch[self.column], labels_N=batch["label"])
+            return metrics.state()
+        names = top_scores.columns(self.column)
+        thresholds = dict(self.thresholds)
+        unproven_K = np.zeros(len(self.ks), dtype=np.int64)
         for batch in batches:
-            metrics.update(scores_NL=batch[self.column], labels_N=batch["label"])
-        return metrics.state()
+            metrics.update_top(top_NT=batch[names[top_scores.TOP]], true_N=batch[names[top_scores.TRUE]],
+                               num_above_true_N=batch[names[top_scores.ABOVE_TRUE]], labels_N=batch["label"])
+            unproven_K += top_scores.unproven_rows(cut_N=batch[names[top_scores.CUT]], thresholds=thresholds, ks=self.ks)
+        return {**metrics.state(), "unproven_K": unproven_K}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +148,36 @@ class PseudoLabelPass:
     """GlobalPseudoLabeler's passes over softmax score batches (idx, label, scores)."""
 
     k: float
+    top: bool = False
+    """Batches hold top-T rows of "scores" with their class ids (TopPseudoLabeler)."""
+    num_classes: int | None = None
+    """The full L; needed with top=True."""
+
+    def __post_init__(self) -> None:
+        _check_top(self)
+
+    def labeler(self, totals: list[Any]) -> GlobalPseudoLabeler | TopPseudoLabeler:
+        if self.top:
+            return TopPseudoLabeler.resume(k=self.k, num_classes=self.num_classes, totals=totals)
+        return GlobalPseudoLabeler.resume(k=self.k, totals=totals)
 
     def done(self, totals: list[Any]) -> bool:
-        return GlobalPseudoLabeler.resume(k=self.k, totals=totals).done
+        return self.labeler(totals).done
 
-    def run(self, totals: list[Any], batches: Iterable[Batch]) -> np.ndarray:
-        labeler = GlobalPseudoLabeler.resume(k=self.k, totals=totals)
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> Any:
+        labeler = self.labeler(totals)
+        names = top_scores.columns("scores")
         for batch in batches:
-            labeler.update(probs_NL=batch["scores"], labels_N=batch["label"], idx_N=batch["idx"])
+            if self.top:
+                labeler.update(top_NT=batch[names[top_scores.TOP]], classes_NT=batch[names[top_scores.CLASSES]],
+                               cut_N=batch[names[top_scores.CUT]], labels_N=batch["label"], idx_N=batch["idx"])
+            else:
+                labeler.update(probs_NL=batch["scores"], labels_N=batch["label"], idx_N=batch["idx"])
         return labeler.state()
+
+    def selection(self, totals: list[Any]) -> GlobalSelection:
+        """The selection of the summed states of every pass; NotExact when top-T rows cannot prove it."""
+        return self.labeler(totals).selection
 
 
 def reduce_state(state: Any, reduce: Reduce) -> Any:
@@ -160,22 +226,25 @@ def metrics_document(
     }
 
 
-def calibrate(run: RunPasses, split: str, *, ks: Iterable[float], column: str = "scores") -> dict[float, float]:
-    """Exact lambda_K for every K over a split's `column`."""
-    spec = ThresholdsPass(ks=tuple(float(k) for k in ks), column=column)
+def calibrate(
+    run: RunPasses, split: str, *, ks: Iterable[float], column: str = "scores", top: bool = False,
+    num_classes: int | None = None,
+) -> dict[float, float]:
+    """Exact lambda_K for every K over a split's `column` (top-T rows: num_classes is the full L)."""
+    spec = ThresholdsPass(ks=tuple(float(k) for k in ks), column=column, top=top, num_classes=num_classes)
     return spec.calibrator(run(spec, split)).thresholds()
 
 
 def count_metrics(
     run: RunPasses, split: str, *, num_classes: int, ks: Iterable[float], thresholds: dict[float, float],
-    train_class_counts: np.ndarray | None, freq_bins: tuple[int, int], column: str = "scores",
+    train_class_counts: np.ndarray | None, freq_bins: tuple[int, int], column: str = "scores", top: bool = False,
 ) -> SetMetrics:
     """SetMetrics of a split's `column` against its labels: counts summed, nothing averaged."""
     spec = MetricsPass(
         num_classes=int(num_classes), ks=tuple(float(k) for k in ks),
         thresholds=tuple((float(k), float(v)) for k, v in thresholds.items()),
         train_class_counts=None if train_class_counts is None else tuple(int(c) for c in train_class_counts),
-        freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column,
+        freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column, top=top,
     )
     return spec.metrics(run(spec, split))
 
@@ -189,16 +258,18 @@ def evaluate(
     freq_bins: tuple[int, int],
     score_head: str,
     with_posterior: bool,
+    top: bool = False,
 ) -> Evaluation:
     """Thresholds calibrated on val only, then every test metric; with the true posteriors (synthetic
-    data) the Bayes oracle, thresholded the same way."""
-    thresholds = calibrate(run, "val", ks=ks)
+    data) the Bayes oracle, thresholded the same way. top: the splits hold top-T rows (raises
+    NotExact when they cannot prove a result)."""
+    thresholds = calibrate(run, "val", ks=ks, top=top, num_classes=num_classes)
     test = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=thresholds,
-                         train_class_counts=train_class_counts, freq_bins=freq_bins)
+                         train_class_counts=train_class_counts, freq_bins=freq_bins, top=top)
     oracle = None
     if with_posterior:
-        oracle_thresholds = calibrate(run, "val", ks=ks, column="posterior")
+        oracle_thresholds = calibrate(run, "val", ks=ks, column="posterior", top=top, num_classes=num_classes)
         oracle = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
-                               train_class_counts=None, freq_bins=freq_bins, column="posterior").compute()
+                               train_class_counts=None, freq_bins=freq_bins, column="posterior", top=top).compute()
     document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test, oracle=oracle)
     return Evaluation(metrics=document, per_class=test.per_class(), thresholds=thresholds)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from avgk import storage
-from avgk.thresholds import StreamingSelector, float_to_key, round_count
+from avgk.thresholds import RankedValue, StreamingSelector, float_to_key, round_count
 
 
 def num_pseudo_positives(*, batch_size: int, num_classes: int, k: float) -> int:
@@ -194,10 +194,13 @@ class GlobalPseudoLabeler:
     of any pass from the totals so far with `resume`.
     """
 
-    def __init__(self, *, k: float) -> None:
+    def __init__(self, *, k: float, num_classes: int | None = None) -> None:
         if not k >= 1:
             raise ValueError(f"pseudo-label K_pl must be >= 1 (every true label is a positive), got {k}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.k = float(k)
+        self._num_classes = num_classes
         self._selector = StreamingSelector(ranks_fn=self._rank)
         self._num_positives = 0
         self._phase = "pass1"
@@ -215,8 +218,21 @@ class GlobalPseudoLabeler:
         return labeler
 
     def _rank(self, num_rows: int, num_cols: int) -> list[int]:
-        self._num_positives = num_pseudo_positives(batch_size=num_rows, num_classes=num_cols, k=self.k)
+        num_classes = self._num_classes or num_cols
+        self._num_positives = num_pseudo_positives(batch_size=num_rows, num_classes=num_classes, k=self.k)
         return [self._num_positives]
+
+    @property
+    def ranked(self) -> RankedValue:
+        """The M-th largest forced score with its tie counts, once pass 2 is loaded."""
+        if self._ranked is None:
+            raise RuntimeError(f"the M-th largest score is known after pass 2; the phase is {self._phase!r}")
+        return self._ranked
+
+    @property
+    def num_kept(self) -> int:
+        """Columns of the streamed rows (L, or T for top-T rows), once pass 1 is loaded."""
+        return self._selector.num_cols
 
     @property
     def phase(self) -> str:
@@ -231,7 +247,13 @@ class GlobalPseudoLabeler:
         """Adds a chunk: n x L softmax probabilities, n labels, n sample idx."""
         if self._phase == "done":
             raise RuntimeError("update after the selection is complete; read .selection")
-        forced_NL = _forced(probs_NL, labels_N)
+        self.update_forced(forced_NL=_forced(probs_NL, labels_N), idx_N=idx_N)
+
+    def update_forced(self, *, forced_NL: np.ndarray, idx_N: Any) -> None:
+        """Adds a chunk of scores whose true labels are already forced to +inf (float32 n x L, or
+        n x T top-T rows when the labeler was built with the full num_classes)."""
+        if self._phase == "done":
+            raise RuntimeError("update after the selection is complete; read .selection")
         if self._phase in ("pass1", "pass2"):
             self._selector.update(forced_NL)
             return
@@ -287,7 +309,7 @@ class GlobalPseudoLabeler:
         self.selection = GlobalSelection(
             k=self.k,
             num_samples=self._selector.num_rows,
-            num_classes=self._selector.num_cols,
+            num_classes=self._num_classes or self._selector.num_cols,
             num_positives=self._num_positives,
             threshold=self._ranked.value,
             num_greater=self._ranked.num_greater,

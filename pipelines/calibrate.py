@@ -1,8 +1,10 @@
 """`avgk evaluate`: a trained checkpoint -> val thresholds for every K -> every test metric, on Ray.
 
-The model runs once per split (Ray Data actor pool, scores kept in the object store);
-lambda_K for all of eval.ks comes from one two-pass streamed selection over the val
-scores, and the test metrics from one counting pass; only int64 states reach the driver.
+The model runs once per split (Ray Data actor pool, scores kept in the object store: by
+default only each sample's top-T form, eval.score_rows=top); lambda_K for all of eval.ks
+comes from one two-pass streamed selection over the val scores, and the test metrics from
+one counting pass; only int64 states reach the driver. When top-T rows cannot prove a result
+the job says so and scores both splits again with full rows.
 The result has the schema of the training's own final evaluation (avgk.passes.evaluate)
 and, for the same checkpoint, the same numbers bit for bit.
 """
@@ -14,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from avgk import evaluation, passes, storage, tracking
+from avgk import evaluation, passes, storage, top_scores, tracking
 from avgk.accounting import account_samples, shortfall_warning
 from avgk.console import say
 from avgk.config import Config
@@ -28,6 +30,7 @@ from pipelines.score import (
     load_scoring_model,
     quiet_ray_data,
     score_dataset,
+    top_t_for,
 )
 from avgk.runs import with_absolute_paths
 
@@ -89,24 +92,42 @@ def run_evaluate(
     head = score_head_for(scoring.config.loss)
     with_posterior = manifest.source == "synthetic"
     log(f"evaluating {scoring.uri} ({head} head) on {config.data.shards}")
-    splits, read = {}, {}
-    for split in ("val", "test"):
-        start = time.perf_counter()
-        splits[split] = score_dataset(
-            scoring, shards_dir=config.data.shards, split=split, head=head, with_posterior=with_posterior,
-            use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
-            gpu_wait_seconds=config.eval.gpu_wait_seconds,
-        ).materialize()
-        read[split] = splits[split].count()
-        log(f"scored {split}: {read[split]} samples in {time.perf_counter() - start:.1f} s")
+
+    def score_splits(top_t: int | None) -> tuple[dict, dict[str, int]]:
+        splits, read = {}, {}
+        for split in ("val", "test"):
+            start = time.perf_counter()
+            splits[split] = score_dataset(
+                scoring, shards_dir=config.data.shards, split=split, head=head, with_posterior=with_posterior,
+                use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
+                gpu_wait_seconds=config.eval.gpu_wait_seconds, top_t=top_t,
+            ).materialize()
+            read[split] = splits[split].count()
+            rows = "full rows" if top_t is None else f"top-{top_t} rows"
+            log(f"scored {split}: {read[split]} samples in {time.perf_counter() - start:.1f} s ({rows})")
+        return splits, read
+
+    def evaluate(splits: dict, *, top: bool) -> evaluation.Evaluation:
+        return passes.evaluate(
+            ray_runner(splits, log=log), ks=config.eval.ks, num_classes=manifest.num_classes,
+            train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
+            freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior, top=top,
+        )
+
+    top_t = top_t_for(config, max_k=max(config.eval.ks))
+    splits, read = score_splits(top_t)
     samples = account_samples(read=read, expected={s: manifest.split(s).num_samples for s in read},
                               strict=config.eval.strict, shards=config.data.shards)
     start = time.perf_counter()
-    result = passes.evaluate(
-        ray_runner(splits, log=log), ks=config.eval.ks, num_classes=manifest.num_classes,
-        train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
-        freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior,
-    )
+
+    def full_rows() -> evaluation.Evaluation:
+        splits.clear()  # the top-T blocks leave the object store before the full ones arrive
+        return evaluate(score_splits(None)[0], top=False)
+
+    if top_t is None:
+        result = evaluate(splits, top=False)
+    else:
+        result = top_scores.exact_or_full(lambda: evaluate(splits, top=True), full_rows, log=log, what="evaluate")
     result.metrics["samples"] = samples
     log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")
     warning = shortfall_warning(samples, shards=config.data.shards)

@@ -10,7 +10,9 @@ its provenance in the file metadata), written into a temporary folder and rename
 
 `run_pseudolabel` (the job): Ray Data scores the split with a checkpoint (pipelines.score),
 parallel tasks run the passes over the scores in the object store and write one part each; the
-driver only sums int64 states. The same selection during training (loss.pseudo_labels=offline)
+driver only sums int64 states. By default (eval.score_rows=top) the object store holds only each
+sample's top-T scores and their class ids; when they cannot prove the selection (a sample with
+more than T candidates at the threshold), the job says so and scores the split again with full rows. The same selection during training (loss.pseudo_labels=offline)
 is avgk.pseudo_refresh, run by the training ranks themselves.
 """
 
@@ -23,11 +25,10 @@ from typing import Any
 import numpy as np
 import ray
 
-from avgk import storage
+from avgk import storage, top_scores
 from avgk.config import Config
 from avgk.pseudo_labels import (
     PSEUDO_LABELS_DIR,
-    GlobalPseudoLabeler,
     GlobalSelection,
     positives_as_rows,
     pseudo_label_arrow_table,
@@ -40,14 +41,14 @@ from avgk.console import say
 from avgk.passes import PseudoLabelPass
 from avgk.pseudo_refresh import SOFTMAX, describe_selection, summarize_selection
 from pipelines import ray_env
-from pipelines.score import block_groups, quiet_ray_data, run_passes, score_dataset
+from pipelines.score import block_groups, quiet_ray_data, run_passes, score_dataset, top_t_for
 
 # ====================================================================== the Ray job
 
 
 @ray.remote
 def _write_part(
-    selection: GlobalSelection, metadata: dict[str, Any], block_refs: list[ray.ObjectRef], uri: str
+    selection: GlobalSelection, metadata: dict[str, Any], block_refs: list[ray.ObjectRef], uri: str, top: bool
 ) -> tuple[int, int]:
     """One task's rows of the table as one parquet part; returns (rows, positives)."""
     from ray.data.block import BlockAccessor
@@ -55,8 +56,17 @@ def _write_part(
     idx, counts, labels = [], [], []
     for ref in block_refs:
         batch = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
-        positive_NL = selection.select(probs_NL=batch["scores"], labels_N=batch["label"], idx_N=batch["idx"])
-        counts_N, labels_P = positives_as_rows(positive_NL)
+        if top:
+            forced_NT, classes_NT, cut_N = top_scores.force_top_rows(
+                top_NT=batch["scores_top"], classes_NT=batch["scores_top_classes"], cut_N=batch["scores_cut"],
+                labels_N=batch["label"],
+            )
+            counts_N, labels_P = top_scores.select_top_rows(
+                selection, forced_NT=forced_NT, classes_NT=classes_NT, cut_N=cut_N, idx_N=batch["idx"]
+            )
+        else:
+            positive_NL = selection.select(probs_NL=batch["scores"], labels_N=batch["label"], idx_N=batch["idx"])
+            counts_N, labels_P = positives_as_rows(positive_NL)
         idx.append(batch["idx"].astype(np.int64))
         counts.append(counts_N)
         labels.append(labels_P)
@@ -67,17 +77,21 @@ def _write_part(
 
 def select_dataset(
     ds: ray.data.Dataset, *, k: float, num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, top: bool = False, num_classes: int | None = None,
 ) -> GlobalSelection:
-    """The exact global selection over a Dataset of softmax score rows (idx, label, scores), in parallel tasks."""
-    spec = PseudoLabelPass(k=k)
+    """The exact global selection over a Dataset of softmax score rows (idx, label, scores), in parallel tasks.
+
+    top: the rows are top-T rows with class ids of `num_classes` scores; raises NotExact when they
+    cannot prove the selection.
+    """
+    spec = PseudoLabelPass(k=k, top=top, num_classes=num_classes)
     result = run_passes(ds, spec, num_tasks=num_tasks, groups=groups, log=log, label="selection")
-    return GlobalPseudoLabeler.resume(k=k, totals=result.totals).selection
+    return spec.selection(result.totals)
 
 
 def write_table_dataset(
     ds: ray.data.Dataset, selection: GlobalSelection, *, run_dir: str, metadata: dict[str, Any],
-    num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None,
+    num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None, top: bool = False,
 ) -> str:
     """<run_dir>/pseudo_labels/part-*.parquet written by parallel tasks, published once complete."""
     groups = groups or block_groups(ds, num_tasks)
@@ -85,7 +99,7 @@ def write_table_dataset(
     tmp = temporary_dir_for(final)
     try:
         written = ray.get([
-            _write_part.remote(selection, metadata, group, storage.join(tmp, f"part-{i:05d}.parquet"))
+            _write_part.remote(selection, metadata, group, storage.join(tmp, f"part-{i:05d}.parquet"), top)
             for i, group in enumerate(groups)
         ])
         num_rows, num_positives = (sum(column) for column in zip(*written))
@@ -127,17 +141,26 @@ def run_pseudolabel(
     ray_env.connect()
     quiet_ray_data()
     log(f"pseudo-labelling the train split with {scoring.uri} (softmax head, K_pl={k:g})")
-    start = time.perf_counter()
-    scores = score_dataset(
-        scoring, shards_dir=config.data.shards, split="train", head=SOFTMAX, with_posterior=False,
-        use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
-        gpu_wait_seconds=config.eval.gpu_wait_seconds,
-    ).materialize()
-    log(f"scored train: {scores.count()} samples in {time.perf_counter() - start:.1f} s")
-    start = time.perf_counter()
-    groups = block_groups(scores, None)
-    selection = select_dataset(scores, k=k, groups=groups, log=log)
-    metadata = describe_selection(selection, source="avgk pseudolabel", checkpoint=scoring.uri, created=time.time())
-    uri = write_table_dataset(scores, selection, run_dir=run_dir, metadata=metadata, groups=groups)
-    log(f"{summarize_selection(selection)}; table {uri} in {time.perf_counter() - start:.1f} s")
-    return selection, uri
+
+    def label(top_t: int | None) -> tuple[GlobalSelection, str]:
+        start = time.perf_counter()
+        scores = score_dataset(
+            scoring, shards_dir=config.data.shards, split="train", head=SOFTMAX, with_posterior=False,
+            use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
+            gpu_wait_seconds=config.eval.gpu_wait_seconds, top_t=top_t, with_classes=True,
+        ).materialize()
+        rows = "full rows" if top_t is None else f"top-{top_t} rows"
+        log(f"scored train: {scores.count()} samples in {time.perf_counter() - start:.1f} s ({rows})")
+        start = time.perf_counter()
+        groups = block_groups(scores, None)
+        top = top_t is not None
+        selection = select_dataset(scores, k=k, groups=groups, log=log, top=top, num_classes=scoring.num_classes)
+        metadata = describe_selection(selection, source="avgk pseudolabel", checkpoint=scoring.uri, created=time.time())
+        uri = write_table_dataset(scores, selection, run_dir=run_dir, metadata=metadata, groups=groups, top=top)
+        log(f"{summarize_selection(selection)}; table {uri} in {time.perf_counter() - start:.1f} s")
+        return selection, uri
+
+    top_t = top_t_for(config, max_k=k)
+    if top_t is None:
+        return label(None)
+    return top_scores.exact_or_full(lambda: label(top_t), lambda: label(None), log=log, what="pseudolabel")

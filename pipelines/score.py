@@ -4,7 +4,12 @@ Legend: N samples, L classes, B model batch.
 
 Scoring (`score_dataset`): read tasks decode the shards into model batches, an actor pool
 runs the model, and the output holds one row per sample: idx (int64), label (int64),
-scores (float32 L-vector) and, on synthetic data, posterior (float32 L-vector).
+scores (float32 L-vector) and, on synthetic data, posterior (float32 L-vector). With `top_t`
+(the jobs' default, eval.score_rows=top) the actor keeps only each row's top-T form instead of
+the L-vectors (avgk.top_scores: the T largest scores, the largest one not kept, the true
+label's score and rank), a few percent of the bytes at Pl@ntNet or PlantCLEF sizes; the
+reductions then prove every result exact or raise NotExact, and the jobs score again with
+full rows (`exact_or_full`).
 
 Reductions (`calibrate_dataset`, `metrics_dataset`, `run_passes`): parallel Ray tasks
 stream the blocks of a score dataset and return only mergeable int64 states (threshold
@@ -29,7 +34,7 @@ import ray
 import ray.data
 import torch
 
-from avgk import checkpoints, evaluation, passes, storage
+from avgk import checkpoints, evaluation, passes, storage, top_scores
 from avgk.config import Config
 from avgk.data.loaders import eval_loader
 from avgk.inputs import image_transform
@@ -49,6 +54,7 @@ __all__ = [
     "ray_runner",
     "run_passes",
     "score_dataset",
+    "top_t_for",
 ]
 
 # ====================================================================== checkpoints
@@ -197,7 +203,10 @@ def _read_stream(
 class ScoringActor:
     """Runs the model on model batches: the same head, transform output and precision as evaluation.score_batches."""
 
-    def __init__(self, *, model_box: tuple[Any], head: str, use_gpu: bool, num_threads: int) -> None:
+    def __init__(
+        self, *, model_box: tuple[Any], head: str, use_gpu: bool, num_threads: int, top_t: int | None = None,
+        with_classes: bool = False,
+    ) -> None:
         # The weights travel through the object store (no shared filesystem needed); the box
         # keeps Ray from resolving the reference before this actor asks for it.
         scoring: ScoringModel = ray.get(model_box[0])
@@ -214,23 +223,43 @@ class ScoringActor:
             model = torch.compile(model)
         self.model = model
         self.head = head
+        self.top_t = top_t
+        self.with_classes = with_classes
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs: dict[str, list[np.ndarray]] = {"idx": [], "label": [], "scores": []}
-        if "posterior" in rows:
-            outputs["posterior"] = []
+        outputs: dict[str, list[np.ndarray]] = {}
         for i in range(len(rows["idx"])):
             batch = {"image": torch.from_numpy(np.asarray(rows["image"][i])),
                      "label": torch.from_numpy(np.asarray(rows["label"][i]))}
             if "posterior" in rows:
                 batch["posterior"] = np.asarray(rows["posterior"][i])
             chunk = next(evaluation.score_batches(self.model, [batch], head=self.head, device=self.device, config=self.config))
-            outputs["idx"].append(np.asarray(rows["idx"][i], dtype=np.int64))
-            outputs["label"].append(chunk.labels_N.astype(np.int64))
-            outputs["scores"].append(chunk.scores_NL)
+            columns = {"idx": np.asarray(rows["idx"][i], dtype=np.int64), "label": chunk.labels_N.astype(np.int64)}
+            columns.update(score_columns(chunk.scores_NL, labels_N=columns["label"], column="scores",
+                                         top_t=self.top_t, with_classes=self.with_classes))
             if "posterior" in rows:
-                outputs["posterior"].append(chunk.posterior_NL)
+                columns.update(score_columns(chunk.posterior_NL, labels_N=columns["label"], column="posterior",
+                                             top_t=self.top_t, with_classes=False))
+            for name, values in columns.items():
+                outputs.setdefault(name, []).append(values)
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def score_columns(
+    scores_NL: np.ndarray, *, labels_N: np.ndarray, column: str, top_t: int | None, with_classes: bool
+) -> dict[str, np.ndarray]:
+    """A batch's `column` as a scoring job keeps it: the N x L scores, or their top-T form (top_t given)."""
+    if top_t is None:
+        return {column: scores_NL}
+    return top_scores.top_rows(scores_NL=scores_NL, labels_N=labels_N, top_t=top_t, column=column,
+                               with_classes=with_classes)
+
+
+def top_t_for(config: Config, *, max_k: float) -> int | None:
+    """Scores a job keeps per row: None (all, eval.score_rows=full), eval.top_t, or default_top_t(max_k)."""
+    if config.eval.score_rows == "full":
+        return None
+    return config.eval.top_t or top_scores.default_top_t(max_k=max_k)
 
 
 def score_dataset(
@@ -244,12 +273,16 @@ def score_dataset(
     num_actors: int | None = None,
     actor_cpus: float | None = None,
     gpu_wait_seconds: float = 0.0,
+    top_t: int | None = None,
+    with_classes: bool = False,
 ) -> ray.data.Dataset:
     """A lazy Dataset of the split's scores: rows idx, label, scores (float32 L) [, posterior].
 
     Model batches follow the training's evaluation (see _read_stream); `head` is
     "multilabel" or "softmax". Call .materialize() to run the model once and keep the
-    scores in the object store for several passes.
+    scores in the object store for several passes. With `top_t`, the rows hold the top-T
+    columns of scores [and posterior] instead (avgk.top_scores.top_rows; the scores' class
+    ids too with `with_classes`, which global pseudo-labels need).
     """
     if head not in scoring.heads:
         raise ValueError(f"the checkpoint's model has heads {list(scoring.heads)}, not {head!r}")
@@ -275,6 +308,7 @@ def score_dataset(
         num_gpus=plan.actor_gpus,
         fn_constructor_kwargs=dict(
             model_box=(ray.put(scoring),), head=head, use_gpu=use_gpu, num_threads=max(1, int(plan.actor_cpus)),
+            top_t=top_t, with_classes=with_classes,
         ),
     )
 
@@ -388,7 +422,7 @@ def run_passes(
 
 def calibrate_dataset(
     ds: ray.data.Dataset, *, ks: Iterable[float], column: str = "scores", num_tasks: int | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, top: bool = False, num_classes: int | None = None,
 ) -> dict[float, float]:
     """Exact lambda_K for every K over the rows' `column` (float32 L-vectors), equal to reference_thresholds.
 
@@ -396,9 +430,11 @@ def calibrate_dataset(
     tasks (default: one per cluster CPU, at most one per block), each returning a 65,536-bin int64
     histogram (a few in pass 2) that the driver sums. A lazy dataset is executed once and its
     blocks kept in the object store for both passes; pass a materialised one to share it with
-    other reductions (the model then runs once per split).
+    other reductions (the model then runs once per split). `top`: the rows are top-T rows of
+    `num_classes` scores (raises NotExact when they cannot prove a lambda_K).
     """
-    return passes.calibrate(ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", ks=ks, column=column)
+    return passes.calibrate(ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", ks=ks, column=column,
+                            top=top, num_classes=num_classes)
 
 
 def metrics_dataset(
@@ -412,11 +448,12 @@ def metrics_dataset(
     column: str = "scores",
     num_tasks: int | None = None,
     log: Callable[[str], None] | None = None,
+    top: bool = False,
 ) -> SetMetrics:
     """SetMetrics of the rows' `column` against their `label`: avgk.passes.count_metrics driven by Ray tasks."""
     return passes.count_metrics(
         ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", num_classes=num_classes, ks=ks,
-        thresholds=thresholds, train_class_counts=train_class_counts, freq_bins=freq_bins, column=column,
+        thresholds=thresholds, train_class_counts=train_class_counts, freq_bins=freq_bins, column=column, top=top,
     )
 
 

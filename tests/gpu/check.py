@@ -1,4 +1,4 @@
-"""The GPU check (issue #18): what avgk does on a CUDA machine, measured, in one table.
+"""The GPU check: what avgk does on a CUDA machine, measured, in one table.
 
 Run: tests/gpu/check.sh            (on a CUDA machine; under 8 minutes on one modern GPU)
      tests/gpu/check.sh --cpu      (the same steps on the CPU at toy sizes: checks the script itself)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue #18): AMP training steps, the uint8 input path, a Ray Train run and the
+# The GPU check: AMP training steps, the uint8 input path, a Ray Train run and the
 # scoring job on a CUDA machine, printed as one table (tests/gpu/check.py says what each row is).
 #   tests/gpu/check.sh          on a CUDA machine (under 8 minutes)
 #   tests/gpu/check.sh --cpu    the same steps at toy sizes on the CPU (checks the script itself)

@@ -93,6 +93,45 @@ def test_thresholds_and_metrics_of_a_random_matrix_over_three_tasks(local_ray):
     assert metrics.compute() == expected.compute()
 
 
+def _generate_top(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """random_block's rows in the top-T form a scoring actor emits (pipelines.score.score_columns);
+    with "flat_row", block 3's first row is flat at the top of the matrix (more top scores than T)."""
+    from pipelines.score import score_columns
+
+    (seed,), (top_t,), (flat_row,) = batch["id"], batch["top_t"], batch["flat_row"]
+    scores, labels = random_block(int(seed))
+    if flat_row and int(seed) == 3:
+        scores[0] = 0.4995  # above the 40,001-th largest score (~0.499): this row holds 1,000 of the top ranks
+    return {"label": labels, **score_columns(scores, labels_N=labels, column="scores", top_t=int(top_t),
+                                             with_classes=False)}
+
+
+def test_top_rows_over_ray_tasks_equal_full_rows_or_raise(local_ray):
+    """The same 40,000 x 1,000 random matrix as top-40 rows through Ray tasks: the full rows' lambda_K and metrics
+    bit for bit; one flat row among the top scores raises NotExact on the driver instead of a wrong lambda_K."""
+    import ray
+
+    from avgk.top_scores import NotExact
+    from pipelines.score import calibrate_dataset, metrics_dataset
+
+    def top_dataset(*, flat_row: bool):
+        items = [{"id": i, "top_t": 40, "flat_row": flat_row} for i in range(NUM_BLOCKS)]
+        return ray.data.from_items(items, override_num_blocks=NUM_BLOCKS).map_batches(_generate_top, batch_size=1)
+
+    blocks = [random_block(seed) for seed in range(NUM_BLOCKS)]
+    scores_NL = np.concatenate([b[0] for b in blocks])
+    labels_N = np.concatenate([b[1] for b in blocks])
+    expected = reference_thresholds(scores_NL, KS)
+    top = top_dataset(flat_row=False).materialize()
+    assert calibrate_dataset(top, ks=KS, num_tasks=3, top=True, num_classes=NUM_COLS) == expected
+    metrics = metrics_dataset(top, num_classes=NUM_COLS, ks=[1, 2], thresholds=expected, num_tasks=3, top=True)
+    full = SetMetrics(num_classes=NUM_COLS, ks=[1, 2], thresholds=expected)
+    full.update(scores_NL=scores_NL, labels_N=labels_N)
+    assert metrics.compute() == full.compute()
+    with pytest.raises(NotExact, match=r"K=1.0: the \(m\+1\)-th largest kept score"):
+        calibrate_dataset(top_dataset(flat_row=True), ks=KS, num_tasks=3, top=True, num_classes=NUM_COLS)
+
+
 # ---------------------------------------------------------------- jobs on a trained smoke run
 
 
@@ -178,6 +217,54 @@ def test_pseudolabel_job_equals_brute_force(trained):
     assert np.array_equal(actual_NL, expected_NL)
     assert actual_NL[np.arange(num_samples), train["label"]].all()  # every true label is in
     assert not list(trained.run_dir.glob(".pseudo_labels.tmp-*"))
+
+
+def with_eval(config, **changes):
+    """`config` with eval fields changed (validated) and tracking off."""
+    from avgk.config import Config
+
+    tree = config.to_dict()
+    tree["eval"].update(changes)
+    tree["tracking"]["enabled"] = False
+    return Config.model_validate(tree)
+
+
+def test_evaluate_on_few_kept_scores_falls_back_and_says_so(trained):
+    """eval.top_t=4 of 20 classes with K up to 3: some test set at lambda_K holds more than 4 scores, which no
+    top-4 row can count, so the job must score again with full rows and say so; eval.top_t=19 keeps top rows.
+    Both give the training's evaluation."""
+    from pipelines.calibrate import run_evaluate
+
+    largest_set = max(int(size) for hist in trained.metrics["test"]["set_size_histogram"].values() for size in hist)
+    assert largest_set > 4  # what makes top_t=4 unprovable on this model
+    for top_t, must_fall_back in ((4, True), (19, False)):
+        lines: list[str] = []
+        evaluation = run_evaluate(with_eval(trained.config, top_t=top_t), run=str(trained.run_dir), num_actors=2,
+                                  log=lines.append)
+        fallback = [line for line in lines if "falling back to full score rows" in line]
+        if must_fall_back:
+            assert len(fallback) == 1 and fallback[0].startswith("evaluate: top-T score rows cannot prove"), lines
+            assert any("scored test: 400 samples" in line and "(full rows)" in line for line in lines), lines
+        assert any(f"(top-{top_t} rows)" in line for line in lines), lines
+        assert evaluation.metrics["val"]["thresholds"] == trained.metrics["val"]["thresholds"]
+        assert_same_document(evaluation.metrics, trained.metrics)
+
+
+def test_pseudolabel_job_on_top_rows_equals_full_rows(trained):
+    """The table from top-4 rows (proven or fallen back) and from eval.score_rows=full equals the default job's."""
+    from pipelines.pseudolabel import run_pseudolabel
+
+    tables = {}
+    for name, changes in {"default": {}, "top-4": {"top_t": 4}, "full": {"score_rows": "full"}}.items():
+        lines: list[str] = []
+        run_pseudolabel(with_eval(trained.config, **changes), run=str(trained.run_dir), checkpoint="last",
+                        num_actors=2, log=lines.append)
+        rows = "full rows" if name == "full" else ("top-4 rows" if name == "top-4" else "top-16 rows")
+        assert any(f"({rows})" in line for line in lines), lines
+        tables[name] = read_pseudo_label_table(str(trained.run_dir / "pseudo_labels"))
+    for name in ("top-4", "full"):
+        assert np.array_equal(tables[name].offsets_N1, tables["default"].offsets_N1), name
+        assert np.array_equal(tables[name].labels_M, tables["default"].labels_M), name
 
 
 def test_cli_evaluate_on_the_running_cluster(trained, local_ray, tmp_path):

@@ -32,6 +32,10 @@ def test_defaults_are_valid_and_flatten():
         (["trainepochs"], "must look like key.sub=value"),
         (["loss.name=ce", "loss.pseudo_labels=offline"], "loss.pseudo_labels=offline needs loss.name=two_head"),
         (["eval.num_actors=0"], "eval.num_actors=0"),
+        (["eval.top_t=1"], "eval.top_t"),
+        (["eval.ks=[1,5]", "eval.top_t=5"], "eval.top_t must be > the largest K it serves (eval.ks and loss.pseudo_k: 5), got 5"),
+        (["eval.ks=[1]", "loss.pseudo_k=6", "eval.top_t=6"], "eval.top_t must be > the largest K it serves (eval.ks and loss.pseudo_k: 6), got 6"),
+        (["eval.score_rows=some"], "eval.score_rows"),
     ],
 )
 def test_bad_values_name_key_value_and_rule(overrides, expected):
