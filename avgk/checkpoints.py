@@ -41,6 +41,12 @@ class LocalReporter:
     """Single-process runs: the latest checkpoint lives in <run_dir>/checkpoints/latest."""
 
     def __init__(self, run_dir: str):
+        if storage.is_remote(run_dir):
+            # pathlib would turn s3://bucket/runs into a local folder named "s3:"
+            raise ValueError(
+                f"run directory {storage.display(run_dir)!r} is remote: single-process runs (avgk study cells) keep "
+                "their checkpoints on local disk; set run.storage to a local folder"
+            )
         self.dir = Path(storage.absolute(run_dir)) / "checkpoints" / "latest"
         self.history: list[dict[str, float]] = []
 

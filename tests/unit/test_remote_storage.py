@@ -148,3 +148,13 @@ def test_a_loader_stops_on_a_storage_error_instead_of_skipping_shards(bucket, mo
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(ValueError, match=r"s3://avgk-unit/loader/train/shard-000000.tar: access denied"):
         next(iter(loader))
+
+
+def test_single_process_runs_refuse_a_remote_run_directory(tmp_path, monkeypatch):
+    """An in-process run (study cell) with run.storage=s3://... must not write a local folder named 's3:'."""
+    from avgk.checkpoints import LocalReporter
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"run directory 's3://bucket/runs/cell' is remote: single-process runs"):
+        LocalReporter("s3://bucket/runs/cell")
+    assert not (tmp_path / "s3:").exists()
