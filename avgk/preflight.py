@@ -125,6 +125,15 @@ def check_pretrained(config: Config) -> None:
         raise ConfigError(f"config error: {str(err).strip().splitlines()[0]}") from None
 
 
+def require_gpus(config: Config, *, found: float, where: str) -> None:
+    """train.use_gpu=true needs one GPU per training worker; `where` says whose GPUs `found` counts."""
+    if config.train.use_gpu and found < config.train.num_workers:
+        raise ConfigError(
+            f"config error: train.use_gpu=true with train.num_workers={config.train.num_workers} needs that many GPUs, "
+            f"{where} {found:g}: set train.use_gpu=false, or run on a cluster with GPUs"
+        )
+
+
 def check_local_gpus(config: Config) -> None:
     """train.use_gpu on a local cluster (no RAY_ADDRESS): the GPUs must be on this machine, found
     at once rather than after Ray started and waited for them."""
@@ -132,13 +141,7 @@ def check_local_gpus(config: Config) -> None:
         return
     import torch
 
-    found = torch.cuda.device_count()
-    if found < config.train.num_workers:
-        raise ConfigError(
-            f"config error: train.use_gpu=true with train.num_workers={config.train.num_workers} needs that many GPUs, "
-            f"this machine has {found} and RAY_ADDRESS names no cluster: set train.use_gpu=false, or run on a cluster "
-            "with GPUs (RAY_ADDRESS)"
-        )
+    require_gpus(config, found=torch.cuda.device_count(), where="RAY_ADDRESS names no cluster and this machine has")
 
 
 def check_before_start(config: Config, *, resume: bool = True) -> None:

@@ -12,8 +12,9 @@ its provenance in the file metadata), written into a temporary folder and rename
 parallel tasks run the passes over the scores in the object store and write one part each; the
 driver only sums int64 states. By default (eval.score_rows=top) the object store holds only each
 sample's top-T scores and their class ids; when they cannot prove the selection (a sample with
-more than T candidates at the threshold), the job says so and scores the split again with full rows. The same selection during training (loss.pseudo_labels=offline)
-is avgk.pseudo_refresh, run by the training ranks themselves.
+more than T candidates at the threshold), the job says so and scores the split again with full
+rows. The same selection during training (loss.pseudo_labels=offline) is avgk.pseudo_refresh,
+run by the training ranks themselves.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def _write_part(
     for ref in block_refs:
         batch = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
         if top:
+            names = top_scores.columns("scores")
             forced_NT, classes_NT, cut_N = top_scores.force_top_rows(
-                top_NT=batch["scores_top"], classes_NT=batch["scores_top_classes"], cut_N=batch["scores_cut"],
-                labels_N=batch["label"],
+                top_NT=batch[names[top_scores.TOP]], classes_NT=batch[names[top_scores.CLASSES]],
+                cut_N=batch[names[top_scores.CUT]], labels_N=batch["label"],
             )
             counts_N, labels_P = top_scores.select_top_rows(
                 selection, forced_NT=forced_NT, classes_NT=classes_NT, cut_N=cut_N, idx_N=batch["idx"]

@@ -15,7 +15,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from avgk import checkpoints, engine, evaluation, preflight, provenance, storage, tracking
-from avgk.config import Config, ConfigError
+from avgk.config import Config
 from avgk.console import say
 from avgk.data.prepare import ensure_shards
 from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
@@ -92,14 +92,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def check_resources(config: Config) -> None:
     """GPUs asked for must exist in the cluster now: Ray Train would otherwise wait for them without end."""
-    if not config.train.use_gpu:
-        return
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < config.train.num_workers:
-        raise ConfigError(
-            f"config error: train.use_gpu=true with train.num_workers={config.train.num_workers} needs that many GPUs, "
-            f"the Ray cluster has {gpus:g}: set train.use_gpu=false, or run on a cluster with GPUs"
-        )
+    if config.train.use_gpu:
+        preflight.require_gpus(config, found=ray.cluster_resources().get("GPU", 0), where="the Ray cluster has")
 
 
 def build_trainer(

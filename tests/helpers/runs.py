@@ -62,3 +62,22 @@ def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
     ])
     engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
     return Path(config.run_dir)
+
+
+def wait_for_http(proc, url: str, *, log_path: Path, timeout_s: float, name: str) -> float:
+    """Seconds until `url` answers 200; RuntimeError with the log's tail if `proc` exits or `timeout_s` passes."""
+    import time
+    import urllib.request
+
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"{name} did not answer {url} in {timeout_s:g} s:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.5)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 
-from tests.helpers.runs import free_port  # noqa: E402
+from tests.helpers.runs import free_port, wait_for_http  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,19 +29,11 @@ def mlflow_server(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy in 120 s")
+    try:
+        wait_for_http(proc, f"{uri}/health", log_path=root / "server.log", timeout_s=120, name="mlflow server")
+    except RuntimeError:
+        os.killpg(proc.pid, 9)
+        raise
     yield uri
     os.killpg(proc.pid, 15)
     try:

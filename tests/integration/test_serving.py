@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from avgk.predict import SetPredictor
 from avgk.serving import log_pyfunc_model
-from tests.helpers.runs import free_port, read_split
+from tests.helpers.runs import free_port, read_split, wait_for_http
 from tests.helpers.serving import env_without_avgk
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlflow]
@@ -124,20 +123,9 @@ def test_mlflow_models_serve_answers_label_sets(logged, tmp_path):
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        started = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() - started > SERVER_START_S:
-                pytest.fail(f"mlflow models serve did not answer /ping in {SERVER_START_S} s:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        print(f"mlflow models serve answered /ping after {time.monotonic() - started:.1f} s")
+        seconds = wait_for_http(proc, f"{base}/ping", log_path=log_path, timeout_s=SERVER_START_S,
+                                name="mlflow models serve")
+        print(f"mlflow models serve answered /ping after {seconds:.1f} s")
 
         for params, k, top_k in [({"k": 2}, 2, False), ({"k": 3, "top_k": True}, 3, True)]:
             status, answer = post(f"{base}/invocations", image_request(images, **params))

@@ -89,7 +89,7 @@ CASES = {
     "run storage under a file": (["train", S, "data.shards={T}/shards", "run.storage={T}/afile/runs"], "a file: run.storage must be a folder"),
     "tracking server unreachable": (["train", S, "data.shards={T}/shards", "run.storage={T}/runs",
                                      "tracking.uri=http://127.0.0.1:9"], "is not reachable"),
-    "GPU without a GPU": (_train("train.use_gpu=true"), "needs that many GPUs, this machine has 0"),
+    "GPU without a GPU": (_train("train.use_gpu=true"), "needs that many GPUs, RAY_ADDRESS names no cluster and this machine has 0"),
     # avgk prepare
     "one class": (["prepare", S, "data.shards={T}/new", "data.synthetic.num_classes=1"], "data.synthetic.num_classes=1"),
     "unknown source": (["prepare", S, "data.shards={T}/new", "data.source=bogus"], "data.source='bogus'"),
