@@ -173,7 +173,9 @@ def log_pyfunc_model(
     names = class_names_of(state) or [str(c) for c in range(int(state["num_classes"]))]
     client = MlflowClient(tracking_uri=uri)
     status = client.get_run(run_id).info.status
-    previous_uri = mlflow.get_tracking_uri()
+    # None when nothing set one: put back as is, not as MLflow's default (set_tracking_uri of that
+    # default would export MLFLOW_TRACKING_URI=sqlite:///mlflow.db, a store in the working directory).
+    previous_uri = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     with tempfile.TemporaryDirectory() as tmp:
         import torch
 

@@ -72,10 +72,14 @@ def predict_smoke_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 _SNAPSHOT = None
+# MLflow's default stores: a test that opens MLflow without a tracking URI writes them into the working directory.
+_STRAY_STORES = ("mlflow.db", "mlruns")
+_STORES_BEFORE: set[Path] = set()
 
 
 def pytest_sessionstart(session):
     global _SNAPSHOT
+    _STORES_BEFORE.update(p for name in _STRAY_STORES for p in (Path.cwd() / name, ROOT / name) if p.exists())
     if Path("/proc/self/stat").exists():
         from tests.helpers.leftovers import Snapshot
 
@@ -83,7 +87,14 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the suite if a process it started outlives it (then end that process, so nothing stays)."""
+    """Fail the suite if a process it started outlives it (then end that process, so nothing stays),
+    or if it left an MLflow store in the working directory or the repository."""
+    stray = sorted({p for name in _STRAY_STORES for p in (Path.cwd() / name, ROOT / name) if p.exists()} - _STORES_BEFORE)
+    if stray:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter:
+            reporter.write_line(f"the test session left MLflow stores behind: {[str(p) for p in stray]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if _SNAPSHOT is None:
         return
     from tests.helpers.leftovers import kill

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pandas as pd
@@ -21,8 +22,10 @@ def trained(predict_smoke_run):
     return predict_smoke_run
 
 
-def test_pyfunc_round_trip_through_a_registry(trained, tmp_path):
+def test_pyfunc_round_trip_through_a_registry(trained, tmp_path, monkeypatch):
     shards, run_dir = trained
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)  # no tracking URI set in this process, as in a fresh one
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("pyfunc", artifact_location=str(tmp_path / "artifacts"))
@@ -33,6 +36,9 @@ def test_pyfunc_round_trip_through_a_registry(trained, tmp_path):
     )
     assert client.get_run(run_id).info.status == "RUNNING"  # the run's owner ends it
     assert mlflow.active_run() is None
+    # Logging leaves no tracking URI behind: later runs in this process would otherwise go to a
+    # store in the working directory (MLFLOW_TRACKING_URI=sqlite:///mlflow.db).
+    assert "MLFLOW_TRACKING_URI" not in os.environ and not mlflow.tracking.is_tracking_uri_set()
     versions = client.search_model_versions("name='avgk-smoke'")
     assert [int(v.version) for v in versions] == [1]
 
