@@ -173,10 +173,7 @@ def log_pyfunc_model(
     names = class_names_of(state) or [str(c) for c in range(int(state["num_classes"]))]
     client = MlflowClient(tracking_uri=uri)
     status = client.get_run(run_id).info.status
-    # None when nothing set one: put back as is, not as MLflow's default (set_tracking_uri of that
-    # default would export MLFLOW_TRACKING_URI=sqlite:///mlflow.db, a store in the working directory).
-    previous_uri = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(uri):
         import torch
 
         files = {"checkpoint": Path(tmp) / runs.CHECKPOINT_FILE, "thresholds": Path(tmp) / THRESHOLDS_FILE,
@@ -184,24 +181,36 @@ def log_pyfunc_model(
         torch.save(model_only_checkpoint(state), files["checkpoint"])
         files["thresholds"].write_text(json.dumps(thresholds))
         files["class_names"].write_text(json.dumps(names))
-        mlflow.set_tracking_uri(uri)
+        mlflow.start_run(run_id=run_id)
         try:
-            mlflow.start_run(run_id=run_id)
-            try:
-                with quiet_mlflow():
-                    info = mlflow.pyfunc.log_model(
-                        name=PYFUNC_NAME,
-                        python_model=AvgKSetModel(),
-                        artifacts={key: str(path) for key, path in files.items()},
-                        code_paths=code_paths(),
-                        signature=pyfunc_signature(default_k=default_k),
-                        pip_requirements=pip_requirements(),
-                        registered_model_name=register_as,
-                    )
-            finally:
-                mlflow.end_run()
-                if status != "FINISHED":  # end_run closed it; the run's owner ends it with its real status
-                    client.update_run(run_id, status=status)
+            with quiet_mlflow():
+                info = mlflow.pyfunc.log_model(
+                    name=PYFUNC_NAME,
+                    python_model=AvgKSetModel(),
+                    artifacts={key: str(path) for key, path in files.items()},
+                    code_paths=code_paths(),
+                    signature=pyfunc_signature(default_k=default_k),
+                    pip_requirements=pip_requirements(),
+                    registered_model_name=register_as,
+                )
         finally:
-            mlflow.set_tracking_uri(previous_uri)
+            mlflow.end_run()
+            if status != "FINISHED":  # end_run closed it; the run's owner ends it with its real status
+                client.update_run(run_id, status=status)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI (what `models:/` URIs and fluent calls resolve through) for a block.
+
+    Restored as it was: unset when nothing had set one. Restoring `get_tracking_uri()` instead sets
+    MLflow's default, which exports MLFLOW_TRACKING_URI=sqlite:///mlflow.db to the process, and every
+    later run in it then writes to a store in the working directory.
+    """
+    previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from avgk import storage
+from avgk import guardian, storage
 from avgk.config import Config
 
 if TYPE_CHECKING:
@@ -125,14 +125,18 @@ def lifecycle(uri: str | None, run_id: str | None) -> Iterator[Outcome]:
     KILLED on Ctrl-C or SIGTERM (the CLI turns SIGTERM into a KeyboardInterrupt), FAILED on any other
     error. Without a run id (tracking off) it only runs the block."""
     outcome = Outcome()
+    if run_id:  # a command killed outright (kill -9) cannot end the run: its watcher will
+        guardian.run_started(uri, run_id)
     try:
         yield outcome
     except BaseException as err:
         if run_id:
             end_run(uri, run_id, status="KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            guardian.run_ended(run_id)
         raise
     if run_id:
         end_run(uri, run_id, status=outcome.status)
+        guardian.run_ended(run_id)
 
 
 TEST_METRICS = ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from avgk import console
+from avgk import console, guardian
 from avgk.storage import StorageError
 from avgk.config import Config, ConfigError, load_config
 
@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return args.func(args)
+        with guardian.watching():  # what a kill -9 of this command would leave: its watcher ends it
+            return args.func(args)
     except _Terminated:
         print("avgk: terminated", file=sys.stderr)
         return 143

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import ray
 
-from avgk import console
+from avgk import console, guardian
 
 
 DASHBOARD_PORT = 8265
@@ -107,5 +107,7 @@ def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
         configure_logging=True,
         **common,
     )
+    # This command started the cluster: should it be killed outright, its watcher stops the cluster.
+    guardian.cluster_started(ray._private.worker._global_node.get_session_dir_path())
     if quiet:
         _quiet_console()

@@ -21,6 +21,7 @@ from avgk.data.prepare import ensure_shards
 from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
 from avgk.serving import log_pyfunc_model
 from pipelines import ray_env
+from pipelines.process_group import OwnAddressTorchConfig
 from pipelines.report import log_run_plots
 
 
@@ -111,6 +112,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri,
                            "log_prefix": log_prefix, "code_fingerprint": provenance.code_fingerprint()},
+        torch_config=OwnAddressTorchConfig(),  # the rendezvous store on the node's address, not all interfaces
         scaling_config=ScalingConfig(
             num_workers=config.train.num_workers,
             use_gpu=config.train.use_gpu,

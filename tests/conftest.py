@@ -72,40 +72,50 @@ def predict_smoke_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 _SNAPSHOT = None
+_LISTENERS = None
+_PROBLEMS: list[str] = []
+"""What the end-of-session checks found: printed in the terminal summary (the end of the output, where
+CI shows it), and the session fails."""
 # MLflow's default stores: a test that opens MLflow without a tracking URI writes them into the working directory.
 _STRAY_STORES = ("mlflow.db", "mlruns")
 _STORES_BEFORE: set[Path] = set()
 
 
 def pytest_sessionstart(session):
-    global _SNAPSHOT
+    global _SNAPSHOT, _LISTENERS
     _STORES_BEFORE.update(p for name in _STRAY_STORES for p in (Path.cwd() / name, ROOT / name) if p.exists())
     if Path("/proc/self/stat").exists():
         from tests.helpers.leftovers import Snapshot
+        from tests.helpers.listeners import ListenerWatch
 
         _SNAPSHOT = Snapshot()
+        _LISTENERS = ListenerWatch(session_start_ticks=_SNAPSHOT.started)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the suite if a process it started outlives it (then end that process, so nothing stays),
-    or if it left an MLflow store in the working directory or the repository."""
+    """Fail the suite if it left an MLflow store in the working directory or the repository, if a
+    process it started opened a listener on an address other than loopback, or if a process it
+    started outlives it (then end that process, so nothing stays)."""
     stray = sorted({p for name in _STRAY_STORES for p in (Path.cwd() / name, ROOT / name) if p.exists()} - _STORES_BEFORE)
     if stray:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter:
-            reporter.write_line(f"the test session left MLflow stores behind: {[str(p) for p in stray]}", red=True)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if _SNAPSHOT is None:
-        return
-    from tests.helpers.leftovers import kill
+        _PROBLEMS.append(f"the test session left MLflow stores behind: {[str(p) for p in stray]}")
+    if _LISTENERS is not None:
+        exposed = _LISTENERS.stop()
+        if exposed:
+            _PROBLEMS.append(f"{len(exposed)} listener(s) opened by the test session on a non-loopback address:\n"
+                             + "\n".join(f"  {endpoint} by {owner}" for endpoint, owner in sorted(exposed.items())))
+    if _SNAPSHOT is not None:
+        from tests.helpers.leftovers import kill
 
-    left = _SNAPSHOT.wait_for_exit(grace=15.0)
-    if not left:
-        return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"{len(left)} process(es) started by the test session outlived it (now killed):"]
-    lines += [f"  pid {pid}: {command[:200]}" for pid, command in sorted(left.items())]
-    if reporter:
-        reporter.write_line("\n".join(lines), red=True)
-    kill(left)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        left = _SNAPSHOT.wait_for_exit(grace=15.0)
+        if left:
+            _PROBLEMS.append("\n".join([f"{len(left)} process(es) started by the test session outlived it (now killed):"]
+                                       + [f"  pid {pid}: {command[:200]}" for pid, command in sorted(left.items())]))
+            kill(left)
+    if _PROBLEMS:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for problem in _PROBLEMS:
+        terminalreporter.write_line(f"END-OF-SESSION CHECK FAILED: {problem}", red=True)

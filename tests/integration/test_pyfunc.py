@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from avgk.predict import SetPredictor
-from avgk.serving import log_pyfunc_model
+from avgk.serving import log_pyfunc_model, using_tracking_uri
 from tests.helpers.runs import read_split
 
 pytestmark = pytest.mark.slow
@@ -45,13 +45,10 @@ def test_pyfunc_round_trip_through_a_registry(trained, tmp_path, monkeypatch):
     images, _ = read_split(shards, "test")
     images = images[:40]
     predictor = SetPredictor.from_run(str(run_dir), "best")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with using_tracking_uri(uri):
         model = mlflow.pyfunc.load_model("models:/avgk-smoke/1")
         assert mlflow.pyfunc.load_model(model_uri).metadata.signature == model.metadata.signature
-    finally:
-        mlflow.set_tracking_uri(previous)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     signature = model.metadata.signature
     assert signature.inputs.input_names() == ["image"] and signature.params.to_dict()[0]["default"] == 2.0
 

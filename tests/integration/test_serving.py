@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from avgk.predict import SetPredictor
-from avgk.serving import log_pyfunc_model
+from avgk.serving import log_pyfunc_model, using_tracking_uri
 from tests.helpers.runs import free_port, read_split, wait_for_http
 from tests.helpers.serving import env_without_avgk
 
@@ -74,12 +74,8 @@ def assert_same_sets(served: list[dict], expected: list[dict]) -> None:
 def test_model_brings_avgk_as_code_and_loads_without_it(logged, tmp_path, monkeypatch):
     uri, model_uri, run_dir, images = logged
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the global tracking URI
-    try:
+    with using_tracking_uri(uri):  # models:/ URIs resolve through the global tracking URI
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path / "model")))
-    finally:
-        mlflow.set_tracking_uri(previous)
     assert sorted(p.name for p in (local / "code").iterdir()) == ["avgk"], "the model's code must be avgk alone"
     requirements = (local / "requirements.txt").read_text().split()
     assert not any(r.startswith(("avgk", "-e")) for r in requirements), f"avgk travels as code, got {requirements}"

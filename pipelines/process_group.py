@@ -1,0 +1,84 @@
+"""torch.distributed's rendezvous store on the node's own address, not on every interface.
+
+Ray Train's TorchConfig lets rank 0's `init_process_group` start the TCPStore server, and torch
+binds that server to the wildcard address whatever host it is given: during training rank 0 listened
+on `*:<port>`, reachable from any network the node is on, while everything else (Ray, Gloo, MLflow)
+listens on the node's address (127.0.0.1 locally). Here rank 0 binds a socket to its node's address
+itself and hands it to the TCPStore server (`master_listen_fd`); every rank, rank 0 included, then
+joins as a client (torch's `TORCHELASTIC_USE_AGENT_STORE` contract: the server at
+MASTER_ADDR:MASTER_PORT is already there).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import ray
+from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+from ray.train.torch.config import (
+    TorchConfig,
+    _set_torch_distributed_env_vars,
+    _setup_torch_process_group,
+    _TorchBackend,
+)
+
+_SERVED: dict[str, object] = {}
+"""The rank-0 worker's store server and its socket: alive as long as the worker group."""
+
+
+def _serve_store(*, world_size: int, timeout_s: int) -> tuple[str, int]:
+    """On rank 0: a TCPStore server listening on this node's address only; (address, port)."""
+    from torch.distributed import TCPStore
+
+    address = ray.util.get_node_ip_address()
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((address, 0))
+    listener.listen(max(128, world_size))
+    port = listener.getsockname()[1]
+    store = TCPStore(address, port, world_size, is_master=True, master_listen_fd=listener.fileno(),
+                     wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+    _SERVED.update(store=store, socket=listener)
+    return address, port
+
+
+def _join_store(*, address: str, port: int) -> None:
+    os.environ["MASTER_ADDR"] = address
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+
+
+def _stop_store() -> None:
+    _SERVED.clear()
+
+
+class _OwnAddressBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+        world_size = len(worker_group)
+        address, port = worker_group.execute_single(0, _serve_store, world_size=world_size,
+                                                    timeout_s=backend_config.timeout_s)
+        worker_group.execute(_join_store, address=address, port=port)
+        if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own backend: LOCAL_RANK and the rest
+            worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([
+            worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+                                              world_rank=i, world_size=world_size, init_method="env://",
+                                              timeout_s=backend_config.timeout_s)
+            for i in range(world_size)
+        ])
+
+    def on_shutdown(self, worker_group, backend_config) -> None:
+        super().on_shutdown(worker_group, backend_config)
+        worker_group.execute_single(0, _stop_store)
+
+
+@dataclass
+class OwnAddressTorchConfig(TorchConfig):
+    """TorchConfig whose rendezvous store listens on the node's address (127.0.0.1 locally)."""
+
+    @property
+    def backend_cls(self):
+        return _OwnAddressBackend

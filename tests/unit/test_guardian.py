@@ -1,0 +1,116 @@
+"""avgk.guardian: a command killed outright (kill -9) leaves no RUNNING MLflow run and no cluster process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.runs import ROOT
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+# A stand-in command: two MLflow runs (one it ends itself), a "cluster" process whose command line
+# names a session folder (as Ray's GCS, raylet and agents name theirs), and a child of that process
+# that does not (as Ray's renamed workers), then it waits to be killed or told to exit.
+DRIVER = """
+import subprocess, sys, time
+from mlflow.tracking import MlflowClient
+from avgk import guardian
+uri, session_dir, mode = sys.argv[1:4]
+client = MlflowClient(uri)
+experiment = client.create_experiment("e")
+with guardian.watching():
+    open_run = client.create_run(experiment, run_name="open").info.run_id
+    ended_run = client.create_run(experiment, run_name="ended").info.run_id
+    guardian.run_started(uri, open_run)
+    guardian.run_started(uri, ended_run)
+    client.set_terminated(ended_run, "FINISHED")
+    guardian.run_ended(ended_run)
+    cluster = subprocess.Popen([sys.executable, "-c",
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+        "time.sleep(300)", session_dir])
+    guardian.cluster_started(session_dir)
+    print(open_run, ended_run, cluster.pid, flush=True)
+    if mode == "wait":
+        time.sleep(300)
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    from avgk.guardian import _children
+
+    return _children({pid}) - {pid}
+
+
+def _alive(pid: int) -> bool:
+    from avgk.guardian import _state
+
+    return _state(pid) not in ("X", "Z")
+
+
+def _wait_until(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def _start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, str, str, str, int, set[int]]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    session_dir = str(tmp_path / "session_fake")
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, uri, session_dir, mode], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    open_run, ended_run, cluster = driver.stdout.readline().split()
+    cluster_pid = int(cluster)
+    assert _wait_until(lambda: _descendants(cluster_pid), 30), "the cluster stand-in did not start its child"
+    return driver, uri, open_run, ended_run, cluster_pid, _descendants(cluster_pid)
+
+
+def _status(uri: str, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id).info.status
+
+
+def test_kill_9_of_the_command_ends_its_open_run_killed_and_stops_its_cluster(tmp_path):
+    driver, uri, open_run, ended_run, cluster_pid, cluster_children = _start(tmp_path, "wait")
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    processes = {cluster_pid, *cluster_children}
+    assert _wait_until(lambda: not any(_alive(pid) for pid in processes), 60), \
+        f"cluster processes still alive: {[pid for pid in processes if _alive(pid)]}"
+    assert _wait_until(lambda: _status(uri, open_run) == "KILLED", 60), _status(uri, open_run)
+    assert _status(uri, ended_run) == "FINISHED"  # a run the command ended keeps its status
+
+
+def test_a_normal_exit_leaves_runs_and_processes_to_the_command(tmp_path):
+    driver, uri, open_run, ended_run, cluster_pid, cluster_children = _start(tmp_path, "exit")
+    try:
+        assert driver.wait(timeout=60) == 0
+        time.sleep(2)  # a watcher that wrongly cleaned up would have done so by now
+        assert _alive(cluster_pid) and all(_alive(pid) for pid in cluster_children)
+        assert _status(uri, open_run) == "RUNNING"  # the command's own business: it did not end it
+    finally:
+        for pid in (*cluster_children, cluster_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_no_watcher_process_without_watching_or_without_anything_to_watch():
+    from avgk import guardian
+
+    guardian.run_started("sqlite:///unused.db", "run")  # outside watching(): ignored, nothing started
+    assert guardian._proc is None
+    with guardian.watching():
+        pass
+    assert guardian._proc is None and not Path("unused.db").exists()
