@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/avgk demo
 
+# Two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one process).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -28,6 +28,18 @@ def smoke_config(smoke_shards: Path, tmp_path: Path, *overrides: str):
     return load_config(SMOKE, [f"data.shards={smoke_shards}", f"run.storage={tmp_path / 'runs'}", *overrides])
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Ray Train's checkpoint folders of a run (not its checkpoint_manager_snapshot.json), oldest first."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def val_history(run_dir: Path) -> list[dict]:
+    """The per-epoch history in a run's latest checkpoint."""
+    from avgk.checkpoints import load_checkpoint_file
+
+    return load_checkpoint_file(checkpoint_dirs(run_dir)[-1] / "checkpoint.pt")["history"]
+
+
 def read_split(shards: Path, split: str) -> tuple[list[bytes], np.ndarray]:
     """(encoded PNG bytes, labels) of a split, in shard order, straight from the tar files."""
     from avgk.data.manifest import read_manifest

@@ -17,7 +17,7 @@ from avgk.config import load_config
 from avgk.metrics import SetMetrics
 from avgk.pseudo_labels import batch_pseudo_labels, read_pseudo_label_table
 from avgk.thresholds import reference_thresholds, round_count
-from tests.helpers.runs import ROOT
+from tests.helpers.runs import ROOT, checkpoint_dirs
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -26,10 +26,6 @@ KS = [1, 1.5, 2, 3, 5, 10]
 
 def smoke_config(smoke_shards, storage: Path, *overrides):
     return load_config(SMOKE, [f"data.shards={smoke_shards}", f"run.storage={storage}", *overrides])
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
 def collect(ds, *columns) -> dict[str, np.ndarray]:
