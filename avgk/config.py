@@ -41,10 +41,14 @@ class SyntheticConfig(_Section):
     seed: int = Field(0, description="generation seed (prototypes and samples)")
 
 
+SOURCE_NAMES = ("synthetic", "imagefolder", "plantnet300k", "cifar100")
+"""The sources avgk.data.sources registers, listed here so that a config validates without importing them."""
+
+
 class DataConfig(_Section):
     """Where the images come from, where the shards go, and how they are read."""
 
-    source: Literal["synthetic", "imagefolder", "plantnet300k", "cifar100"] = Field(
+    source: Literal[SOURCE_NAMES] = Field(
         "synthetic", description="input layout converted by `avgk prepare`"
     )
     root: str | None = Field(None, description="input folder of the source (not needed for synthetic)")
@@ -169,6 +173,10 @@ class DataConfig(_Section):
                 f"with source={self.source!r}"
             )
         return self
+
+
+BACKBONE_FAMILIES = ("small_cnn", "timm", "torchvision")
+"""The backbone families avgk.backbones registers, listed here so that a config validates without importing them."""
 
 
 class ModelConfig(_Section):

@@ -26,7 +26,7 @@ from avgk import distributed as dist
 from avgk import storage
 from avgk.config import Config, save_config
 from avgk.data.loaders import num_train_batches, train_loader
-from avgk.data.manifest import read_manifest
+from avgk.data.manifest import Manifest, read_manifest
 from avgk.accounting import shortfall_warning
 from avgk.losses import Loss, build_loss, score_head_for
 from avgk.metrics import format_k
@@ -46,7 +46,7 @@ class Parts:
     """Everything a run builds from its config and the shard manifest."""
 
     config: Config
-    manifest: Any
+    manifest: Manifest
     num_classes: int
     model: nn.Module
     loss: Loss
@@ -338,7 +338,7 @@ def fit(
         # Different augmentation streams per rank and epoch, reproducible from the seed.
         torch.manual_seed(config.train.seed * 1_000_003 + epoch * 1009 + dist.rank())
         batches = train_loader(
-            shards_dir=config.data.shards,
+            shards_dir=parts.manifest,
             split="train",
             batch_size=config.train.batch_size // world,
             rank=dist.rank(),

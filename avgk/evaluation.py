@@ -79,7 +79,7 @@ def local_runner(scored: dict[str, list[ScoredChunk]], *, reduce: passes.Reduce)
 def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[dict[str, Any]]:
     cfg = parts.config
     return eval_loader(
-        shards_dir=cfg.data.shards,
+        shards_dir=parts.manifest,
         split=split,
         batch_size=cfg.eval.batch_size,
         rank=dist.rank(),

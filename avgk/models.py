@@ -1,4 +1,4 @@
-"""Backbones by name (small CNN, timm, torchvision) and the two-head network over them."""
+"""The two-head network over a backbone (avgk.backbones), the small CNN, local pretrained weights, and running a model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from avgk import backbones
 from avgk.config import Config, ModelConfig
 from avgk.runs import resolve_checkpoint
 
@@ -87,48 +88,11 @@ def _load_local_weights(backbone: nn.Module, path: str) -> None:
 
 
 def build_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
-    """(feature extractor returning B x D, D) for `model.backbone`."""
-    name = config.backbone
-    if name == "small_cnn":
-        net = SmallCNN(width=config.width)
-        if config.pretrained:
-            _load_local_weights(net, config.pretrained)
-        return net, net.num_features
-    library, sep, arch = name.partition(":")
-    if not sep or library not in {"timm", "torchvision"} or not arch:
-        raise ValueError(f"model.backbone must be 'small_cnn', 'timm:<name>' or 'torchvision:<name>', got {name!r}")
-    if library == "timm":
-        import timm
-
-        if arch not in timm.list_models():
-            raise ValueError(f"model.backbone={name!r}: timm has no model {arch!r}")
-        # pretrained=False: timm would download; local weights are loaded below instead.
-        net = timm.create_model(arch, pretrained=False, num_classes=0)
-        dim = net.num_features
-    else:
-        import torchvision
-
-        if arch not in torchvision.models.list_models():
-            raise ValueError(f"model.backbone={name!r}: torchvision has no model {arch!r}")
-        net = torchvision.models.get_model(arch, weights=None)
-        dim = _strip_torchvision_classifier(net, name)
+    """(feature extractor returning B x D, D) for `model.backbone` (avgk.backbones), with model.pretrained's weights."""
+    net, dim = backbones.build(config)
     if config.pretrained:
         _load_local_weights(net, config.pretrained)
     return net, dim
-
-
-def _strip_torchvision_classifier(net: nn.Module, name: str) -> int:
-    for attr in ("fc", "classifier", "head", "heads"):
-        layer = getattr(net, attr, None)
-        if layer is None:
-            continue
-        linear = layer if isinstance(layer, nn.Linear) else next(
-            (m for m in reversed(list(layer.modules())) if isinstance(m, nn.Linear)), None
-        )
-        if linear is not None:
-            setattr(net, attr, nn.Identity())
-            return linear.in_features
-    raise ValueError(f"model.backbone={name!r}: cannot find its classifier layer to replace")
 
 
 class TwoHeadNet(nn.Module):

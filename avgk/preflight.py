@@ -7,7 +7,6 @@ a cluster start-up, a run folder and a FAILED MLflow run each.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import socket
@@ -23,30 +22,14 @@ if TYPE_CHECKING:  # avgk.data imports torch; these checks must answer before an
 SPLITS = ("train", "val", "test")
 
 
-def _suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
 def check_backbone(name: str) -> None:
-    """small_cnn, torchvision:<registered name> or timm:<name>[.<pretrained tag>], by each library's own registry."""
-    if name == "small_cnn":
-        return
-    library, sep, arch = name.partition(":")
-    if not sep or library not in {"timm", "torchvision"} or not arch:
-        raise ConfigError(f"config error: model.backbone={name!r} must be 'small_cnn', 'timm:<name>' or 'torchvision:<name>'")
-    if library == "timm":
-        import timm
+    """A registered family and an architecture its library knows (avgk.backbones), as a ConfigError."""
+    from avgk import backbones
 
-        if not timm.is_model(arch):  # accepts pretrained tags: resnet18.a1_in1k
-            raise ConfigError(f"config error: model.backbone={name!r}: timm has no model {arch!r}"
-                              + _suggest(arch.split(".")[0], timm.list_models()))
-        return
-    import torchvision
-
-    known = torchvision.models.list_models()
-    if arch not in known:
-        raise ConfigError(f"config error: model.backbone={name!r}: torchvision has no model {arch!r}" + _suggest(arch, known))
+    try:
+        backbones.check(name)
+    except ValueError as err:
+        raise ConfigError(f"config error: {err}") from None
 
 
 def check_data(config: Config, manifest: "Manifest") -> None:

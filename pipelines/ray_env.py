@@ -15,17 +15,27 @@ import ray
 from avgk import console, guardian
 
 
-DASHBOARD_PORT = 8265
+DASHBOARD_PORT_ENV = "AVGK_DASHBOARD_PORT"
+"""The local cluster's dashboard port (default 8265, Ray's; 0: any free port). The test suite sets 0:
+its two processes start local clusters at the same moment, and both would probe 8265 free."""
+
+
+def _dashboard_port() -> int:
+    value = os.environ.get(DASHBOARD_PORT_ENV, "8265")
+    if not value.isdigit() or int(value) > 65535:
+        raise ValueError(f"{DASHBOARD_PORT_ENV}={value!r} must be a port number (0: any free port)")
+    return int(value)
 
 
 def _free_port(preferred: int) -> int:
-    """`preferred` if nothing listens on it on loopback, else any free port."""
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            pass
+    """`preferred` if nothing listens on it on loopback, else (or for 0) any free port."""
+    if preferred:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -103,7 +113,7 @@ def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
         # without it the driver prints a warning every few seconds.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(DASHBOARD_PORT),  # a second local Ray (e.g. a test) must not fail
+        dashboard_port=_free_port(_dashboard_port()),  # a second local Ray (e.g. a test) must not fail
         configure_logging=True,
         **common,
     )

@@ -12,6 +12,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray resolves "127.0.0.1" in a cluster address to the machine's routable address unless told it
 # runs single-host; tests must stay on loopback (a simulated multi-node cluster included).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# `make test` runs two pytest processes; local clusters they start at the same moment must not both take 8265.
+os.environ.setdefault("AVGK_DASHBOARD_PORT", "0")
 
 from tests.helpers.runs import ROOT  # noqa: E402
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from avgk import storage
 from avgk.data.transforms import ImageTransform
-from avgk.data.manifest import IMAGE_EXTENSIONS, decode_posterior, read_manifest
+from avgk.data.manifest import IMAGE_EXTENSIONS, Manifest, decode_posterior, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ def _loader(dataset: _ShardStream, *, num_workers: int, seed: int, pin_memory: b
 
 def train_loader(
     *,
-    shards_dir: str | os.PathLike,
+    shards_dir: str | os.PathLike | Manifest,
     split: str = "train",
     batch_size: int,
     rank: int,
@@ -389,6 +389,9 @@ def train_loader(
     normalize: bool = True,
 ) -> wds.WebLoader:
     """A loader yielding exactly `num_batches` full batches of `batch_size` on this rank; build one per epoch.
+
+    `shards_dir` is the shard folder or its Manifest, read once by the caller (training passes
+    the run's, so the manifest is not re-read every epoch); the same holds for eval_loader.
 
     The open_clip scheme: every rank shuffles the full shard list with the same seed
     (seed, epoch), takes every world_size-th shard from its rank, then every
@@ -416,7 +419,7 @@ def train_loader(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if int(shuffle_buffer) != shuffle_buffer or shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be an integer >= 0, got {shuffle_buffer!r}")
-    manifest = read_manifest(shards_dir)
+    manifest = shards_dir if isinstance(shards_dir, Manifest) else read_manifest(shards_dir)
     urls = manifest.shard_urls(split)
     num_streams = world_size * max(1, num_workers)
     if not urls:
@@ -445,7 +448,7 @@ def train_loader(
 
 def eval_loader(
     *,
-    shards_dir: str | os.PathLike,
+    shards_dir: str | os.PathLike | Manifest,
     split: str,
     batch_size: int,
     rank: int,
@@ -466,7 +469,7 @@ def eval_loader(
     """
     _check_rank(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
     _check_normalize(transform, normalize)
-    manifest = read_manifest(shards_dir)
+    manifest = shards_dir if isinstance(shards_dir, Manifest) else read_manifest(shards_dir)
     urls = manifest.shard_urls(split)
     if num_classes is None:
         num_classes = manifest.num_classes

@@ -8,14 +8,7 @@ import sys
 from avgk import preflight, storage
 from avgk.config import Config
 from avgk.data.manifest import Manifest, read_manifest
-from avgk.data.shards import write_synthetic_shards
-from avgk.data.sources import (
-    ConvertOptions,
-    available_cpus,
-    prepare_cifar100,
-    prepare_imagefolder,
-    prepare_plantnet300k,
-)
+from avgk.data.sources import ConvertOptions, available_cpus, converter_for
 
 
 def convert_options(config: Config, *, progress: bool = True) -> ConvertOptions:
@@ -40,32 +33,7 @@ def prepare(config: Config, *, progress: bool = True) -> Manifest:
     skipped files are listed in the manifest and summarised on stderr.
     """
     data = config.data
-    if data.source == "synthetic":
-        s = data.synthetic
-        return write_synthetic_shards(
-            shards_dir=data.shards, num_classes=s.num_classes, num_train=s.num_train, num_val=s.num_val,
-            num_test=s.num_test, image_size=s.image_size, zipf_exponent=s.zipf_exponent,
-            ambiguity_rate=s.ambiguity_rate, seed=s.seed, maxcount=data.shard_maxcount,
-        )
-    assert data.root is not None  # DataConfig requires it for every non-synthetic source
-    options = convert_options(config, progress=progress)
-    if data.source == "imagefolder":
-        manifest = prepare_imagefolder(
-            root=data.root, shards_dir=data.shards, options=options,
-            split_ratios=data.split_ratios, split_seed=data.split_seed,
-        )
-    elif data.source == "plantnet300k":
-        manifest = prepare_plantnet300k(
-            root=data.root, shards_dir=data.shards, options=options, metadata=data.plantnet_metadata
-        )
-    elif data.source == "cifar100":
-        manifest = prepare_cifar100(
-            root=data.root, shards_dir=data.shards, options=options, val_fraction=data.cifar_val_fraction,
-            split_seed=data.split_seed, noise_p=data.cifar_noise_p, noise_seed=data.cifar_noise_seed,
-        )
-    else:  # the config's Literal makes this unreachable; a new source must be added here
-        raise ValueError(f"data.source={data.source!r} has no converter; known: synthetic, imagefolder, "
-                         "plantnet300k, cifar100")
+    manifest = converter_for(data.source)(data, convert_options(config, progress=progress))
     if "train" in manifest.splits:
         empty = [manifest.classes[c] for c, n in enumerate(manifest.split("train").class_counts) if n == 0]
         if empty:

@@ -194,7 +194,9 @@ def test_sigterm_after_ray_started_still_ends_the_cli_like_ctrl_c(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "started"
+        if proc.stdout.readline().strip() != "started":
+            proc.kill()
+            pytest.fail(f"the command did not start Ray:\n{proc.communicate(timeout=30)[1][-3000:]}")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)  # a hang raises TimeoutExpired
     finally:

@@ -92,7 +92,7 @@ def test_pretrained_weights_only_from_local_files(tmp_path):
     torch.save(source.backbone.state_dict(), tmp_path / "w.pt")
     loaded = build_model(ModelConfig(width=8, pretrained=str(tmp_path / "w.pt")), num_classes=3, heads=("softmax",))
     assert torch.equal(loaded.backbone.features[0][0].weight, source.backbone.features[0][0].weight)
-    with pytest.raises(ValueError, match="model.backbone must be"):
+    with pytest.raises(ValueError, match="must be .small_cnn., .timm:<name>. or .torchvision:<name>."):
         build_model(ModelConfig(backbone="resnet18"), num_classes=3, heads=("softmax",))
     with pytest.raises(ValueError, match="timm has no model"):
         build_model(ModelConfig(backbone="timm:not_a_net"), num_classes=3, heads=("softmax",))

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from avgk.data.manifest import Manifest
+from avgk.config import DataConfig
+from avgk.data.sources.registry import register_source
 from avgk.data.sources.common import (
     ClassTree,
     ConvertOptions,
@@ -143,3 +145,9 @@ def prepare_imagefolder(
         settings=settings,
         inputs_digest=file_digest(stats) + file_digest([(c, 0, 0) for c in classes]),
     )
+
+
+@register_source("imagefolder")
+def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
+    return prepare_imagefolder(root=data.root, shards_dir=data.shards, options=options,
+                               split_ratios=data.split_ratios, split_seed=data.split_seed)

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 from avgk.data.manifest import Manifest
+from avgk.config import DataConfig
+from avgk.data.sources.registry import register_source
 from avgk.data.sources.common import ConvertOptions, convert_file, file_digest, scan_class_folders, write_image_dataset
 from avgk.data.sources.imagefolder import SPLITS, check_root, plan_class_splits
 
@@ -93,3 +95,8 @@ def prepare_plantnet300k(
         inputs_digest=file_digest(stats) + file_digest([(c, 0, 0) for c in folders]),
         results={"num_classes_without_name": num_unnamed},  # those are named by their species id
     )
+
+
+@register_source("plantnet300k")
+def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
+    return prepare_plantnet300k(root=data.root, shards_dir=data.shards, options=options, metadata=data.plantnet_metadata)
