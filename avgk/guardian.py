@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
+
+from avgk import procfs
 
 _DONE = "done"
 _watch_enabled = False
@@ -87,60 +88,20 @@ def watching() -> Iterator[None]:
 
 # ---- the watcher process
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()
-
-
-def _state(pid: int) -> str:
-    fields = _stat_fields(pid)
-    return fields[0] if fields else "X"
-
-
-def _started(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _children(pid_list: set[int]) -> set[int]:
-    """pid_list and all their descendants."""
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (fields := _stat_fields(int(name))):
-            parents[int(name)] = int(fields[1])
-    found, grew = set(pid_list), True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in found} - found
-        found |= more
-        grew = bool(more)
-    return found
-
-
 def cluster_members(session_dir: str) -> dict[int, int]:
     """pid -> start time of every process naming session_dir (GCS, raylet, dashboard, log monitor) and
     of their descendants (agents and workers rename themselves `ray::...` and are found by parent)."""
-    if not Path("/proc").is_dir():
+    if not procfs.available():
         return {}
-    me = os.getpid()
-    named = {int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != me and session_dir in _cmdline(int(n))}
-    return {pid: start for pid in _children(named) - {me} if (start := _started(pid)) is not None}
+    members = procfs.with_descendants(procfs.naming(session_dir, exclude=os.getpid())) - {os.getpid()}
+    return {pid: start for pid in members if (start := procfs.started(pid)) is not None}
 
 
 def stop_processes(members: dict[int, int], *, grace_s: float = 5.0) -> list[int]:
     """SIGTERM, then SIGKILL after grace_s, to each pid still running the process recorded (same start
     time: a pid the system reused since is left alone); the pids that outlived both."""
     def alive() -> list[int]:
-        return [pid for pid, start in members.items() if _started(pid) == start and _state(pid) not in ("Z", "X")]
+        return [pid for pid, start in members.items() if procfs.started(pid) == start and procfs.running(pid)]
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in alive():

@@ -12,7 +12,8 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
+
+from avgk import procfs
 
 PATTERN = re.compile(r"ray::|raylet|gcs_server|dashboard|runtime_env|log_monitor|monitor\.py|mlflow|gunicorn|uvicorn"
                      r"|weed|moto|avgk|pipelines\.|default_worker|multiprocessing")
@@ -22,34 +23,13 @@ ENDS_WITH_PARENT = ("multiprocessing.resource_tracker", "multiprocessing.forkser
 """Python's helper processes, which exit when the pytest process does (they wait on its pipe)."""
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks since boot), None if the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[19])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
 class Snapshot:
     """What ran before the session; `leftovers()` lists what the session left behind."""
 
     def __init__(self) -> None:
         self.root = os.getpid()
-        self.started = _stat(self.root)[1]
-        self.before = set(_pids())
+        self.started = procfs.started(self.root)
+        self.before = set(procfs.pids())
 
     def _descends(self, pid: int, parents: dict[int, int]) -> bool:
         seen = set()
@@ -61,13 +41,15 @@ class Snapshot:
         return False
 
     def leftovers(self) -> dict[int, str]:
-        stats = {pid: s for pid in _pids() if pid != self.root and pid not in self.before and (s := _stat(pid))}
+        stats = {pid: (procfs.parent(pid), procfs.started(pid))
+                 for pid in procfs.pids() if pid != self.root and pid not in self.before}
+        stats = {pid: (ppid, start) for pid, (ppid, start) in stats.items() if ppid is not None and start is not None}
         parents = {pid: s[0] for pid, s in stats.items()}
         out = {}
         for pid, (ppid, start) in stats.items():
             if start < self.started:
                 continue
-            command = _cmdline(pid)
+            command = procfs.cmdline(pid)
             if not command or any(helper in command for helper in ENDS_WITH_PARENT):
                 continue
             if self._descends(pid, parents) or (ppid == 1 and PATTERN.search(command)):

@@ -13,6 +13,8 @@ import os
 import threading
 from pathlib import Path
 
+from avgk import procfs
+
 _LISTEN = "0A"
 PROBE_MARK = "avgk-listener-probe"
 """In the command line of a process allowed a non-loopback listener: the unit test of this check opens
@@ -52,24 +54,14 @@ def is_loopback(endpoint: str) -> bool:
 
 def _owner(inode: int) -> int | None:
     target = f"socket:[{inode}]"
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid in procfs.pids():
         try:
-            for fd in os.listdir(f"/proc/{name}/fd"):
-                if os.readlink(f"/proc/{name}/fd/{fd}") == target:
-                    return int(name)
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
         except OSError:
             continue
     return None
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2:].split()[19])
 
 
 class ListenerWatch:
@@ -96,15 +88,12 @@ class ListenerWatch:
                 continue
             self.seen.add(inode)
             pid = _owner(inode)
-            start = _start_ticks(pid) if pid else None
+            start = procfs.started(pid) if pid else None
             if start is None or start < self.session_start:
                 continue
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                command = "?"
+            command = procfs.cmdline(pid) or "?"
             if not (self.exempt_probes and PROBE_MARK in command):
-                self.found[endpoint] = f"pid {pid}: {command.strip()[:200]}"
+                self.found[endpoint] = f"pid {pid}: {command[:200]}"
 
     def stop(self) -> dict[str, str]:
         self._stop.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,22 @@ def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
     return Path(config.run_dir)
 
 
+def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = 0.2):
+    """predicate()'s first truthy value, polled every interval_s; the test fails naming `what` after timeout_s."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval_s)
+    if value := predicate():
+        return value
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
 def wait_for_http(proc, url: str, *, log_path: Path, timeout_s: float, name: str) -> float:
     """Seconds until `url` answers 200; RuntimeError with the log's tail if `proc` exits or `timeout_s` passes."""
-    import time
     import urllib.request
 
     started = time.monotonic()

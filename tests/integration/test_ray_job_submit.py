@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,9 +25,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from avgk import procfs
+from avgk.guardian import stop_processes
+from tests.helpers.runs import ROOT
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `avgk`: the cluster's Python is this one
 
 
@@ -50,54 +52,19 @@ def _get(url: str, token: str) -> bytes:
         return response.read()
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process, from /proc (Linux)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
-    return table
-
-
-def _processes_of(root_pid: int, temp_dir: Path) -> set[int]:
-    """`ray start` and everything it started: its descendants, and what names its temp dir, with theirs."""
-    table = _process_table()
-    found = {root_pid} | {pid for pid, (_, cmdline) in table.items() if str(temp_dir) in cmdline}
-    found &= set(table) | {root_pid}
-    while True:
-        children = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
-        if not children:
-            return found
-        found |= children
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def _processes_of(root_pid: int, temp_dir: Path) -> dict[int, int]:
+    """`ray start` and everything it started (its descendants, and what names its temp dir, with theirs):
+    pid -> start time, as avgk.guardian records a cluster."""
+    members = procfs.with_descendants({root_pid} | procfs.naming(str(temp_dir)))
+    return {pid: start for pid in members if (start := procfs.started(pid)) is not None}
 
 
 def _stop_cluster(start: subprocess.Popen, temp_dir: Path) -> None:
-    """SIGTERM to `ray start` and every process it started (by pid), SIGKILL to what is left after 5 s
-    (`ray start --block` and the GCS server outwait a SIGTERM; the cluster holds nothing to save)."""
-    pids = _processes_of(start.pid, temp_dir)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids | _processes_of(start.pid, temp_dir):
-            if _alive(pid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (start.poll() is None or any(_alive(pid) for pid in pids)):
-            time.sleep(0.2)
+    """SIGTERM to `ray start` and every process it started, SIGKILL to what is left after 5 s (`ray start
+    --block` and the GCS server outwait a SIGTERM; the cluster holds nothing to save): the mechanism
+    avgk.guardian uses on a killed command's cluster."""
+    stop_processes(_processes_of(start.pid, temp_dir))
+    stop_processes(_processes_of(start.pid, temp_dir))  # anything started while the first round ran
     start.wait(timeout=10)
 
 
@@ -148,7 +115,7 @@ def ray_head(tmp_path):
         yield SimpleNamespace(address=address, env=env, log=log_path)
     finally:
         _stop_cluster(start, temp_dir)
-        leftover = [pid for pid, (_, cmdline) in _process_table().items() if str(temp_dir) in cmdline and _alive(pid)]
+        leftover = [pid for pid in procfs.naming(str(temp_dir)) if procfs.running(pid)]
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftover, f"Ray processes outlived the test: {leftover}"
 

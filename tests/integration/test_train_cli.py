@@ -9,13 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers.runs import ROOT, SMOKE, checkpoint_dirs, val_history
+from avgk import procfs
+from tests.helpers.runs import ROOT, SMOKE, checkpoint_dirs, val_history, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -108,28 +108,6 @@ def test_cli_bad_config_is_one_clear_line(overrides, message, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def _processes_naming(text: str) -> dict[int, str]:
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                command = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in command:
-                out[int(name)] = command[:200]
-    return out
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 def test_killed_driver_leaves_nothing_running_and_the_same_command_resumes(smoke_shards, tmp_path, mlflow_server,
                                                                            cli_run):
     """kill -9 of `avgk train` after its first checkpoint: its watcher ends the MLflow run KILLED and
@@ -143,9 +121,11 @@ def test_killed_driver_leaves_nothing_running_and_the_same_command_resumes(smoke
     log = open(tmp_path / "killed.log", "w")
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(lambda: checkpoint_dirs(run_dir) if run_dir.is_dir() else None, 300, "the first checkpoint")
+        wait_until(lambda: run_dir.is_dir() and checkpoint_dirs(run_dir), timeout_s=300, what="the first checkpoint",
+                   interval_s=0.5)
         # Ray names its session folder after the process that started the cluster: session_<time>_<pid>.
-        cluster = _wait_for(lambda: _processes_naming(f"_{driver.pid}/"), 30, "the driver's Ray processes")
+        session = f"_{driver.pid}/"
+        cluster = wait_until(lambda: procfs.naming(session), timeout_s=30, what="the driver's Ray processes")
         os.kill(driver.pid, signal.SIGKILL)
     finally:
         driver.kill()
@@ -156,10 +136,10 @@ def test_killed_driver_leaves_nothing_running_and_the_same_command_resumes(smoke
     client = MlflowClient(mlflow_server)
     experiment_id = client.get_experiment_by_name("avgk").experiment_id
     (run,) = client.search_runs([experiment_id], filter_string="attributes.run_name = 'driver-killed'")
-    _wait_for(lambda: client.get_run(run.info.run_id).info.status == "KILLED", 60, "the MLflow run to end KILLED")
-    left = _wait_for(lambda: not _processes_naming(f"_{driver.pid}/") or None, 60,
-                     "the killed driver's Ray processes to stop")
-    assert left
+    wait_until(lambda: client.get_run(run.info.run_id).info.status == "KILLED", timeout_s=60,
+               what="the MLflow run to end KILLED", interval_s=0.5)
+    wait_until(lambda: not procfs.naming(session), timeout_s=60, what="the killed driver's Ray processes to stop",
+               interval_s=0.5)
 
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

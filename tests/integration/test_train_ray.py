@@ -29,11 +29,11 @@ EXPOSED: dict[str, str] = {}
 @pytest.fixture(scope="module")
 def uninterrupted(smoke_shards, tmp_path_factory, local_ray, mlflow_server) -> Path:
     from pipelines.train import run_training
-    from tests.helpers.leftovers import _stat
+    from avgk import procfs
     from tests.helpers.listeners import ListenerWatch
 
     storage = tmp_path_factory.mktemp("w2")
-    watch = ListenerWatch(session_start_ticks=_stat(os.getpid())[1], interval_s=0.2)
+    watch = ListenerWatch(session_start_ticks=procfs.started(os.getpid()), interval_s=0.2)
     try:
         run_training(smoke_config(smoke_shards, storage, *COMMON_2W, f"tracking.uri={mlflow_server}",
                                   "run.name=uninterrupted"))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import ROOT
+from avgk import procfs
+from tests.helpers.runs import ROOT, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -43,24 +44,7 @@ with guardian.watching():
 
 
 def _descendants(pid: int) -> set[int]:
-    from avgk.guardian import _children
-
-    return _children({pid}) - {pid}
-
-
-def _alive(pid: int) -> bool:
-    from avgk.guardian import _state
-
-    return _state(pid) not in ("X", "Z")
-
-
-def _wait_until(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
+    return procfs.with_descendants({pid}) - {pid}
 
 
 def _start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, str, str, str, int, set[int]]:
@@ -70,7 +54,7 @@ def _start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, str, str, str, 
                               stdout=subprocess.PIPE, text=True)
     open_run, ended_run, cluster = driver.stdout.readline().split()
     cluster_pid = int(cluster)
-    assert _wait_until(lambda: _descendants(cluster_pid), 30), "the cluster stand-in did not start its child"
+    wait_until(lambda: _descendants(cluster_pid), timeout_s=30, what="the cluster stand-in's child")
     return driver, uri, open_run, ended_run, cluster_pid, _descendants(cluster_pid)
 
 
@@ -85,9 +69,9 @@ def test_kill_9_of_the_command_ends_its_open_run_killed_and_stops_its_cluster(tm
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     processes = {cluster_pid, *cluster_children}
-    assert _wait_until(lambda: not any(_alive(pid) for pid in processes), 60), \
-        f"cluster processes still alive: {[pid for pid in processes if _alive(pid)]}"
-    assert _wait_until(lambda: _status(uri, open_run) == "KILLED", 60), _status(uri, open_run)
+    wait_until(lambda: not any(procfs.running(pid) for pid in processes), timeout_s=60,
+               what="the cluster processes to stop")
+    wait_until(lambda: _status(uri, open_run) == "KILLED", timeout_s=60, what="the open run to end KILLED")
     assert _status(uri, ended_run) == "FINISHED"  # a run the command ended keeps its status
 
 
@@ -96,7 +80,7 @@ def test_a_normal_exit_leaves_runs_and_processes_to_the_command(tmp_path):
     try:
         assert driver.wait(timeout=60) == 0
         time.sleep(2)  # a watcher that wrongly cleaned up would have done so by now
-        assert _alive(cluster_pid) and all(_alive(pid) for pid in cluster_children)
+        assert procfs.running(cluster_pid) and all(procfs.running(pid) for pid in cluster_children)
         assert _status(uri, open_run) == "RUNNING"  # the command's own business: it did not end it
     finally:
         for pid in (*cluster_children, cluster_pid):
