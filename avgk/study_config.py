@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from avgk.config import Config, ConfigError, _format_errors, find_config_file
+from avgk.config import Config, ConfigError, Section, find_config_file, format_errors
 from avgk.metrics import format_k
 from avgk.sweep_config import _detail, check_key, config_for, read_plan, resolve_base
 
@@ -39,10 +39,8 @@ class StudyConfigError(ConfigError):
     """A study configuration problem: the key, the value and the rule."""
 
 
-class StudyConfig(BaseModel):
+class StudyConfig(Section):
     """A grid of training runs over the synthetic data, summarised against a reference method."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: str = Field(min_length=1, description="study name: <run.storage>/<name>/ and the MLflow parent run")
     base: str = Field(description="base run config YAML, relative to the study file (else to the cwd)")
@@ -185,7 +183,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     try:
         study = StudyConfig.model_validate(tree)
     except ValidationError as err:
-        raise StudyConfigError(f"study config error: {_format_errors(err)}") from None
+        raise StudyConfigError(f"study config error: {format_errors(err)}") from None
     for key in (k for o in study.methods.values() for k in o):
         try:
             check_key(key)

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from avgk.config import Config, ConfigError, _format_errors, build_config, find_config_file, load_config
+from avgk.config import Config, ConfigError, Section, build_config, find_config_file, format_errors, load_config
 
 # domain name -> (number of bounds, integer-valued)
 RANGE_DOMAINS: dict[str, tuple[int, bool]] = {
@@ -47,11 +47,7 @@ class SweepConfigError(ConfigError):
     """A sweep configuration problem: the key, the value and the rule."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Domain(_Section):
+class Domain(Section):
     """One searched key: exactly one of the domain kinds, e.g. {loguniform: [0.1, 10]}."""
 
     kind: Literal["choice", "grid", "uniform", "loguniform", "quniform", "qloguniform", "randint", "lograndint"]
@@ -98,7 +94,7 @@ def _quantize(value: float, q: float, low: float) -> float:
     return max(round(value / q) * q, low)
 
 
-class SchedulerConfig(_Section):
+class SchedulerConfig(Section):
     """Trial scheduling: ASHA early stopping on the validation metric, or FIFO (none)."""
 
     name: Literal["asha", "fifo", "none"] = Field("asha", description="asha, or fifo/none (every trial runs to the end)")
@@ -112,7 +108,7 @@ class SchedulerConfig(_Section):
     max_t: int | None = Field(None, ge=1, description="ASHA: last rung bound; default: train.epochs of the base config")
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     """A hyper-parameter sweep: one TorchTrainer per trial, a parent MLflow run, the best trial evaluated on test."""
 
     name: str = Field(min_length=1, description="sweep name: <run.storage>/<name>/ and the MLflow parent run")
@@ -158,7 +154,7 @@ class SweepConfig(_Section):
             try:
                 out[key] = Domain(kind=kind, values=values)
             except ValidationError as err:
-                raise ValueError(f"space[{key!r}]: {_format_errors(err)}") from None
+                raise ValueError(f"space[{key!r}]: {format_errors(err)}") from None
         return out
 
     @model_validator(mode="after")
@@ -326,7 +322,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         sweep = SweepConfig.model_validate(tree)
     except ValidationError as err:
         # The space validator names the key itself: "space[...]", not "space: space[...]".
-        message = _format_errors(err).replace("space: space[", "space[")
+        message = format_errors(err).replace("space: space[", "space[")
         raise SweepConfigError(f"sweep config error: {message}") from None
     base = resolve_base(path, sweep.base, sweep.overrides, base_overrides, kind="sweep", error=SweepConfigError)
     validate_space(sweep, base.to_dict())

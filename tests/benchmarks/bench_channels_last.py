@@ -1,7 +1,7 @@
 """Benchmark: one training step of a backbone in channels_last (NHWC) against the default NCHW layout, on CPU.
 
 Run: python tests/benchmarks/bench_channels_last.py [--rounds 3] [--threads 1]
-The measurement behind `model.channels_last: true` as the default (avgk/config.py): the
+The measurement behind `model.channels_last: true` as the default (avgk/config/model.py): the
 demo's small CNN (width 16, batch 128 at 32 x 32) and resnet18 (batch 32 at 112 x 112), each
 step a forward, a mean-square loss, a backward and an SGD step, the two layouts alternating
 for --rounds rounds; median step time of each, and their ratio.
