@@ -1,4 +1,5 @@
-"""Set-valued prediction for new images: the average-K label set of a trained run (or its top-K set).
+"""Set-valued prediction for new images: the average-K label set of a trained run (or its top-K set),
+for images in memory (`SetPredictor`) or image files as JSON lines (`run_predict`, `avgk predict`).
 
 Legend: N images, L classes. Images are preprocessed by the checkpoint config's eval transform
 and scored by the head its thresholds were calibrated on, exactly as the final evaluation does;
@@ -10,10 +11,11 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import IO, Any, Union
 
 import numpy as np
 import torch
@@ -26,7 +28,9 @@ from avgk.inputs import image_transform
 from avgk.losses import head_scores, loss_class
 from avgk.metrics import format_k
 
-__all__ = ["ImageInput", "LabelSet", "SetPredictor", "decode_image", "model_only_checkpoint"]
+__all__ = [
+    "ImageInput", "LabelSet", "SetPredictor", "decode_image", "iter_image_files", "model_only_checkpoint", "run_predict",
+]
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray]
 THRESHOLDS_FILE = "thresholds.json"
@@ -222,3 +226,60 @@ def class_names_of(checkpoint: dict) -> list[str] | None:
     if manifest.num_classes != int(checkpoint["num_classes"]):
         return None
     return [manifest.classes[i] for i in range(manifest.num_classes)]
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def iter_image_files(paths: Sequence[str]) -> Iterator[Path]:
+    """The given files, and every image file under the given folders (recursively, sorted)."""
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            yield path
+        else:
+            raise FileNotFoundError(f"{raw}: no such file or folder")
+
+
+def run_predict(
+    *,
+    run: str,
+    k: float,
+    paths: Sequence[str],
+    top_k: bool = False,
+    batch_size: int = 64,
+    checkpoint: str | None = None,
+    out: IO[str] | None = None,
+    progress: bool = True,
+) -> int:
+    """One JSON line per image on `out` (default: sys.stdout at call time); unreadable files give {"path", "error"}.
+
+    Returns how many failed.
+    """
+    out = out if out is not None else sys.stdout  # not a default argument: that binds the stream at import
+    from tqdm import tqdm
+
+    predictor = SetPredictor.from_run(run, checkpoint, batch_size=batch_size)
+    if not top_k:
+        predictor.threshold(k)  # an uncalibrated K fails before any image is read
+    elif float(k) != int(k):
+        raise ValueError(f"--top-k needs an integer --k, got {k}")
+    files = list(iter_image_files(paths))
+    num_failed = 0
+    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(files), batch_size):
+            images, good = [], []
+            for path in files[start : start + batch_size]:
+                try:
+                    images.append(decode_image(path))
+                    good.append(path)
+                except Exception as err:  # a corrupt or non-image file is reported, not fatal
+                    num_failed += 1
+                    out.write(json.dumps({"path": str(path), "error": f"{type(err).__name__}: {err}"}) + "\n")
+            for path, label_set in zip(good, predictor.predict(images, k=k, top_k=top_k)):
+                out.write(json.dumps({"path": str(path), **label_set.to_dict()}) + "\n")
+            out.flush()
+            bar.update(len(files[start : start + batch_size]))
+    return num_failed

@@ -26,7 +26,10 @@ __all__ = [
     "plot_accuracy_vs_k",
     "plot_per_class_accuracy",
     "plot_set_size_histogram",
+    "log_run_plots",
     "plot_sweep",
+    "run_names",
+    "run_report",
     "save_figure",
     "write_run_plots",
 ]
@@ -198,3 +201,49 @@ def write_run_plots(run_dir: str, *, name: str | None = None) -> list[str]:
     run_dir = storage.absolute(run_dir)
     runs = {name or run_dir.rstrip("/").rsplit("/", 1)[-1]: load_run(run_dir)}
     return [save_figure(fig, storage.join(run_dir, PLOTS_DIR, file)) for file, fig in comparison_figures(runs).items()]
+
+
+def run_names(run_dirs: Sequence[str]) -> list[str]:
+    """Display names: the folder names, made unique with their parents where two collide."""
+    parts = [storage.absolute(d).rstrip("/").split("/") for d in run_dirs]
+    names = [p[-1] for p in parts]
+    if len(set(names)) < len(names):
+        names = ["/".join(p[-2:]) for p in parts]
+    return names
+
+
+def run_report(run_dirs: Sequence[str], *, out: str) -> str:
+    """report.md (the markdown table) and the overlaid figures of several runs into `out`; returns the table."""
+    if not run_dirs:
+        raise ValueError("avgk report needs at least one RUN_DIR")
+    runs = {name: load_run(d) for name, d in zip(run_names(run_dirs), run_dirs)}
+    from avgk.summary import format_markdown
+
+    table = format_markdown({name: run.metrics for name, run in runs.items()})
+    text = (
+        "# avgk comparison\n\n"
+        + "\n".join(f"- `{name}`: {storage.absolute(d)}" for name, d in zip(runs, run_dirs))
+        + "\n\n" + table + "\n\naccuracies in % on test; 'oracle' thresholds the true posterior (synthetic data only)\n"
+    )
+    out = storage.absolute(out)
+    storage.write_bytes(storage.join(out, "report.md"), text.encode())
+    for file, fig in comparison_figures(runs).items():
+        save_figure(fig, storage.join(out, file))
+    return table
+
+
+def log_run_plots(uri: str | None, run_id: str | None, run_dir: str) -> list[str]:
+    """Write the run's figures to <run_dir>/plots/ and, with an MLflow run, log them under plots/."""
+    import tempfile
+    from pathlib import Path
+
+    from avgk import tracking
+
+    written = write_run_plots(run_dir)
+    if uri and run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in written:
+                local = Path(tmp) / file.rsplit("/", 1)[-1]
+                local.write_bytes(storage.read_bytes(file))
+            tracking.log_artifacts(uri, run_id, tmp, PLOTS_DIR)
+    return written

@@ -37,7 +37,7 @@ from avgk.runs import with_absolute_paths
 
 
 def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> tuple[Config, str, ScoringModel]:
-    """Checks the inputs (before any Ray start) and loads the checkpoint: (config, run_dir, model)."""
+    """Checks the inputs (before any Ray start) and loads the checkpoint: (config, run_dir, model, manifest)."""
     config = with_absolute_paths(config)
     run_dir = run_dir_of(config, run)
     saved = saved_run_config(run_dir)
@@ -51,7 +51,7 @@ def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> t
             f"{manifest.num_classes}"
         )
     config.validate_num_classes(manifest.num_classes)
-    return config, run_dir, scoring
+    return config, run_dir, scoring, manifest
 
 
 def log_to_run(config: Config, run_dir: str, result: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
@@ -85,8 +85,7 @@ def run_evaluate(
     and tracking; the model, its score head, transform, precision and batching come from
     the checkpoint's own config, so the scores are those of the training's evaluation.
     """
-    config, run_dir, scoring = prepare_job(config, run=run, checkpoint=checkpoint)
-    manifest = read_manifest(config.data.shards)
+    config, run_dir, scoring, manifest = prepare_job(config, run=run, checkpoint=checkpoint)
     ray_env.connect()
     quiet_ray_data()
     head = score_head_for(scoring.config.loss)
@@ -98,7 +97,7 @@ def run_evaluate(
         for split in ("val", "test"):
             start = time.perf_counter()
             splits[split] = score_dataset(
-                scoring, shards_dir=config.data.shards, split=split, head=head, with_posterior=with_posterior,
+                scoring, manifest=manifest, split=split, head=head, with_posterior=with_posterior,
                 use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
                 gpu_wait_seconds=config.eval.gpu_wait_seconds, top_t=top_t,
             ).materialize()

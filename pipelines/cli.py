@@ -54,7 +54,7 @@ def _check_before_start(config: Config) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args)
     _check_before_start(config)
-    from pipelines.report import format_summary
+    from avgk.summary import format_summary
     from pipelines.train import run_training
 
     evaluation = run_training(config)
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
     from pipelines.calibrate import run_evaluate
-    from pipelines.report import format_summary
+    from avgk.summary import format_summary
 
     evaluation = run_evaluate(config, run=args.run, checkpoint=args.checkpoint)
     print(format_summary({config.loss.name: evaluation.metrics}))
@@ -83,7 +83,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipelines.predict import run_predict
+    from avgk.predict import run_predict
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -95,7 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.report import run_report
+    from avgk.report import run_report
 
     print(run_report(args.runs, out=args.out))
     print(f"report.md and figures in {args.out}")

@@ -17,7 +17,7 @@ from avgk.config import Config, load_config
 from avgk.data.prepare import ensure_shards
 from avgk.runs import with_absolute_paths
 from pipelines import ray_env
-from pipelines.report import format_summary, verdict
+from avgk.summary import format_summary, verdict
 from pipelines.train import run_training
 
 METHODS = ("two_head", "ce")

@@ -133,7 +133,7 @@ def run_pseudolabel(
     """
     from pipelines.calibrate import prepare_job
 
-    config, run_dir, scoring = prepare_job(config, run=run, checkpoint=checkpoint)
+    config, run_dir, scoring, manifest = prepare_job(config, run=run, checkpoint=checkpoint)
     if SOFTMAX not in scoring.heads:
         raise ValueError(
             f"global pseudo-labels need the softmax head; the checkpoint's loss {scoring.config.loss.name!r} "
@@ -147,7 +147,7 @@ def run_pseudolabel(
     def label(top_t: int | None) -> tuple[GlobalSelection, str]:
         start = time.perf_counter()
         scores = score_dataset(
-            scoring, shards_dir=config.data.shards, split="train", head=SOFTMAX, with_posterior=False,
+            scoring, manifest=manifest, split="train", head=SOFTMAX, with_posterior=False,
             use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
             gpu_wait_seconds=config.eval.gpu_wait_seconds, top_t=top_t, with_classes=True,
         ).materialize()

@@ -34,9 +34,10 @@ import ray
 import ray.data
 import torch
 
-from avgk import checkpoints, evaluation, passes, storage, top_scores
+from avgk import checkpoints, evaluation, passes, top_scores
 from avgk.config import Config
 from avgk.data.loaders import eval_loader
+from avgk.data.manifest import Manifest
 from avgk.inputs import image_transform
 from avgk.losses import loss_class
 from avgk.metrics import SetMetrics
@@ -167,7 +168,7 @@ def num_eval_streams(config: Config) -> int:
 def _read_stream(
     batch: dict[str, np.ndarray],
     *,
-    shards_dir: str,
+    manifest: Manifest,
     split: str,
     num_streams: int,
     batch_size: int,
@@ -186,7 +187,7 @@ def _read_stream(
     transform = image_transform(Config.model_validate(config_tree), train=False)
     for stream in batch["stream"]:
         loader = eval_loader(
-            shards_dir=shards_dir, split=split, batch_size=batch_size, rank=int(stream), world_size=num_streams,
+            shards_dir=manifest, split=split, batch_size=batch_size, rank=int(stream), world_size=num_streams,
             num_workers=0, transform=transform, num_classes=num_classes, with_posterior=with_posterior,
         )
         for model_batch in loader:
@@ -265,7 +266,7 @@ def top_t_for(config: Config, *, max_k: float) -> int | None:
 def score_dataset(
     scoring: ScoringModel,
     *,
-    shards_dir: str,
+    manifest: Manifest,
     split: str,
     head: str,
     with_posterior: bool,
@@ -277,6 +278,9 @@ def score_dataset(
     with_classes: bool = False,
 ) -> ray.data.Dataset:
     """A lazy Dataset of the split's scores: rows idx, label, scores (float32 L) [, posterior].
+
+    `manifest` is the data set's, read once by the caller; it travels to the read tasks with
+    their arguments, so no task reads manifest.json again.
 
     Model batches follow the training's evaluation (see _read_stream); `head` is
     "multilabel" or "softmax". Call .materialize() to run the model once and keep the
@@ -295,7 +299,7 @@ def score_dataset(
         batch_size=1,
         num_cpus=plan.read_cpus,
         fn_kwargs=dict(
-            shards_dir=storage.absolute(shards_dir), split=split, num_streams=num_streams,
+            manifest=manifest, split=split, num_streams=num_streams,
             batch_size=config.eval.batch_size, config_tree=config.to_dict(),
             num_classes=scoring.num_classes, with_posterior=with_posterior,
         ),

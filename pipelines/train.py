@@ -22,7 +22,6 @@ from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
 from avgk.serving import log_pyfunc_model
 from pipelines import ray_env
 from pipelines.process_group import OwnAddressTorchConfig
-from pipelines.report import log_run_plots
 
 
 class RayReporter:
@@ -80,6 +79,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_dir = storage.absolute(config.run_dir)
         if run_id:
             tracking.log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
+        from avgk.report import log_run_plots  # matplotlib: only once there is a finished run
+
         log_run_plots(uri, run_id, run_dir)  # <run_dir>/plots/, and the MLflow run's plots/
         if run_id and config.tracking.log_model:
             # The checkpoint the final evaluation used, so the model matches thresholds.json.

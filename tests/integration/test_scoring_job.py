@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from avgk.config import load_config
+from avgk.data.manifest import read_manifest
 from avgk.metrics import SetMetrics
 from avgk.pseudo_labels import batch_pseudo_labels, read_pseudo_label_table
 from avgk.thresholds import reference_thresholds, round_count
@@ -183,7 +184,7 @@ def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
     from pipelines.score import calibrate_dataset, load_scoring_model, score_dataset
 
     scoring = load_scoring_model(str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt"))
-    val = score_dataset(scoring, shards_dir=trained.config.data.shards, split="val", head="multilabel",
+    val = score_dataset(scoring, manifest=read_manifest(trained.config.data.shards), split="val", head="multilabel",
                         with_posterior=True, num_actors=2).materialize()
     thresholds = calibrate_dataset(val, ks=[1, 1.5, 2, 3], num_tasks=2)
     rows = collect(val, "idx", "scores", "posterior")
@@ -205,7 +206,7 @@ def test_pseudolabel_job_equals_brute_force(trained):
     assert meta["checkpoint"] == str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt")
 
     scoring = load_scoring_model(meta["checkpoint"])
-    train = collect(score_dataset(scoring, shards_dir=trained.config.data.shards, split="train", head="softmax",
+    train = collect(score_dataset(scoring, manifest=read_manifest(trained.config.data.shards), split="train", head="softmax",
                                   with_posterior=False), "idx", "label", "scores")
     expected_NL = batch_pseudo_labels(probs=torch.from_numpy(train["scores"]),
                                       labels=torch.from_numpy(train["label"]), k=k).numpy() > 0

@@ -1,8 +1,8 @@
-"""Comparison tables of metrics.json documents (plain text and markdown), and `avgk report`."""
+"""Comparison tables of metrics.json documents (plain text and markdown) and the demo's one-sentence verdict."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 
 def _pct(value: float | None) -> str:
@@ -47,8 +47,9 @@ def verdict(documents: Mapping[str, Mapping[str, Any]], *, method: str, referenc
         winner, loser = (method, reference) if gap > 0 else (reference, method)
         lead = (f"{winner} wins at avg-{key}: {acc[winner]:.1f}% against {acc[loser]:.1f}% for {loser} "
                 f"({abs(gap):.1f} points)")
-    return (f"On this data and run, {lead}; macro avg-{key} {macro[method]:.1f}% against {macro[reference]:.1f}% "
-            f"({macro_gap:+.1f} points for {method}). That is one seed of one short run: measurements over "
+    return (f"On this data and run, {lead}; macro avg-{key}: {macro[method]:.1f}% for {method}, "
+            f"{macro[reference]:.1f}% for {reference} ({macro_gap:+.1f} points for {method}). That is one seed of "
+            "one short run: measurements over "
             f"seeds, data sets and recipes are in {where}.")
 
 
@@ -74,51 +75,3 @@ def format_markdown(documents: Mapping[str, Mapping[str, Any]]) -> str:
                 f"| {_md_pct((test.get('oracle_avg_k_accuracy') or {}).get(key))} |"
             )
     return "\n".join(lines)
-
-
-def run_names(run_dirs: Sequence[str]) -> list[str]:
-    """Display names: the folder names, made unique with their parents where two collide."""
-    from avgk import storage
-
-    parts = [storage.absolute(d).rstrip("/").split("/") for d in run_dirs]
-    names = [p[-1] for p in parts]
-    if len(set(names)) < len(names):
-        names = ["/".join(p[-2:]) for p in parts]
-    return names
-
-
-def run_report(run_dirs: Sequence[str], *, out: str) -> str:
-    """report.md (the markdown table) and the overlaid figures of several runs into `out`; returns the table."""
-    from avgk import report, storage
-
-    if not run_dirs:
-        raise ValueError("avgk report needs at least one RUN_DIR")
-    runs = {name: report.load_run(d) for name, d in zip(run_names(run_dirs), run_dirs)}
-    table = format_markdown({name: run.metrics for name, run in runs.items()})
-    text = (
-        "# avgk comparison\n\n"
-        + "\n".join(f"- `{name}`: {storage.absolute(d)}" for name, d in zip(runs, run_dirs))
-        + "\n\n" + table + "\n\naccuracies in % on test; 'oracle' thresholds the true posterior (synthetic data only)\n"
-    )
-    out = storage.absolute(out)
-    storage.write_bytes(storage.join(out, "report.md"), text.encode())
-    for file, fig in report.comparison_figures(runs).items():
-        report.save_figure(fig, storage.join(out, file))
-    return table
-
-
-def log_run_plots(uri: str | None, run_id: str | None, run_dir: str) -> list[str]:
-    """Write the run's figures to <run_dir>/plots/ and, with an MLflow run, log them under plots/."""
-    import tempfile
-    from pathlib import Path
-
-    from avgk import report, storage, tracking
-
-    written = report.write_run_plots(run_dir)
-    if uri and run_id:
-        with tempfile.TemporaryDirectory() as tmp:
-            for file in written:
-                local = Path(tmp) / file.rsplit("/", 1)[-1]
-                local.write_bytes(storage.read_bytes(file))
-            tracking.log_artifacts(uri, run_id, tmp, report.PLOTS_DIR)
-    return written
