@@ -30,7 +30,7 @@ import numpy as np
 from avgk import top_scores
 from avgk.metrics import SetMetrics, format_k
 from avgk.pseudo_labels import GlobalPseudoLabeler, GlobalSelection
-from avgk.thresholds import StreamingThresholds
+from avgk.streamed_thresholds import StreamingThresholds
 from avgk.top_scores import NotExact, TopPseudoLabeler, TopThresholds
 
 Batch = dict[str, np.ndarray]

@@ -24,10 +24,8 @@ from avgk import storage
 from avgk.console import say
 from avgk.evaluation import score_batches, split_loader
 from avgk.passes import PseudoLabelPass, run_passes_local
-from avgk.pseudo_labels import (
+from avgk.pseudo_label_table import (
     PSEUDO_LABELS_DIR,
-    GlobalPseudoLabeler,
-    GlobalSelection,
     PseudoLabelTable,
     concat_ranges,
     positives_as_rows,
@@ -38,6 +36,7 @@ from avgk.pseudo_labels import (
     temporary_dir_for,
     write_parquet,
 )
+from avgk.pseudo_labels import GlobalPseudoLabeler, GlobalSelection
 
 if TYPE_CHECKING:
     from avgk.engine import Parts

@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from avgk.streamed_thresholds import StreamingSelector
 from avgk.thresholds import (
-    StreamingSelector,
     _midpoint,
     _validate_ks,
     float_to_key,

@@ -28,9 +28,8 @@ import ray
 
 from avgk import storage, top_scores
 from avgk.config import Config
-from avgk.pseudo_labels import (
+from avgk.pseudo_label_table import (
     PSEUDO_LABELS_DIR,
-    GlobalSelection,
     positives_as_rows,
     pseudo_label_arrow_table,
     publish_dir,
@@ -38,6 +37,7 @@ from avgk.pseudo_labels import (
     temporary_dir_for,
     write_parquet,
 )
+from avgk.pseudo_labels import GlobalSelection
 from avgk.console import say
 from avgk.passes import PseudoLabelPass
 from avgk.pseudo_refresh import SOFTMAX, describe_selection, summarize_selection

@@ -19,7 +19,7 @@ from tests.helpers.runs import ROOT  # noqa: E402
 
 
 def pytest_configure(config):
-    # avgk.data.loaders silences this for the process; pytest re-enables DeprecationWarnings per test.
+    # avgk.data.decoding silences this for the process; pytest re-enables DeprecationWarnings per test.
     # torchvision 0.29 warns on every call of its (deprecated, still shipped) image decoders.
     config.addinivalue_line(
         "filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"

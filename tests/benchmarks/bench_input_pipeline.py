@@ -280,7 +280,7 @@ DECODE_SHARDS = "decode-only, shard bytes of resize_shorter=256 (341 x 256)"
 def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tuple[str, float]]:
     """Milliseconds per image of each stage, in this process (1 torch thread, like a loader worker)."""
     import webdataset as wds
-    from avgk.data.loaders import _Collate
+    from avgk.data.decoding import _Collate
     from avgk.data.manifest import read_manifest
 
     threads = torch.get_num_threads()
@@ -309,7 +309,7 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
                 best = min(best, (time.perf_counter() - start) / len(items))
             return best * 1e3
 
-        from avgk.data.loaders import _decode_image_uint8
+        from avgk.data.decoding import _decode_image_uint8
 
         rows = [
             ("decode a 500 x 375 JPEG (the files), PIL", per_item(decode, big)),

@@ -93,7 +93,8 @@ class RandomScorer:
 def in_memory_table(repeats: int, seed: int) -> list[str]:
     import ray
 
-    from avgk.thresholds import StreamingThresholds, calibrate_thresholds, reference_thresholds
+    from avgk.streamed_thresholds import StreamingThresholds
+    from avgk.thresholds import calibrate_thresholds, reference_thresholds
     from pipelines.score import calibrate_dataset
 
     scores_NL = softmax_scores(np.random.default_rng(seed), NUM_VAL, NUM_CLASSES)

@@ -17,13 +17,8 @@ import numpy as np
 import torch
 
 from avgk.metrics import SetMetrics
-from avgk.thresholds import (
-    StreamingThresholds,
-    calibrate_thresholds,
-    calibrate_thresholds_streamed,
-    rank_for_k,
-    reference_thresholds,
-)
+from avgk.streamed_thresholds import StreamingThresholds, calibrate_thresholds_streamed
+from avgk.thresholds import calibrate_thresholds, rank_for_k, reference_thresholds
 
 __test__ = False
 

@@ -210,7 +210,7 @@ def evaluate_job(run: JobRun, *, num_rows: int, num_classes: int, block_rows: in
 
 
 def pseudolabel_job(run: JobRun, *, num_rows: int, num_classes: int, block_rows: int, seed: int, out_dir: str) -> None:
-    from avgk.pseudo_labels import read_pseudo_label_table
+    from avgk.pseudo_label_table import read_pseudo_label_table
     from avgk.pseudo_refresh import describe_selection
     from avgk.top_scores import exact_or_full
     from pipelines.pseudolabel import select_dataset, write_table_dataset

@@ -16,7 +16,8 @@ import torch
 from avgk.config import load_config
 from avgk.data.manifest import read_manifest
 from avgk.metrics import SetMetrics
-from avgk.pseudo_labels import batch_pseudo_labels, read_pseudo_label_table
+from avgk.pseudo_label_table import read_pseudo_label_table
+from avgk.pseudo_labels import batch_pseudo_labels
 from avgk.thresholds import reference_thresholds, round_count
 from tests.helpers.runs import ROOT, checkpoint_dirs
 

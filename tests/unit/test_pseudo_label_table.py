@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from avgk.pseudo_labels import (
-    GlobalPseudoLabeler,
+from avgk.pseudo_label_table import (
     PseudoLabelTable,
-    batch_pseudo_labels,
     positives_as_rows,
     pseudo_label_arrow_table,
     publish_dir,
@@ -20,6 +18,7 @@ from avgk.pseudo_labels import (
     temporary_dir_for,
     write_parquet,
 )
+from avgk.pseudo_labels import GlobalPseudoLabeler, batch_pseudo_labels
 from avgk.thresholds import round_count
 
 

@@ -16,11 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from avgk import thresholds as thresholds_module
+from avgk.streamed_thresholds import StreamingSelector, StreamingThresholds, calibrate_thresholds_streamed
 from avgk.thresholds import (
-    StreamingSelector,
-    StreamingThresholds,
     calibrate_thresholds,
-    calibrate_thresholds_streamed,
     float_to_key,
     key_to_float,
     kth_largest,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from avgk import passes, top_scores
-from avgk.pseudo_labels import positives_as_rows
+from avgk.pseudo_label_table import positives_as_rows
 from avgk.top_scores import NotExact, exact_or_full, force_top_rows, select_top_rows, top_rows
 
 KS = (1.0, 1.5, 2.0, 3.0)
