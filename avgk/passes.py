@@ -22,6 +22,7 @@ Legend: N samples, L classes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -186,6 +187,44 @@ def reduce_state(state: Any, reduce: Reduce) -> Any:
     if isinstance(state, dict):
         return {key: reduce(value) for key, value in sorted(state.items())}
     return reduce(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactCounts:
+    """A mostly-zero integer array in transit: its shape and dtype, where it is not zero, and the values there."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    index: np.ndarray
+    """Flat positions of the nonzero entries, increasing."""
+    values: np.ndarray
+
+
+_COMPACT_MIN_SIZE = 4096
+
+
+def compact_state(state: Any) -> Any:
+    """A pass state for transport between processes: each large integer array that is mostly zeros as
+    CompactCounts, everything else as is. A pass-2 histogram of the thresholds holds the few thousand
+    values of one bucket in 65,536 bins; sent whole, such states are most of a top-T job's object store."""
+    if isinstance(state, dict):
+        return {key: compact_state(value) for key, value in state.items()}
+    if isinstance(state, np.ndarray) and state.size >= _COMPACT_MIN_SIZE and np.issubdtype(state.dtype, np.integer):
+        index = np.flatnonzero(state)
+        if 2 * index.size < state.size:  # a position and a value per nonzero entry
+            return CompactCounts(shape=state.shape, dtype=state.dtype.str, index=index, values=state.reshape(-1)[index])
+    return state
+
+
+def expand_state(state: Any) -> Any:
+    """The inverse of compact_state: the same arrays, bit for bit."""
+    if isinstance(state, dict):
+        return {key: expand_state(value) for key, value in state.items()}
+    if isinstance(state, CompactCounts):
+        flat = np.zeros(math.prod(state.shape), dtype=np.dtype(state.dtype))
+        flat[state.index] = state.values
+        return flat.reshape(state.shape)
+    return state
 
 
 def run_passes_local(spec: PassSpec, batches: Callable[[], Iterable[Batch]], *, reduce: Reduce) -> list[Any]:

@@ -366,7 +366,7 @@ def _pass_task(
         tracemalloc.start()
     start = time.perf_counter()
     counter = [0]
-    state = spec.run(totals, _blocks(block_refs, counter))
+    state = passes.compact_state(spec.run([passes.expand_state(t) for t in totals], _blocks(block_refs, counter)))
     seconds = time.perf_counter() - start
     traced = 0
     if trace_memory:
@@ -379,7 +379,8 @@ def _pass_task(
     return state, report
 
 
-def _sum_states(states: list[Any]) -> Any:
+def _sum_states(compacted: list[Any]) -> Any:
+    states = [passes.expand_state(state) for state in compacted]
     if isinstance(states[0], dict):
         return {key: np.sum([s[key] for s in states], axis=0) for key in states[0]}
     return np.sum(states, axis=0)
@@ -406,6 +407,8 @@ def run_passes(
     """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums.
 
     `groups` (from block_groups) lets several reductions share one assignment of blocks to tasks.
+    States and totals travel compacted (avgk.passes.compact_state): mostly-zero histograms as their
+    nonzero entries, small enough for Ray to pass inline instead of through the object store.
     """
     groups = groups or block_groups(ds, num_tasks)
     totals: list[Any] = []
@@ -413,7 +416,7 @@ def run_passes(
     task = _pass_task.options(num_cpus=task_cpus)
     while not spec.done(totals):
         start = time.perf_counter()
-        totals_ref = ray.put(totals)
+        totals_ref = ray.put([passes.compact_state(total) for total in totals])
         results = ray.get([task.remote(spec, totals_ref, group, trace_memory) for group in groups])
         totals.append(_sum_states([state for state, _ in results]))
         reports.append([report for _, report in results])
@@ -432,9 +435,9 @@ def calibrate_dataset(
 
     avgk.passes.calibrate driven by Ray: two passes of StreamingThresholds in `num_tasks` parallel
     tasks (default: one per cluster CPU, at most one per block), each returning a 65,536-bin int64
-    histogram (a few in pass 2) that the driver sums. A lazy dataset is executed once and its
-    blocks kept in the object store for both passes; pass a materialised one to share it with
-    other reductions (the model then runs once per split). `top`: the rows are top-T rows of
+    histogram (a few in pass 2, sent as their nonzero entries) that the driver sums. A lazy
+    dataset is executed once and its blocks kept in the object store for both passes; pass a
+    materialised one to share it with other reductions (the model then runs once per split). `top`: the rows are top-T rows of
     `num_classes` scores (raises NotExact when they cannot prove a lambda_K).
     """
     return passes.calibrate(ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", ks=ks, column=column,
