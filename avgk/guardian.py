@@ -116,14 +116,25 @@ def stop_processes(members: dict[int, int], *, grace_s: float = 5.0) -> list[int
 
 
 def end_runs_killed(runs: dict[str, str]) -> None:
-    """Mark each still-RUNNING run KILLED (a run another command already ended keeps its status)."""
+    """Mark each still-RUNNING run KILLED (a run another command already ended keeps its status), and
+    with it its still-RUNNING child runs, at any depth: a sweep's trials open theirs in Ray workers,
+    which never talk to this watcher, and die with the cluster."""
     from mlflow.tracking import MlflowClient
 
     for run_id, uri in runs.items():
         with contextlib.suppress(Exception):  # an unreachable store: nothing more this process can do
             client = MlflowClient(tracking_uri=uri)
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, status="KILLED")
+            run = client.get_run(run_id)
+            if run.info.status != "RUNNING":
+                continue
+            pending = [run_id]
+            while pending:
+                parent = pending.pop()
+                client.set_terminated(parent, status="KILLED")
+                children = client.search_runs(
+                    [run.info.experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
+                pending.extend(child.info.run_id for child in children)
 
 
 def _watch(stream, *, refresh_s: float = 2.0) -> int:

@@ -16,7 +16,8 @@ from tests.helpers.runs import ROOT, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-# A stand-in command: two MLflow runs (one it ends itself), a "cluster" process whose command line
+# A stand-in command: two MLflow runs (one it ends itself), a child run of the open one that only
+# MLflow knows of (as a sweep's trials open theirs in Ray workers), a "cluster" process whose command line
 # names a session folder (as Ray's GCS, raylet and agents name theirs), and a child of that process
 # that does not (as Ray's renamed workers), then it waits to be killed or told to exit.
 DRIVER = """
@@ -33,11 +34,12 @@ with guardian.watching():
     guardian.run_started(uri, ended_run)
     client.set_terminated(ended_run, "FINISHED")
     guardian.run_ended(ended_run)
+    child_run = client.create_run(experiment, run_name="trial", tags={"mlflow.parentRunId": open_run}).info.run_id
     cluster = subprocess.Popen([sys.executable, "-c",
         "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
         "time.sleep(300)", session_dir])
     guardian.cluster_started(session_dir)
-    print(open_run, ended_run, cluster.pid, flush=True)
+    print(open_run, ended_run, child_run, cluster.pid, flush=True)
     if mode == "wait":
         time.sleep(300)
 """
@@ -47,15 +49,15 @@ def _descendants(pid: int) -> set[int]:
     return procfs.with_descendants({pid}) - {pid}
 
 
-def _start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, str, str, str, int, set[int]]:
+def _start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, str, str, str, str, int, set[int]]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     session_dir = str(tmp_path / "session_fake")
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, uri, session_dir, mode], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
-    open_run, ended_run, cluster = driver.stdout.readline().split()
+    open_run, ended_run, child_run, cluster = driver.stdout.readline().split()
     cluster_pid = int(cluster)
     wait_until(lambda: _descendants(cluster_pid), timeout_s=30, what="the cluster stand-in's child")
-    return driver, uri, open_run, ended_run, cluster_pid, _descendants(cluster_pid)
+    return driver, uri, open_run, ended_run, child_run, cluster_pid, _descendants(cluster_pid)
 
 
 def _status(uri: str, run_id: str) -> str:
@@ -64,24 +66,25 @@ def _status(uri: str, run_id: str) -> str:
     return MlflowClient(uri).get_run(run_id).info.status
 
 
-def test_kill_9_of_the_command_ends_its_open_run_killed_and_stops_its_cluster(tmp_path):
-    driver, uri, open_run, ended_run, cluster_pid, cluster_children = _start(tmp_path, "wait")
+def test_kill_9_of_the_command_ends_its_open_run_and_its_child_runs_killed_and_stops_its_cluster(tmp_path):
+    driver, uri, open_run, ended_run, child_run, cluster_pid, cluster_children = _start(tmp_path, "wait")
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     processes = {cluster_pid, *cluster_children}
     wait_until(lambda: not any(procfs.running(pid) for pid in processes), timeout_s=60,
                what="the cluster processes to stop")
     wait_until(lambda: _status(uri, open_run) == "KILLED", timeout_s=60, what="the open run to end KILLED")
+    wait_until(lambda: _status(uri, child_run) == "KILLED", timeout_s=30, what="its child run to end KILLED")
     assert _status(uri, ended_run) == "FINISHED"  # a run the command ended keeps its status
 
 
 def test_a_normal_exit_leaves_runs_and_processes_to_the_command(tmp_path):
-    driver, uri, open_run, ended_run, cluster_pid, cluster_children = _start(tmp_path, "exit")
+    driver, uri, open_run, ended_run, child_run, cluster_pid, cluster_children = _start(tmp_path, "exit")
     try:
         assert driver.wait(timeout=60) == 0
         time.sleep(2)  # a watcher that wrongly cleaned up would have done so by now
         assert procfs.running(cluster_pid) and all(procfs.running(pid) for pid in cluster_children)
-        assert _status(uri, open_run) == "RUNNING"  # the command's own business: it did not end it
+        assert _status(uri, open_run) == _status(uri, child_run) == "RUNNING"  # the command's own business
     finally:
         for pid in (*cluster_children, cluster_pid):
             try:
