@@ -1,15 +1,17 @@
-"""The two-head network over a backbone (avgk.backbones), the small CNN, local pretrained weights, and running a model."""
+"""The two-head network over a backbone (avgk.backbones), the small CNN, pretrained weights, and running a model."""
 
 from __future__ import annotations
 
-import math
 import contextlib
+import io
+import math
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from avgk import backbones
+from avgk import backbones, storage
 from avgk.config import Config, ModelConfig
 from avgk.runs import resolve_checkpoint
 
@@ -39,22 +41,24 @@ class SmallCNN(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
-def pretrained_file(path: str) -> Path:
-    """The weights file that `model.pretrained` names: the file itself, or an avgk run directory's
-    checkpoint (its best, else its newest), found as `avgk evaluate --run` finds it."""
-    given = Path(path).expanduser()
-    if given.is_file():
-        return given
-    if given.is_dir():
+def pretrained_file(path: str) -> str:
+    """The weights file that `model.pretrained` names (a local path or a filesystem URI such as
+    s3://bucket/weights.pt): the file itself, or an avgk run directory's checkpoint (its best, else
+    its newest), found as `avgk evaluate --run` finds it."""
+    where = storage.absolute(str(Path(path).expanduser()) if not storage.is_remote(path) else path)
+    kind = storage.file_info(where).type
+    if kind == pafs.FileType.File:
+        return where
+    if kind == pafs.FileType.Directory:
         try:
-            return Path(resolve_checkpoint(str(given.resolve()), None))
+            return resolve_checkpoint(where, None)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"model.pretrained={path!r} is a folder without an avgk checkpoint (best/ or checkpoint_*/): "
                 "not an avgk run directory"
             ) from None
     raise FileNotFoundError(
-        f"model.pretrained={path!r} does not exist; weights are only read from local disk, never downloaded"
+        f"model.pretrained={path!r} does not exist; weights are read from disk or object storage, never downloaded"
     )
 
 
@@ -70,10 +74,11 @@ def backbone_state(state: object, *, path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_local_weights(backbone: nn.Module, path: str) -> None:
+def _load_weights(backbone: nn.Module, path: str) -> None:
     file = pretrained_file(path)
     try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(file)) if storage.is_remote(file) else file
+        loaded = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model.pretrained={path!r}: {file} is not a readable weights file ({first_line})") from None
@@ -91,7 +96,7 @@ def build_backbone(config: ModelConfig) -> tuple[nn.Module, int]:
     """(feature extractor returning B x D, D) for `model.backbone` (avgk.backbones), with model.pretrained's weights."""
     net, dim = backbones.build(config)
     if config.pretrained:
-        _load_local_weights(net, config.pretrained)
+        _load_weights(net, config.pretrained)
     return net, dim
 
 

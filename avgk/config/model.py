@@ -22,8 +22,9 @@ class ModelConfig(Section):
     )
     pretrained: str | None = Field(
         None,
-        description="backbone weights from local disk, never downloaded: a timm/torchvision state dict file, an "
-        "avgk checkpoint file, or an avgk run directory (its best checkpoint); the heads start fresh",
+        description="backbone weights from local disk or object storage (s3://...), never downloaded: a "
+        "timm/torchvision state dict file, an avgk checkpoint file, or an avgk run directory (its best checkpoint); "
+        "the heads start fresh",
     )
     width: int = Field(16, ge=4, description="small_cnn base channel count")
     channels_last: bool = Field(

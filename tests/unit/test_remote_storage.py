@@ -158,3 +158,29 @@ def test_single_process_runs_refuse_a_remote_run_directory(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"run directory 's3://bucket/runs/cell' is remote: single-process runs"):
         LocalReporter("s3://bucket/runs/cell")
     assert not (tmp_path / "s3:").exists()
+
+
+def test_pretrained_weights_load_from_object_storage(bucket, tmp_path):
+    """model.pretrained names a weights file or an avgk run directory in the bucket, as on local disk."""
+    import io
+
+    import torch
+
+    from avgk.config import ModelConfig
+    from avgk.models import build_model
+
+    heads = ("softmax", "multilabel")
+    source = build_model(ModelConfig(width=8), num_classes=5, heads=heads)
+    buffer = io.BytesIO()
+    torch.save(source.backbone.state_dict(), buffer)
+    storage.write_bytes(f"{bucket}/weights/backbone.pt", buffer.getvalue())
+    buffer = io.BytesIO()
+    torch.save({"model": source.state_dict(), "config": {}, "num_classes": 5}, buffer)
+    storage.write_bytes(f"{bucket}/runs/source/best/checkpoint.pt", buffer.getvalue())
+    for pretrained in (f"{bucket}/weights/backbone.pt", f"{bucket}/runs/source"):
+        model = build_model(ModelConfig(width=8, pretrained=pretrained), num_classes=3, heads=heads)
+        for name, tensor in model.backbone.state_dict().items():
+            assert torch.equal(tensor, source.backbone.state_dict()[name]), (pretrained, name)
+        assert model.heads["softmax"].weight.shape == (3, 32)  # a new label set: heads start fresh
+    with pytest.raises(FileNotFoundError, match=rf"model.pretrained='{bucket}/weights/nope.pt' does not exist"):
+        build_model(ModelConfig(width=8, pretrained=f"{bucket}/weights/nope.pt"), num_classes=3, heads=heads)
