@@ -2,6 +2,7 @@
 
     python -m tests.studies.recipe_screen                       # every data set and recipe, 3 seeds
     python -m tests.studies.recipe_screen --data digits --seeds 0 --recipes ce two_head_paper
+    python -m tests.studies.recipe_screen --recipes head-lr --all-seeds --tag head-lr   # the multiplier sweep
 
 The first seed runs every recipe, the later seeds the CONFIRM list (--all-seeds: every recipe).
 Each cell is one `avgk.engine.fit` run (the loop Ray Train runs on every worker), two cells at a
@@ -74,7 +75,18 @@ RECIPES = {
                              "train.lr_scale.multilabel": 10, "loss.score_head": "fused"},
     "two_head_adamw_tau1": {"loss.name": "two_head", **ADAMW, **WARM, "loss.ml_reduction": "mean",
                             "train.lr_scale.multilabel": 10, "loss.pseudo_prior_tau": 1.0},
+    # The default recipe's multi-label multiplier (10, chosen untuned; the regimes study's tuner chose 30):
+    # with two_head_adamw_mean (1) and two_head_adamw_mean_headlr (10), the sweep 1, 3, 10, 30, 100.
+    "two_head_adamw_headlr3": {"loss.name": "two_head", **ADAMW, **WARM, "loss.ml_reduction": "mean",
+                               "train.lr_scale.multilabel": 3},
+    "two_head_adamw_headlr30": {"loss.name": "two_head", **ADAMW, **WARM, "loss.ml_reduction": "mean",
+                                "train.lr_scale.multilabel": 30},
+    "two_head_adamw_headlr100": {"loss.name": "two_head", **ADAMW, **WARM, "loss.ml_reduction": "mean",
+                                 "train.lr_scale.multilabel": 100},
 }
+HEAD_LR = ["ce_adamw", "two_head_adamw_mean", "two_head_adamw_headlr3", "two_head_adamw_mean_headlr",
+           "two_head_adamw_headlr30", "two_head_adamw_headlr100"]
+"""--recipes head-lr: CE and the default recipe at each multi-label multiplier."""
 # What --seeds beyond the first run by default: the references, the paper and the chosen recipe's family.
 CONFIRM = ["ce", "ce_adamw", "two_head_paper", "two_head_adamw_mean_headlr", "two_head_adamw_fused",
            "two_head_adamw_tau1"]
@@ -101,21 +113,21 @@ def prepare_data(name: str) -> None:
     prepare(config, progress=False)
 
 
-def cell_config(data: str, recipe: str, seed: int):
+def cell_config(data: str, recipe: str, seed: int, *, tag: str = ""):
     from avgk.config import build_config
     from avgk.data.manifest import read_manifest
 
     values = {**COMMON, **data_overrides(data), **RECIPES[recipe], "train.seed": seed,
-              "run.name": f"{data}-{recipe}-s{seed}", "run.storage": str(OUT / "runs")}
+              "run.name": f"{data}-{recipe}-s{seed}", "run.storage": str(OUT / (f"runs-{tag}" if tag else "runs"))}
     if values.get("train.lr_scale.multilabel") == "L":
         # With the BCE averaged over classes, an SGD head at L x the lr takes the steps the summed BCE would.
         values["train.lr_scale.multilabel"] = read_manifest(values["data.shards"]).num_classes
     return build_config({}, [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
-def run_cell(args: tuple[str, str, int]) -> dict:
-    data, recipe, seed = args
-    return fit_cell(cell_config(data, recipe, seed), {"data": data, "recipe": recipe, "seed": seed})
+def run_cell(args: tuple[str, str, int, str]) -> dict:
+    data, recipe, seed, tag = args
+    return fit_cell(cell_config(data, recipe, seed, tag=tag), {"data": data, "recipe": recipe, "seed": seed})
 
 
 REFERENCES = ("ce", "ce_adamw")
@@ -153,15 +165,20 @@ def summarise(rows: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", nargs="*", default=list(DATA), choices=list(DATA))
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=[*RECIPES, "head-lr"],
+                        help="recipe names, or head-lr: CE and the default recipe at each multi-label multiplier")
+    parser.add_argument("--tag", default="",
+                        help="a separate set of cells: runs under runs-TAG/, tables in results-TAG.csv, summary-TAG.md")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--all-seeds", action="store_true",
                         help="every recipe on every seed (default: the later seeds run the CONFIRM recipes only)")
     args = parser.parse_args()
+    if "head-lr" in args.recipes:
+        args.recipes = [r for r in args.recipes if r != "head-lr"] + [r for r in HEAD_LR if r not in args.recipes]
     for data in args.data:
         prepare_data(data)
-    cells = [(d, r, s) for s in args.seeds for d in args.data for r in args.recipes  # one seed of everything first
+    cells = [(d, r, s, args.tag) for s in args.seeds for d in args.data for r in args.recipes  # one seed of all first
              if s == args.seeds[0] or args.all_seeds or r in CONFIRM]
     records = []
     start = time.perf_counter()
@@ -174,8 +191,9 @@ def main() -> None:
     rows = pd.DataFrame(records)
     order = {r: i for i, r in enumerate(RECIPES)}
     rows = rows.sort_values(["data", "recipe", "seed"], key=lambda c: c.map(order) if c.name == "recipe" else c)
-    rows.to_csv(OUT / "results.csv", index=False)
-    (OUT / "summary.md").write_text(summarise(rows))
+    suffix = f"-{args.tag}" if args.tag else ""
+    rows.to_csv(OUT / f"results{suffix}.csv", index=False)
+    (OUT / f"summary{suffix}.md").write_text(summarise(rows))
     print(summarise(rows))
 
 

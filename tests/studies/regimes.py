@@ -2,6 +2,7 @@
 
     python -m tests.studies.regimes                     # the whole study, resumable (rerun = resume)
     python -m tests.studies.regimes --report            # tables and figure from finished cells only
+    python -m tests.studies.regimes --curves            # CE and avgk's recipe trained 100 epochs (CURVES)
 
 Stages, each skipped when its output exists (everything under runs/regimes/):
 1. data: the target set (50 synthetic classes, ambiguity 0.5, 3,000 / 1,000 / 2,000 images at
@@ -55,6 +56,9 @@ REGIMES = {
     "long": {"train.epochs": 30},
     "finetune": {"train.epochs": 10, "model.pretrained": str(OUT / "source")},
 }
+# Does CE's val curve decline once trained far past the long regime? CE and avgk's recipe, one seed, 100 epochs
+# (--curves, a separate table: the long regime's best epochs were 23-29 of 30, on a plateau).
+CURVES = {"regime": "long100", "overrides": {"train.epochs": 100}, "methods": ("ce", "two_head"), "seeds": (0,)}
 K3_REGIMES = ("scratch", "finetune")  # the K = 3 models; the long regime (3x the cost) trains K = 2 only
 TUNED_IN = {"scratch": "scratch", "long": "scratch", "finetune": "scratch"}
 # Every method pins every recipe key, so a change of avgk's defaults never changes a cell.
@@ -166,7 +170,8 @@ def _plain(value):
 
 
 def cell_values(regime: str, method: str, k: int, seed: int, params: dict) -> dict:
-    return {**COMMON, **REGIMES[regime], **METHODS[method], **params, "loss.k": k, "train.seed": seed,
+    overrides = CURVES["overrides"] if regime == CURVES["regime"] else REGIMES[regime]
+    return {**COMMON, **overrides, **METHODS[method], **params, "loss.k": k, "train.seed": seed,
             "run.name": f"{regime}-{method}-k{k}-s{seed}", "run.storage": str(OUT / "runs")}
 
 
@@ -183,6 +188,11 @@ def final_cells(tuned: dict) -> list[tuple]:
              for seed in SEEDS for regime in REGIMES for method in METHODS
              for k in (KS[:1] if method == "ce" or regime not in K3_REGIMES else KS)]
     return sorted(cells, key=lambda cell: (cell[0] == "long", cell[3]))  # stable: method order kept
+
+
+def curve_cells(tuned: dict) -> list[tuple]:
+    return [(CURVES["regime"], method, KS[0], seed, tuned[("scratch", method)]["params"])
+            for seed in CURVES["seeds"] for method in CURVES["methods"]]
 
 
 def read_cells() -> pd.DataFrame:
@@ -241,14 +251,32 @@ def summary(rows: pd.DataFrame, tuned: pd.DataFrame) -> str:
     return "\n".join(lines).replace("NUM_TRIALS", str(NUM_TRIALS))
 
 
-def plot_curves(rows: pd.DataFrame, path: Path) -> None:
-    """Val avg-2 by epoch in the long regime (K = 2 models), mean over seeds, best epoch marked."""
+def curves_table(rows: pd.DataFrame) -> str:
+    """The --curves cells: where each val curve peaks and where it ends."""
+    frame = rows[rows.regime == CURVES["regime"]]
+    if frame.empty:
+        return ""
+    epochs = CURVES["overrides"]["train.epochs"]
+    lines = [f"Trained {epochs} epochs (cosine schedule), seed(s) {', '.join(map(str, CURVES['seeds']))}:", "",
+             "| method | seed | best epoch | best val avg-2 % | val avg-2 % at 30 | last epoch's val avg-2 % | "
+             "test avg-2 % (best epoch) | macro avg-2 % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for _, r in frame.iterrows():
+        curve = 100 * np.asarray(r.val_avg_k_by_epoch)
+        lines.append(f"| {r.method} | {r.seed} | {r.best_epoch} | {curve.max():.1f} | {curve[29]:.1f} | "
+                     f"{curve[-1]:.1f} | {100 * r.avg2:.1f} | {100 * r.macro_avg2:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: pd.DataFrame, path: Path, *, regime: str = "long") -> None:
+    """Val avg-2 by epoch in one regime (K = 2 models), mean over seeds, best epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frame = rows[(rows.regime == "long") & (rows.k == 2)]
+    frame = rows[(rows.regime == regime) & (rows.k == 2)]
+    if frame.empty:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in METHODS:
         curves = [c for c in frame[frame.method == method].val_avg_k_by_epoch]
@@ -261,7 +289,7 @@ def plot_curves(rows: pd.DataFrame, path: Path) -> None:
         ax.plot(epochs[best], mean[best], "o", color=line.get_color())
     ax.set_xlabel("epoch")
     ax.set_ylabel("val avg-2 accuracy, %")
-    ax.set_title("From scratch to convergence: validation avg-2 by epoch (dot: best epoch)")
+    ax.set_title(f"From scratch, {len(mean)} epochs: validation avg-2 by epoch (dot: best epoch)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -273,6 +301,7 @@ def report() -> str:
     rows = read_cells()
     rows = rows[rows.get("regime").notna()] if "regime" in rows else rows
     tuned = pd.DataFrame([json.loads(p.read_text()) for p in sorted((OUT / "tuned").glob("*.json"))])
+    rows = rows[rows.regime.isin(list(REGIMES))]
     text = summary(rows, tuned)
     rows.drop(columns=["val_avg_k_by_epoch"]).to_csv(OUT / "results.csv", index=False)
     tuned.to_csv(OUT / "tuned.csv", index=False)
@@ -281,11 +310,44 @@ def report() -> str:
     return text
 
 
+def recorded_tuned() -> dict:
+    """The tuned values the study recorded (docs/results/regimes-tuned.csv), by (regime, method)."""
+    import ast
+
+    table = pd.read_csv(ROOT / "docs" / "results" / "regimes-tuned.csv")
+    return {(r.regime, r.method): {"params": ast.literal_eval(r.params)} for r in table.itertuples()}
+
+
+def run_curves(parallel: int) -> str:
+    """The CURVES cells with the recorded tuned values; writes curves-long100.md and .png under OUT."""
+    from avgk.data.prepare import prepare
+
+    prepare(build(COMMON), progress=False)
+    cells = curve_cells(recorded_tuned())
+    with mp.get_context("spawn").Pool(parallel, maxtasksperchild=1) as pool:
+        for record in pool.imap_unordered(run_cell, cells):
+            log(f"{record['regime']} {record['method']} s{record['seed']}: best epoch {record['best_epoch']}, "
+                f"test avg-2 {100 * record['avg2']:.1f} ({record['seconds']:.0f} s)")
+    rows = read_cells()
+    rows = rows[rows.regime == CURVES["regime"]]
+    text = curves_table(rows)
+    name = f"curves-{CURVES['regime']}"
+    plot_curves(rows, OUT / f"{name}.png", regime=CURVES["regime"])
+    (OUT / f"{name}.md").write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", action="store_true", help="only write the report from finished cells")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--curves", action="store_true",
+                        help="only the CURVES cells (CE and avgk's recipe trained 100 epochs), with the tuned values "
+                        "recorded in docs/results/regimes-tuned.csv")
     args = parser.parse_args()
+    if args.curves:
+        print(run_curves(args.parallel))
+        return
     if args.report:
         print(report())
         return
