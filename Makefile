@@ -15,7 +15,7 @@ demo: $(STAMP)
 
 # Two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one process).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=40
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # `make test` runs two pytest processes; local clusters they start at the same moment must not both take 8265.
 os.environ.setdefault("AVGK_DASHBOARD_PORT", "0")
+# Two test processes (and their commands' processes) share two cores: one OpenMP thread each, or their
+# threads spin-wait against each other (set before anything imports torch; subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.helpers.runs import ROOT  # noqa: E402
 

@@ -139,7 +139,8 @@ def trained(smoke_shards, tmp_path_factory, local_ray, mlflow_server):
     from pipelines.train import run_training
 
     storage = tmp_path_factory.mktemp("scoring") / "runs"
-    config = smoke_config(smoke_shards, storage, "run.name=trained", f"tracking.uri={mlflow_server}")
+    config = smoke_config(smoke_shards, storage, "run.name=trained", f"tracking.uri={mlflow_server}",
+                          "tracking.log_model=false")  # the jobs read the checkpoint, not the logged model
     run_training(config)
     run_dir = storage / "trained"
     return SimpleNamespace(

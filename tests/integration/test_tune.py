@@ -16,7 +16,7 @@ from tests.helpers.runs import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 SWEEP = ROOT / "configs" / "sweeps" / "smoke.yaml"
-SMALL = ("num_samples=1", "train.epochs=2")
+SMALL = ("num_samples=1", "train.epochs=2", "tracking.log_model=false")  # trials' models: not this test's subject
 
 
 def avgk_tune(smoke_shards: Path, storage: Path, mlflow_uri: str, *overrides: str) -> subprocess.CompletedProcess:
