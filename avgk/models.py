@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
@@ -45,7 +44,7 @@ def pretrained_file(path: str) -> str:
     """The weights file that `model.pretrained` names (a local path or a filesystem URI such as
     s3://bucket/weights.pt): the file itself, or an avgk run directory's checkpoint (its best, else
     its newest), found as `avgk evaluate --run` finds it."""
-    where = storage.absolute(str(Path(path).expanduser()) if not storage.is_remote(path) else path)
+    where = storage.absolute(path)
     kind = storage.file_info(where).type
     if kind == pafs.FileType.File:
         return where
