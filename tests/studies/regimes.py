@@ -284,7 +284,7 @@ def plot_curves(rows: pd.DataFrame, path: Path, *, regime: str = "long") -> None
             continue
         mean = 100 * np.mean(np.array(curves), axis=0)
         epochs = np.arange(1, len(mean) + 1)
-        (line,) = ax.plot(epochs, mean, label=f"{method} ({len(curves)} seeds)")
+        (line,) = ax.plot(epochs, mean, label=f"{method} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         best = int(np.argmax(mean))
         ax.plot(epochs[best], mean[best], "o", color=line.get_color())
     ax.set_xlabel("epoch")
