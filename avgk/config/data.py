@@ -18,7 +18,7 @@ class SyntheticConfig(Section):
     num_train: int = Field(12000, ge=1, description="training images")
     num_val: int = Field(3000, ge=1, description="validation images (calibration and model selection)")
     num_test: int = Field(3000, ge=1, description="test images (final metrics only)")
-    image_size: int = Field(32, ge=8, description="side of the square images, pixels")
+    image_size: int = Field(16, ge=8, description="side of the square images, pixels")
     zipf_exponent: float = Field(1.0, ge=0.0, description="class prior ∝ 1/(rank+1)^exponent; 0 = balanced")
     ambiguity_rate: float = Field(0.3, ge=0.0, le=1.0, description="fraction of images mixing 2-3 classes")
     seed: int = Field(0, description="generation seed (prototypes and samples)")
@@ -43,13 +43,13 @@ class DataConfig(Section):
     )
     shard_maxcount: int = Field(1000, ge=1, description="samples per shard when writing")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    resize: int = Field(32, ge=8, description="eval: resize the shorter side to this")
+    resize: int = Field(16, ge=8, description="eval: resize the shorter side to this")
     hflip: bool = Field(
         True,
         description="train: random horizontal flips; turn off where a mirror image is another class "
         "(digits, text, asymmetric specimens)",
     )
-    crop: int = Field(32, ge=8, description="train random crop / eval center crop side")
+    crop: int = Field(16, ge=8, description="train random crop / eval center crop side")
     crop_scale: tuple[float, float] = Field(
         (0.35, 1.0),
         description="train, crop >= 64: the area range (min, max) of RandomResizedCrop, as fractions of the image",

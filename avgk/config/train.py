@@ -35,7 +35,7 @@ class LrScaleConfig(Section):
 class TrainConfig(Section):
     """Optimisation and distribution."""
 
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1, description="GLOBAL batch size, split evenly over num_workers")
     lr: float = Field(
         None, gt=0, description="peak learning rate; default by optimizer: adamw 2e-3, sgd 0.05"  # type: ignore[arg-type]
