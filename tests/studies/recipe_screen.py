@@ -75,7 +75,7 @@ RECIPES = {
                              "train.lr_scale.multilabel": 10, "loss.score_head": "fused"},
     "two_head_adamw_tau1": {"loss.name": "two_head", **ADAMW, **WARM, "loss.ml_reduction": "mean",
                             "train.lr_scale.multilabel": 10, "loss.pseudo_prior_tau": 1.0},
-    # The default recipe's multi-label multiplier (10, chosen untuned; the regimes study's tuner chose 30):
+    # The default recipe's multi-label multiplier (10 until 2026-12-01, chosen untuned; the tuner chose 30):
     # with two_head_adamw_mean (1) and two_head_adamw_mean_headlr (10), the tuner's values 1, 3, 10, 30.
     "two_head_adamw_headlr3": {"loss.name": "two_head", **ADAMW, **WARM, "loss.ml_reduction": "mean",
                                "train.lr_scale.multilabel": 3},

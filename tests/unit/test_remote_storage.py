@@ -160,7 +160,7 @@ def test_single_process_runs_refuse_a_remote_run_directory(tmp_path, monkeypatch
     assert not (tmp_path / "s3:").exists()
 
 
-def test_pretrained_weights_load_from_object_storage(bucket, tmp_path):
+def test_pretrained_weights_load_from_object_storage(bucket):
     """model.pretrained names a weights file or an avgk run directory in the bucket, as on local disk."""
     import io
 
