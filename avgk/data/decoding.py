@@ -19,7 +19,7 @@ from avgk.data.manifest import IMAGE_EXTENSIONS, decode_posterior
 from avgk.data.transforms import ImageTransform
 
 
-class _DataSetupError(ValueError):
+class DataSetupError(ValueError):
     """A configuration error (e.g. a posterior asked for but absent): never skipped."""
 
 
@@ -66,14 +66,14 @@ def _decode_image_uint8(sample: Mapping[str, Any]) -> torch.Tensor:
 
 
 @dataclass
-class _SampleDecoder:
+class SampleDecoder:
     transform: Callable | None
     num_classes: int | None
     with_posterior: bool
 
     def __call__(self, sample: Mapping[str, Any]) -> dict:
         if isinstance(self.transform, ImageTransform):
-            # its geometry takes tensors; uint8 out, the batch is normalised in _Collate or later
+            # its geometry takes tensors; uint8 out, the batch is normalised in Collate or later
             image_CHW = self.transform.geometry(_decode_image_uint8(sample))
         elif self.transform is not None:
             image_CHW = self.transform(_decode_image(sample))  # any other transform gets a PIL image, as documented
@@ -87,7 +87,7 @@ class _SampleDecoder:
         }
         if self.with_posterior:
             if "post.npy" not in sample:
-                raise _DataSetupError(
+                raise DataSetupError(
                     f"with_posterior=True but sample {sample['__key__']!r} has no post.npy "
                     "(only synthetic shards carry posteriors)"
                 )
@@ -108,7 +108,7 @@ def _shared_float_batch(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 @dataclass
-class _Collate:
+class Collate:
     """Samples -> one batch dict. uint8 images from an ImageTransform's geometry are normalised here
     in one pass over the batch, or, with normalize=False, left uint8 for the consumer."""
 

@@ -18,7 +18,7 @@ import webdataset as wds
 from webdataset import tariterators
 
 from avgk import storage
-from avgk.data.decoding import _Collate, _DataSetupError, _SampleDecoder
+from avgk.data.decoding import Collate, DataSetupError, SampleDecoder
 from avgk.data.transforms import ImageTransform
 from avgk.data.manifest import Manifest, read_manifest
 
@@ -62,7 +62,7 @@ class _SkipAndCount:
         self._last_warning = -float("inf")
 
     def __call__(self, exn: Exception) -> bool:
-        if isinstance(exn, _DataSetupError):
+        if isinstance(exn, DataSetupError):
             raise exn
         self.num_skipped += 1
         now = time.monotonic()
@@ -89,7 +89,7 @@ def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -
         try:
             stream = storage.open_input_stream(url)
         except storage.StorageError as err:
-            raise _DataSetupError(str(err)) from None
+            raise DataSetupError(str(err)) from None
         except Exception as exn:  # noqa: BLE001 - as webdataset's url_opener: the handler decides
             exn.args = exn.args + (url,)
             if handler(exn):
@@ -113,7 +113,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         resampled: bool,
         shuffle_buffer: int,
         batch_size: int,
-        decoder: _SampleDecoder,
+        decoder: SampleDecoder,
         normalize: bool = True,
     ):
         super().__init__()
@@ -223,7 +223,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
             rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker, 3))
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         decoded = self._decoded(samples, worker)
-        collate = _Collate(self.decoder.transform, normalize=self.normalize)
+        collate = Collate(self.decoder.transform, normalize=self.normalize)
         yield from wds.batched(self.batch_size, collation_fn=collate, partial=not self.training)(decoded)
 
 
@@ -321,7 +321,7 @@ def train_loader(
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,
         batch_size=batch_size,
-        decoder=_SampleDecoder(transform=transform, num_classes=manifest.num_classes, with_posterior=False),
+        decoder=SampleDecoder(transform=transform, num_classes=manifest.num_classes, with_posterior=False),
         normalize=normalize,
     )
     return _loader(dataset, num_workers=num_workers, seed=seed, pin_memory=pin_memory).with_epoch(num_batches)
@@ -366,7 +366,7 @@ def eval_loader(
         resampled=False,
         shuffle_buffer=0,
         batch_size=batch_size,
-        decoder=_SampleDecoder(transform=transform, num_classes=num_classes, with_posterior=with_posterior),
+        decoder=SampleDecoder(transform=transform, num_classes=num_classes, with_posterior=with_posterior),
         normalize=normalize,
     )
     return _loader(dataset, num_workers=num_workers, seed=0, pin_memory=pin_memory)

@@ -280,7 +280,7 @@ DECODE_SHARDS = "decode-only, shard bytes of resize_shorter=256 (341 x 256)"
 def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tuple[str, float]]:
     """Milliseconds per image of each stage, in this process (1 torch thread, like a loader worker)."""
     import webdataset as wds
-    from avgk.data.decoding import _Collate
+    from avgk.data.decoding import Collate
     from avgk.data.manifest import read_manifest
 
     threads = torch.get_num_threads()
@@ -330,7 +330,7 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
                      per_item(transform.geometry, tensors_small)))
         samples = [{"image": transform.geometry(t), "label": 0, "idx": i, "key": "k"}
                    for i, t in enumerate(tensors_small[:64])]
-        collate = _Collate(transform)
+        collate = Collate(transform)
         stack = per_item(lambda _: collate(samples), range(5)) / len(samples)
         rows.append(("stack 64 uint8 images and finish the batch (ToDtype + Normalize once), per image", stack))
         batch = collate(samples)["image"]
