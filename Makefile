@@ -21,7 +21,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	for f in tests/benchmarks/bench_*.py; do $(VENV)/bin/python $$f || exit 1; done
+	for f in benchmarks/bench_*.py; do $(VENV)/bin/python $$f || exit 1; done
 
 clean:
 	rm -rf runs data/smoke data/synthetic .pytest_cache

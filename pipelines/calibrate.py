@@ -5,7 +5,7 @@ default only each sample's top-T form, eval.score_rows=top); lambda_K for all of
 comes from one two-pass streamed selection over the val scores, and the test metrics from
 one counting pass; only int64 states reach the driver. When top-T rows cannot prove a result
 the job says so and scores both splits again with full rows.
-The result has the schema of the training's own final evaluation (avgk.passes.evaluate)
+The result has the schema of the training's own final evaluation (avgk.evaluation.passes.evaluate)
 and, for the same checkpoint, the same numbers bit for bit.
 """
 
@@ -16,13 +16,19 @@ from typing import Callable
 
 import numpy as np
 
-from avgk import evaluation, passes, storage, top_scores, tracking
-from avgk.accounting import account_samples, shortfall_warning
-from avgk.console import say
+from avgk.training import evaluation
+
+from avgk.evaluation import passes, top_scores
+
+from avgk.runtime import storage
+
+from avgk.records import tracking
+from avgk.evaluation.accounting import account_samples, shortfall_warning
+from avgk.runtime.console import say
 from avgk.config import Config
 from avgk.data.manifest import read_manifest
-from avgk.losses import score_head_for
-from avgk.runs import resolve_checkpoint, run_dir_of, saved_run_config
+from avgk.method.losses import score_head_for
+from avgk.records.runs import resolve_checkpoint, run_dir_of, saved_run_config
 from pipelines import ray_env
 from pipelines.score import (
     ray_runner,
@@ -32,7 +38,7 @@ from pipelines.score import (
     score_dataset,
     top_t_for,
 )
-from avgk.runs import with_absolute_paths
+from avgk.records.runs import with_absolute_paths
 
 
 
@@ -67,7 +73,7 @@ def log_to_run(config: Config, run_dir: str, result: evaluation.Evaluation, *, c
     # The default store is sqlite:///<run.storage>/mlflow.db: the run directory's parent.
     located = config.model_copy(update={"run": config.run.model_copy(update={"storage": parent, "name": name})})
     uri = tracking.tracking_uri(located)
-    tracking.log_evaluation(uri, run_id, result, run_dir=run_dir)
+    tracking.log_evaluation(uri, run_id, metrics=result.metrics, run_dir=run_dir)
     tracking.set_tags(uri, run_id, {"avgk.evaluated_checkpoint": checkpoint})
 
 

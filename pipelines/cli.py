@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from avgk import console, guardian
-from avgk.storage import StorageError
+from avgk.runtime import console, guardian
+from avgk.runtime.storage import StorageError
 from avgk.config import Config, ConfigError, load_config
 
 # Ray prints a banner per worker and a deprecation hint per run; keep a person's terminal readable.
@@ -44,9 +44,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _check_before_start(config: Config) -> None:
-    """avgk.preflight.check_before_start before torch and Ray are imported (a timm name imports torch)."""
-    from avgk.preflight import check_before_start
-    from avgk.runs import with_absolute_paths
+    """avgk.training.preflight.check_before_start before torch and Ray are imported (a timm name imports torch)."""
+    from avgk.training.preflight import check_before_start
+    from avgk.records.runs import with_absolute_paths
 
     check_before_start(with_absolute_paths(config))
 
@@ -54,7 +54,7 @@ def _check_before_start(config: Config) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args)
     _check_before_start(config)
-    from avgk.summary import format_summary
+    from avgk.experiments.summary import format_summary
     from pipelines.train import run_training
 
     evaluation = run_training(config)
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
     from pipelines.calibrate import run_evaluate
-    from avgk.summary import format_summary
+    from avgk.experiments.summary import format_summary
 
     evaluation = run_evaluate(config, run=args.run, checkpoint=args.checkpoint)
     print(format_summary({config.loss.name: evaluation.metrics}))
@@ -83,7 +83,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from avgk.predict import run_predict
+    from avgk.inference.predict import run_predict
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -95,7 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from avgk.report import run_report
+    from avgk.experiments.report import run_report
 
     print(run_report(args.runs, out=args.out))
     print(f"report.md and figures in {args.out}")
@@ -103,7 +103,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from avgk.sweep_config import load_sweep
+    from avgk.experiments.sweep_config import load_sweep
     from pipelines.tune import run_sweep
 
     sweep, base = load_sweep(args.config, args.overrides)
@@ -113,7 +113,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from avgk.study_config import load_study
+    from avgk.experiments.study_config import load_study
     from pipelines.study import cmd_summary, main_log, run_study
 
     study, base, cells = load_study(args.config, args.overrides)

@@ -12,12 +12,14 @@ import os
 import threading
 import time
 
-from avgk import storage, tracking
+from avgk.runtime import storage
+
+from avgk.records import tracking
 from avgk.config import Config, load_config
 from avgk.data.prepare import ensure_shards
-from avgk.runs import with_absolute_paths
+from avgk.records.runs import with_absolute_paths
 from pipelines import ray_env
-from avgk.summary import format_summary, verdict
+from avgk.experiments.summary import format_summary, verdict
 from pipelines.train import run_training
 
 METHODS = ("two_head", "ce")

@@ -1,7 +1,7 @@
 """Global pseudo-labels (docs/METHOD.md section 3, "at scale"): the `avgk pseudolabel` Ray job.
 
 It scores the training split with the softmax head, forces every true label to +inf and
-keep exactly M = round(K_pl * N) entries of the N x L matrix with avgk.pseudo_labels'
+keep exactly M = round(K_pl * N) entries of the N x L matrix with avgk.method.pseudo_labels'
 GlobalPseudoLabeler: two streamed histogram passes find the exact M-th largest value, and
 ties at that value are taken in (sample idx, class id) order until M is reached (a third,
 counting pass, only when some but not all ties fit). The table goes to
@@ -13,7 +13,7 @@ parallel tasks run the passes over the scores in the object store and write one 
 driver only sums int64 states. By default (eval.score_rows=top) the object store holds only each
 sample's top-T scores and their class ids; when they cannot prove the selection (a sample with
 more than T candidates at the threshold), the job says so and scores the split again with full
-rows. The same selection during training (loss.pseudo_labels=offline) is avgk.pseudo_refresh,
+rows. The same selection during training (loss.pseudo_labels=offline) is avgk.training.pseudo_refresh,
 run by the training ranks themselves.
 """
 
@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from avgk import storage, top_scores
+from avgk.runtime import storage
+
+from avgk.evaluation import top_scores
 from avgk.config import Config
-from avgk.pseudo_label_table import (
+from avgk.method.pseudo_label_table import (
     PSEUDO_LABELS_DIR,
     positives_as_rows,
     pseudo_label_arrow_table,
@@ -37,10 +39,10 @@ from avgk.pseudo_label_table import (
     temporary_dir_for,
     write_parquet,
 )
-from avgk.pseudo_labels import GlobalSelection
-from avgk.console import say
-from avgk.passes import PseudoLabelPass
-from avgk.pseudo_refresh import SOFTMAX, describe_selection, summarize_selection
+from avgk.method.pseudo_labels import GlobalSelection
+from avgk.runtime.console import say
+from avgk.evaluation.passes import PseudoLabelPass
+from avgk.training.pseudo_refresh import SOFTMAX, describe_selection, summarize_selection
 from pipelines import ray_env
 from pipelines.score import block_groups, quiet_ray_data, run_passes, score_dataset, top_t_for
 

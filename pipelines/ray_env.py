@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import ray
 
-from avgk import console, guardian
+from avgk.runtime import console, guardian
 
 
 DASHBOARD_PORT_ENV = "AVGK_DASHBOARD_PORT"

@@ -6,7 +6,7 @@ Scoring (`score_dataset`): read tasks decode the shards into model batches, an a
 runs the model, and the output holds one row per sample: idx (int64), label (int64),
 scores (float32 L-vector) and, on synthetic data, posterior (float32 L-vector). With `top_t`
 (the jobs' default, eval.score_rows=top) the actor keeps only each row's top-T form instead of
-the L-vectors (avgk.top_scores: the T largest scores, the largest one not kept, the true
+the L-vectors (avgk.evaluation.top_scores: the T largest scores, the largest one not kept, the true
 label's score and rank), a few percent of the bytes at Pl@ntNet or PlantCLEF sizes; the
 reductions then prove every result exact or raise NotExact, and the jobs score again with
 full rows (`exact_or_full`).
@@ -34,14 +34,16 @@ import ray
 import ray.data
 import torch
 
-from avgk import checkpoints, evaluation, passes, top_scores
+from avgk.training import checkpoints, evaluation
+
+from avgk.evaluation import passes, top_scores
 from avgk.config import Config
 from avgk.data.loaders import eval_loader
 from avgk.data.manifest import Manifest
-from avgk.inputs import image_transform
-from avgk.losses import loss_class
-from avgk.metrics import SetMetrics
-from avgk.passes import PassSpec, RunPasses, ThresholdsPass
+from avgk.models.inputs import image_transform
+from avgk.method.losses import loss_class
+from avgk.evaluation.metrics import SetMetrics
+from avgk.evaluation.passes import PassSpec, RunPasses, ThresholdsPass
 
 __all__ = [
     "ScoringActor",
@@ -285,7 +287,7 @@ def score_dataset(
     Model batches follow the training's evaluation (see _read_stream); `head` is
     "multilabel" or "softmax". Call .materialize() to run the model once and keep the
     scores in the object store for several passes. With `top_t`, the rows hold the top-T
-    columns of scores [and posterior] instead (avgk.top_scores.top_rows; the scores' class
+    columns of scores [and posterior] instead (avgk.evaluation.top_scores.top_rows; the scores' class
     ids too with `with_classes`, which global pseudo-labels need).
     """
     if head not in scoring.heads:
@@ -407,7 +409,7 @@ def run_passes(
     """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums.
 
     `groups` (from block_groups) lets several reductions share one assignment of blocks to tasks.
-    States and totals travel compacted (avgk.passes.compact_state): mostly-zero histograms as their
+    States and totals travel compacted (avgk.evaluation.passes.compact_state): mostly-zero histograms as their
     nonzero entries, small enough for Ray to pass inline instead of through the object store.
     """
     groups = groups or block_groups(ds, num_tasks)
@@ -433,7 +435,7 @@ def calibrate_dataset(
 ) -> dict[float, float]:
     """Exact lambda_K for every K over the rows' `column` (float32 L-vectors), equal to reference_thresholds.
 
-    avgk.passes.calibrate driven by Ray: two passes of StreamingThresholds in `num_tasks` parallel
+    avgk.evaluation.passes.calibrate driven by Ray: two passes of StreamingThresholds in `num_tasks` parallel
     tasks (default: one per cluster CPU, at most one per block), each returning a 65,536-bin int64
     histogram (a few in pass 2, sent as their nonzero entries) that the driver sums. A lazy
     dataset is executed once and its blocks kept in the object store for both passes; pass a
@@ -457,7 +459,7 @@ def metrics_dataset(
     log: Callable[[str], None] | None = None,
     top: bool = False,
 ) -> SetMetrics:
-    """SetMetrics of the rows' `column` against their `label`: avgk.passes.count_metrics driven by Ray tasks."""
+    """SetMetrics of the rows' `column` against their `label`: avgk.evaluation.passes.count_metrics driven by Ray tasks."""
     return passes.count_metrics(
         ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", num_classes=num_classes, ks=ks,
         thresholds=thresholds, train_class_counts=train_class_counts, freq_bins=freq_bins, column=column, top=top,
@@ -467,7 +469,7 @@ def metrics_dataset(
 def ray_runner(
     datasets: dict[str, ray.data.Dataset], *, num_tasks: int | None = None, log: Callable[[str], None] | None = None
 ) -> RunPasses:
-    """The Ray driver of avgk.passes: each pass in parallel tasks over a split's dataset, summed on the driver."""
+    """The Ray driver of avgk.evaluation.passes: each pass in parallel tasks over a split's dataset, summed on the driver."""
     def run(spec: PassSpec, split: str) -> list[Any]:
         kind = "thresholds" if isinstance(spec, ThresholdsPass) else "metrics"
         oracle = "oracle " if getattr(spec, "column", "scores") == "posterior" else ""

@@ -1,6 +1,6 @@
 """`avgk study`: a reproduction study (methods x ambiguity rates x seeds) as Ray tasks, tracked in MLflow.
 
-Each cell is one single-worker training run: a Ray task running avgk.engine.fit (the loop Ray
+Each cell is one single-worker training run: a Ray task running avgk.training.engine.fit (the loop Ray
 Train runs on every worker) with its own run directory, checkpoints and MLflow child run under
 the study's parent run. A study cell is small, and TorchTrainer's per-run start-up (controller,
 worker group, placement group) would cost more than the training itself on a laptop, so cells
@@ -30,15 +30,17 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from avgk import storage, tracking
+from avgk.runtime import storage
+
+from avgk.records import tracking
 from avgk.config import Config, ConfigError
-from avgk.metrics import format_k
-from avgk.study import (
+from avgk.evaluation.metrics import format_k
+from avgk.experiments.study import (
     cell_row, frequency_gains, frequency_table, gain_table, metric_table, paired_gains,
     plot_gain_by_method, plot_gain_vs_ambiguity, plot_gain_vs_frequency, summarize,
 )
-from avgk.report import save_figure
-from avgk.study_config import Cell, StudyConfig, study_root
+from avgk.experiments.report import save_figure
+from avgk.experiments.study_config import Cell, StudyConfig, study_root
 
 CELL_FILE = "study_cell.json"  # written last by a finished cell: its wall time and history
 
@@ -56,7 +58,7 @@ def _train_cell(config_tree: dict[str, Any], *, uri: str | None, parent_run_id: 
     """One cell, inside a Ray task: engine.fit with a local reporter, progress into <run_dir>/train.log."""
     import torch
 
-    from avgk import checkpoints, engine
+    from avgk.training import checkpoints, engine
 
     torch.set_num_threads(threads)
     config = Config.model_validate(config_tree)
@@ -77,7 +79,7 @@ def _train_cell(config_tree: dict[str, Any], *, uri: str | None, parent_run_id: 
             result = engine.fit(config, reporter=checkpoints.LocalReporter(run_dir), on_epoch_end=on_epoch_end, log=log)
             seconds = time.perf_counter() - start
             if run_id:
-                tracking.log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
+                tracking.log_evaluation(uri, run_id, metrics=result.evaluation.metrics, run_dir=run_dir)
                 tracking.log_metrics(uri, run_id, {"cell_seconds": seconds}, step=0)
     record = {"seconds": seconds, "history": result.history}
     storage.write_bytes(str(Path(run_dir) / CELL_FILE), json.dumps(record).encode())
@@ -117,7 +119,7 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
 
     from pipelines import ray_env
     from avgk.data.prepare import prepare
-    from avgk.runs import with_absolute_paths
+    from avgk.records.runs import with_absolute_paths
 
     cells = [Cell(c.method, c.ambiguity, c.seed, with_absolute_paths(c.config)) for c in cells]
     root = Path(study_root(study, with_absolute_paths(base)))

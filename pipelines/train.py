@@ -1,4 +1,4 @@
-"""Ray Train entry: a TorchTrainer (DDP over N workers) whose worker loop is avgk.engine.fit."""
+"""Ray Train entry: a TorchTrainer (DDP over N workers) whose worker loop is avgk.training.engine.fit."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from avgk import checkpoints, engine, evaluation, preflight, provenance, storage, tracking
+from avgk.training import checkpoints, engine, evaluation, preflight
+
+from avgk.runtime import provenance, storage
+
+from avgk.records import tracking
 from avgk.config import Config
-from avgk.console import say
+from avgk.runtime.console import say
 from avgk.data.prepare import ensure_shards
-from avgk.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
-from avgk.serving import log_pyfunc_model
+from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
+from avgk.inference.serving import log_pyfunc_model
 from pipelines import ray_env
 from pipelines.process_group import OwnAddressTorchConfig
 
@@ -78,8 +82,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and result.evaluation is not None:
         run_dir = storage.absolute(config.run_dir)
         if run_id:
-            tracking.log_evaluation(uri, run_id, result.evaluation, run_dir=run_dir)
-        from avgk.report import log_run_plots  # matplotlib: only once there is a finished run
+            tracking.log_evaluation(uri, run_id, metrics=result.evaluation.metrics, run_dir=run_dir)
+        from avgk.experiments.report import log_run_plots  # matplotlib: only once there is a finished run
 
         log_run_plots(uri, run_id, run_dir)  # <run_dir>/plots/, and the MLflow run's plots/
         if run_id and config.tracking.log_model:

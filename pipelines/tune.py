@@ -26,11 +26,15 @@ from typing import Any, Callable
 
 import yaml
 
-from avgk import preflight, storage, tracking
-from avgk.console import say
+from avgk.training import preflight
+
+from avgk.runtime import storage
+
+from avgk.records import tracking
+from avgk.runtime.console import say
 from avgk.config import Config
-from avgk.metrics import format_k
-from avgk.sweep_config import SweepConfig, SweepConfigError, config_for
+from avgk.evaluation.metrics import format_k
+from avgk.experiments.sweep_config import SweepConfig, SweepConfigError, config_for
 
 SWEEP_FILE = "sweep.yaml"
 
@@ -291,7 +295,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
 
     from pipelines import ray_env
     from pipelines.calibrate import run_evaluate
-    from avgk.runs import with_absolute_paths
+    from avgk.records.runs import with_absolute_paths
     from avgk.data.prepare import ensure_shards
 
     base = with_absolute_paths(base)

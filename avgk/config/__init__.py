@@ -2,12 +2,14 @@
 
 The defaults are the embedded demo (`avgk demo`): 100 synthetic classes, a small CNN,
 a few minutes on a 2-core CPU. configs/*.yaml override them for real data sets.
-One module per section (data, model and loss, train, eval, run); `loading` builds a Config.
+One module per section (data, model and loss, train, eval, run); `loading` builds a Config;
+`registry` names every loss, backbone family and data source a config may give.
+May import: avgk.runtime (storage URIs). Nothing else of avgk.
 Importing this package imports neither torch nor Ray, so a config error answers at once.
 """
 
 from avgk.config.base import ConfigError, Section, flatten
-from avgk.config.data import SOURCE_NAMES, DataConfig, SyntheticConfig
+from avgk.config.data import DataConfig, SyntheticConfig
 from avgk.config.evaluation import EvalConfig
 from avgk.config.loading import (
     build_config,
@@ -19,15 +21,16 @@ from avgk.config.loading import (
     parse_overrides,
     save_config,
 )
-from avgk.config.model import BACKBONE_FAMILIES, LOSS_NAMES, LossConfig, ModelConfig
+from avgk.config.model import LossConfig, ModelConfig
+from avgk.config.registry import BACKBONES, LOSSES, SOURCES, Registry
 from avgk.config.run import Config, RunConfig, TrackingConfig
 from avgk.config.train import OPTIMIZER_DEFAULTS, TWO_HEAD_ML_LR_SCALE, LrScaleConfig, TrainConfig
 
 __all__ = [
-    "BACKBONE_FAMILIES",
-    "LOSS_NAMES",
+    "BACKBONES",
+    "LOSSES",
     "OPTIMIZER_DEFAULTS",
-    "SOURCE_NAMES",
+    "SOURCES",
     "TWO_HEAD_ML_LR_SCALE",
     "Config",
     "ConfigError",
@@ -36,6 +39,7 @@ __all__ = [
     "LossConfig",
     "LrScaleConfig",
     "ModelConfig",
+    "Registry",
     "RunConfig",
     "Section",
     "SyntheticConfig",

@@ -31,7 +31,7 @@ class EvalConfig(Section):
     score_rows: Literal["top", "full"] = Field(
         "top",
         description="what the scoring jobs (evaluate, pseudolabel) keep per sample in the object store: 'top': its "
-        "top_t largest scores and the few exact numbers the metrics need (avgk.top_scores), every result proven "
+        "top_t largest scores and the few exact numbers the metrics need (avgk.evaluation.top_scores), every result proven "
         "equal to the full rows' at run time, else the job scores again with full rows and says so; 'full': all L scores",
     )
     top_t: int | None = Field(

@@ -7,10 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from avgk.config.base import Section
-
-
-BACKBONE_FAMILIES = ("small_cnn", "timm", "torchvision")
-"""The backbone families avgk.backbones registers, listed here so that a config validates without importing them."""
+from avgk.config.registry import LOSSES
 
 
 class ModelConfig(Section):
@@ -36,15 +33,10 @@ class ModelConfig(Section):
     compile: bool = Field(False, description="torch.compile the model")
 
 
-LOSS_NAMES = ("two_head", "ce", "an", "an_ls", "wan", "epr", "role", "em", "em_apl")
-"""The losses avgk.losses registers. Listed here so that a config validates without importing torch
-(a config error answers at once); registering a loss whose name is missing here fails at import."""
-
-
 class LossConfig(Section):
     """The training objective, chosen by name from the loss registry."""
 
-    name: str = Field("two_head", description="registered loss name (avgk.losses.LOSSES)")
+    name: str = Field("two_head", description="registered loss name (avgk.config.registry.LOSSES)")
     k: float = Field(2.0, gt=0, description="the K targeted (sets of K labels on average)")
     pseudo_k: float | None = Field(None, description="K_pl of the pseudo-label rule; default: k; must be >= 1")
     ml_weight: float = Field(1.0, ge=0, description="mu: weight of the multi-label BCE term")
@@ -103,8 +95,7 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
-        if self.name not in LOSS_NAMES:
-            raise ValueError(f"loss.name must be one of {', '.join(sorted(LOSS_NAMES))}, got {self.name!r}")
+        LOSSES.check(self.name)
         if self.pseudo_k is not None and self.pseudo_k < 1:
             raise ValueError(f"loss.pseudo_k must be >= 1, got {self.pseudo_k}")
         two_head_only = {

@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 from webdataset import tariterators
 
-from avgk import storage
+from avgk.runtime import storage
 from avgk.data.decoding import Collate, DataSetupError, SampleDecoder
 from avgk.data.transforms import ImageTransform
 from avgk.data.manifest import Manifest, read_manifest
@@ -81,7 +81,7 @@ def _check_normalize(transform: Callable | None, normalize: bool) -> None:
 
 
 def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """{"url", "stream"} per shard, as webdataset's url_opener, through avgk.storage: a local file, or
+    """{"url", "stream"} per shard, as webdataset's url_opener, through avgk.runtime.storage: a local file, or
     a remote object (s3://...) streamed with read-ahead, never copied to disk. A shard that cannot be
     opened goes to `handler` (skipped and counted), except a storage setup error (credentials,
     bucket, endpoint), which no later shard would escape: it stops the loader with its message."""
@@ -288,7 +288,7 @@ def train_loader(
     (None: [0, 1] floats, no augmentation). An ImageTransform (build_transform's) runs its
     geometry per image and normalises each batch in one pass; with `normalize=False` the images
     stay uint8 B x 3 x H x W, for the consumer to normalise where the model runs
-    (avgk.models.model_input): 4x less shared memory and host-to-device traffic.
+    (avgk.models.networks.model_input): 4x less shared memory and host-to-device traffic.
     """
     _check_rank(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
     _check_normalize(transform, normalize)

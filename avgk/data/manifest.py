@@ -5,7 +5,7 @@ Layout:
   <shards_dir>/<split>/shard-000000.tar ...  one folder per split, renamed into place when complete
                                              (on an object store: uploaded shard by shard, the
                                              manifest removed first and written last)
-<shards_dir> is a local folder or a filesystem URI (s3://bucket/prefix): see avgk.storage.
+<shards_dir> is a local folder or a filesystem URI (s3://bucket/prefix): see avgk.runtime.storage.
 Shape legend: L classes, M sparse posterior width.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from avgk import storage
+from avgk.runtime import storage
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -132,7 +132,7 @@ def _missing_data_message(where: str) -> str:
 
 def read_manifest(shards_dir: str | os.PathLike) -> Manifest:
     """Read `<shards_dir>/manifest.json` (a local folder or a URI); FileNotFoundError if the folder or
-    the manifest is missing, avgk.storage.StorageError (an OSError) if the location cannot be read."""
+    the manifest is missing, avgk.runtime.storage.StorageError (an OSError) if the location cannot be read."""
     root = storage.absolute(str(shards_dir))
     path = storage.join(root, MANIFEST_NAME)
     if not storage.is_remote(root):

@@ -3,12 +3,16 @@ check every training entry point runs first (ensure_shards)."""
 
 from __future__ import annotations
 
+import math
 import sys
 
-from avgk import preflight, storage
-from avgk.config import Config
+from avgk.config import SOURCES, Config, ConfigError
 from avgk.data.manifest import Manifest, read_manifest
-from avgk.data.sources import ConvertOptions, available_cpus, converter_for
+from avgk.runtime import storage
+from avgk.data.sources import ConvertOptions, available_cpus
+
+
+SPLITS = ("train", "val", "test")
 
 
 def convert_options(config: Config, *, progress: bool = True) -> ConvertOptions:
@@ -33,7 +37,7 @@ def prepare(config: Config, *, progress: bool = True) -> Manifest:
     skipped files are listed in the manifest and summarised on stderr.
     """
     data = config.data
-    manifest = converter_for(data.source)(data, convert_options(config, progress=progress))
+    manifest = SOURCES.get(data.source)(data, convert_options(config, progress=progress))
     if "train" in manifest.splits:
         empty = [manifest.classes[c] for c, n in enumerate(manifest.split("train").class_counts) if n == 0]
         if empty:
@@ -52,7 +56,7 @@ def ensure_shards(config: Config) -> None:
 
     A folder that already holds a prepared data set is used as it is, whatever data.source says:
     its manifest says what the shards are, and training never writes over its input. The
-    config is then checked against the manifest (preflight.check_data).
+    config is then checked against the manifest (check_data).
     """
     try:
         existing = read_manifest(config.data.shards)
@@ -60,4 +64,40 @@ def ensure_shards(config: Config) -> None:
         existing = None
     if config.data.source == "synthetic" and (existing is None or existing.source == "synthetic"):
         prepare(config)
-    preflight.check_data(config, read_manifest(config.data.shards))
+    check_data(config, read_manifest(config.data.shards))
+
+
+def check_data(config: Config, manifest: Manifest) -> None:
+    """The config against the prepared data: splits present and non-empty, batch and K x N within the data."""
+    where = f"data.shards={config.data.shards}"
+    for split in SPLITS:
+        if split not in manifest.splits:
+            raise ConfigError(f"data error: {where} has no {split!r} split (it has {sorted(manifest.splits)}): "
+                              "a run needs train, val and test; re-run `avgk prepare`")
+        if manifest.splits[split].num_samples < 1:
+            raise ConfigError(f"data error: {where}: split {split!r} holds no samples")
+    try:
+        config.validate_num_classes(manifest.num_classes)
+    except ValueError as err:
+        raise ConfigError(f"config error: {err} (from {where})") from None
+    train = manifest.splits["train"].num_samples
+    workers = config.train.num_workers
+    if config.train.batch_size > train:
+        raise ConfigError(f"config error: train.batch_size={config.train.batch_size} exceeds the {train} training "
+                          f"samples of {where}: an epoch would hold no full batch")
+    accumulation = config.train.grad_accumulation
+    if config.train.batch_size * accumulation > train:
+        raise ConfigError(f"config error: train.grad_accumulation={accumulation} x train.batch_size="
+                          f"{config.train.batch_size} exceeds the {train} training samples of {where}: an epoch "
+                          "would hold no optimizer step")
+    for split in ("val", "test"):
+        n = manifest.splits[split].num_samples
+        for key, k in [("loss.k", config.loss.k), *(("eval.ks", k) for k in config.eval.ks)]:
+            if math.floor(k * n + 0.5) < 1:  # m = floor(K N + 1/2), docs/METHOD.md section 1
+                raise ConfigError(f"config error: {key}={k:g} selects round(K x N) = 0 of the {n} {split} samples: "
+                                  "K x N must be >= 1")
+    if config.loss.name == "two_head" and config.loss.pseudo_labels == "online":
+        per_rank = config.train.batch_size // workers
+        if math.floor(config.loss.effective_pseudo_k * per_rank + 0.5) < 1:
+            raise ConfigError(f"config error: loss.pseudo_k={config.loss.effective_pseudo_k:g} selects round(K_pl x B) = 0 "
+                              f"of a rank's {per_rank} samples per batch: K_pl x B must be >= 1")

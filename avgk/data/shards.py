@@ -22,7 +22,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from avgk import storage
+from avgk.runtime import storage
 from avgk.data.synthetic import generate_synthetic
 from avgk.data.manifest import (
     IMAGE_EXTENSIONS,
@@ -110,7 +110,7 @@ def write_split(
     each. They go to a hidden temporary folder that is renamed to `<shards_dir>/<split>`
     only once every sample is written, and any existing manifest is removed first (the
     data set is no longer complete), so an interrupted write never looks complete.
-    `shards_dir` may be a URI (s3://bucket/prefix, see avgk.storage): the split's old objects
+    `shards_dir` may be a URI (s3://bucket/prefix, see avgk.runtime.storage): the split's old objects
     are deleted, then each shard is staged in a local temporary folder and uploaded as soon as
     it is complete (local disk holds one shard at a time); the manifest, written last by
     write_manifest, again marks the data set complete.

@@ -13,7 +13,7 @@ import re
 import signal
 import time
 
-from avgk import procfs
+from avgk.runtime import procfs
 
 PATTERN = re.compile(r"ray::|raylet|gcs_server|dashboard|runtime_env|log_monitor|monitor\.py|mlflow|gunicorn|uvicorn"
                      r"|weed|moto|avgk|pipelines\.|default_worker|multiprocessing")

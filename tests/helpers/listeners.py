@@ -13,7 +13,7 @@ import os
 import threading
 from pathlib import Path
 
-from avgk import procfs
+from avgk.runtime import procfs
 
 _LISTEN = "0A"
 PROBE_MARK = "avgk-listener-probe"

@@ -36,7 +36,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def val_history(run_dir: Path) -> list[dict]:
     """The per-epoch history in a run's latest checkpoint."""
-    from avgk.checkpoints import load_checkpoint_file
+    from avgk.training.checkpoints import load_checkpoint_file
 
     return load_checkpoint_file(checkpoint_dirs(run_dir)[-1] / "checkpoint.pt")["history"]
 
@@ -66,7 +66,7 @@ def prepare_shards(shards: Path) -> Path:
 
 def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
     """One in-process smoke training (no Ray, no MLflow); returns its run directory."""
-    from avgk import checkpoints, engine
+    from avgk.training import checkpoints, engine
     from avgk.config import load_config
 
     config = load_config(SMOKE, [

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from avgk.config import load_config
-from avgk.losses import LOSSES
+from avgk.config import LOSSES
 from tests.helpers.runs import ROOT
 
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("loss", sorted(LOSSES.names))
 def test_loss_trains_and_writes_metrics(loss, smoke_shards, tmp_path):
     """The engine loop every Ray Train worker runs (pipelines.train wraps it unchanged; the Ray
     wrapper itself is exercised with two_head, ce and role elsewhere): one process, one epoch."""
-    from avgk import checkpoints, engine
+    from avgk.training import checkpoints, engine
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [
         f"data.shards={smoke_shards}", f"run.storage={tmp_path}", f"run.name={loss}", f"loss.name={loss}",
@@ -36,7 +36,7 @@ def test_loss_trains_and_writes_metrics(loss, smoke_shards, tmp_path):
 @pytest.mark.ray
 def test_role_tables_stay_identical_across_two_ranks(smoke_shards, tmp_path, local_ray):
     """Under DDP each rank steps its own rows and takes the others': rank 0's checkpoint holds every row."""
-    from avgk.checkpoints import load_checkpoint_file
+    from avgk.training.checkpoints import load_checkpoint_file
     from pipelines.train import run_training
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [
@@ -52,7 +52,7 @@ def test_role_tables_stay_identical_across_two_ranks(smoke_shards, tmp_path, loc
 
 def test_role_table_survives_resume(smoke_shards, tmp_path):
     """The ROLE table restored from a checkpoint equals the table saved in it (single process)."""
-    from avgk import checkpoints, engine
+    from avgk.training import checkpoints, engine
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [
         f"data.shards={smoke_shards}", f"run.storage={tmp_path}", "run.name=role", "loss.name=role",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from avgk import checkpoints, engine
+from avgk.training import checkpoints, engine
 from avgk.config import load_config
 from avgk.data.manifest import read_manifest
 from tests.helpers.digits import write_digit_pairs

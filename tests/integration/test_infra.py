@@ -654,4 +654,4 @@ def test_the_wheel_carries_the_packages_and_the_configs(tmp_path):
     shipped = {n.removeprefix(f"{data}/data/share/avgk/") for n in names if n.startswith(f"{data}/data/share/avgk/")}
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
     assert shipped == expected
-    assert {"avgk/config/__init__.py", "avgk/config/run.py", "avgk/engine.py", "pipelines/cli.py"} <= names
+    assert {"avgk/config/__init__.py", "avgk/config/run.py", "avgk/training/engine.py", "pipelines/cli.py"} <= names

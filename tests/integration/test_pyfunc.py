@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from avgk.predict import SetPredictor
-from avgk.serving import log_pyfunc_model, using_tracking_uri
+from avgk.inference.predict import SetPredictor
+from avgk.inference.serving import log_pyfunc_model, using_tracking_uri
 from tests.helpers.runs import read_split
 
 pytestmark = pytest.mark.slow

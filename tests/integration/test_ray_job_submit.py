@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from avgk import procfs
-from avgk.guardian import stop_processes
+from avgk.runtime import procfs
+from avgk.runtime.guardian import stop_processes
 from tests.helpers.runs import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -54,7 +54,7 @@ def _get(url: str, token: str) -> bytes:
 
 def _processes_of(root_pid: int, temp_dir: Path) -> dict[int, int]:
     """`ray start` and everything it started (its descendants, and what names its temp dir, with theirs):
-    pid -> start time, as avgk.guardian records a cluster."""
+    pid -> start time, as avgk.runtime.guardian records a cluster."""
     members = procfs.with_descendants({root_pid} | procfs.naming(str(temp_dir)))
     return {pid: start for pid in members if (start := procfs.started(pid)) is not None}
 
@@ -62,7 +62,7 @@ def _processes_of(root_pid: int, temp_dir: Path) -> dict[int, int]:
 def _stop_cluster(start: subprocess.Popen, temp_dir: Path) -> None:
     """SIGTERM to `ray start` and every process it started, SIGKILL to what is left after 5 s (`ray start
     --block` and the GCS server outwait a SIGTERM; the cluster holds nothing to save): the mechanism
-    avgk.guardian uses on a killed command's cluster."""
+    avgk.runtime.guardian uses on a killed command's cluster."""
     stop_processes(_processes_of(start.pid, temp_dir))
     stop_processes(_processes_of(start.pid, temp_dir))  # anything started while the first round ran
     start.wait(timeout=10)

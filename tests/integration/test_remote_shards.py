@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from avgk import storage
+from avgk.runtime import storage
 from tests.helpers.runs import SMOKE, smoke_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

@@ -15,10 +15,10 @@ import torch
 
 from avgk.config import load_config
 from avgk.data.manifest import read_manifest
-from avgk.metrics import SetMetrics
-from avgk.pseudo_label_table import read_pseudo_label_table
-from avgk.pseudo_labels import batch_pseudo_labels
-from avgk.thresholds import reference_thresholds, round_count
+from avgk.evaluation.metrics import SetMetrics
+from avgk.method.pseudo_label_table import read_pseudo_label_table
+from avgk.method.pseudo_labels import batch_pseudo_labels
+from avgk.method.thresholds import reference_thresholds, round_count
 from tests.helpers.runs import ROOT, checkpoint_dirs
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -67,7 +67,7 @@ def test_thresholds_and_metrics_of_a_random_matrix_over_three_tasks(local_ray):
     """40,000 x 1,000 generated inside tasks (never on the driver): equal to a full sort bit for bit."""
     import ray
 
-    from avgk.passes import ThresholdsPass
+    from avgk.evaluation.passes import ThresholdsPass
     from pipelines.score import block_groups, metrics_dataset, run_passes
 
     ds = ray.data.range(NUM_BLOCKS, override_num_blocks=NUM_BLOCKS).map_batches(_generate, batch_size=1)
@@ -109,7 +109,7 @@ def test_top_rows_over_ray_tasks_equal_full_rows_or_raise(local_ray):
     bit for bit; one flat row among the top scores raises NotExact on the driver instead of a wrong lambda_K."""
     import ray
 
-    from avgk.top_scores import NotExact
+    from avgk.evaluation.top_scores import NotExact
     from pipelines.score import calibrate_dataset, metrics_dataset
 
     def top_dataset(*, flat_row: bool):

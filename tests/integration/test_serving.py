@@ -16,8 +16,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from avgk.predict import SetPredictor
-from avgk.serving import log_pyfunc_model, using_tracking_uri
+from avgk.inference.predict import SetPredictor
+from avgk.inference.serving import log_pyfunc_model, using_tracking_uri
 from tests.helpers.runs import free_port, read_split, wait_for_http
 from tests.helpers.serving import env_without_avgk
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from avgk import procfs
+from avgk.runtime import procfs
 from tests.helpers.runs import ROOT, SMOKE, checkpoint_dirs, val_history, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

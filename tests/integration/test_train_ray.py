@@ -30,7 +30,7 @@ EXPOSED: dict[str, str] = {}
 @pytest.fixture(scope="module")
 def uninterrupted(smoke_shards, tmp_path_factory, local_ray, mlflow_server) -> Path:
     from pipelines.train import run_training
-    from avgk import procfs
+    from avgk.runtime import procfs
     from tests.helpers.listeners import ListenerWatch
 
     storage = tmp_path_factory.mktemp("w2")
@@ -52,7 +52,7 @@ def test_two_ranks_listen_on_loopback_only(uninterrupted):
 def test_one_and_two_workers_agree(smoke_shards, tmp_path, uninterrupted):
     """Same global batch size: 1 and 2 DDP workers reach comparable val avg-K accuracy. The 1-worker side
     runs the engine loop in process: what Ray Train runs on its one worker, without a second start-up."""
-    from avgk import checkpoints, engine
+    from avgk.training import checkpoints, engine
 
     config = smoke_config(smoke_shards, tmp_path, "train.num_workers=1", "run.name=w1", "train.epochs=4",
                           "tracking.enabled=false")

@@ -1,6 +1,6 @@
 """What every study script shares: one training cell in its own process, and the 95% interval.
 
-A cell is one `avgk.engine.fit` run (the loop Ray Train runs on every worker) with one CPU
+A cell is one `avgk.training.engine.fit` run (the loop Ray Train runs on every worker) with one CPU
 thread, its progress in <run_dir>/train.log and its record in <run_dir>/cell.json, written last:
 a rerun reads finished cells back, so every study resumes.
 """
@@ -19,7 +19,7 @@ def fit_cell(config, extra: dict) -> dict:
     """Train and evaluate one config (or read its finished record); `extra` is copied into the record."""
     import torch
 
-    from avgk import checkpoints, engine
+    from avgk.training import checkpoints, engine
 
     torch.set_num_threads(1)
     run_dir = Path(config.run_dir)

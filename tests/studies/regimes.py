@@ -146,7 +146,7 @@ def tune(regime: str, method: str) -> dict:
     done = OUT / "tuned" / f"{regime}-{method}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    from avgk.sweep_config import load_sweep
+    from avgk.experiments.sweep_config import load_sweep
     from pipelines.tune import run_sweep
 
     sweep, base = load_sweep(sweep_file(regime, method))

@@ -53,7 +53,7 @@ CASES = {
     "crop too small": (_train("data.crop=0"), "data.crop=0"),
     "crop above resize": (_train("data.crop=32"), "data.crop must be <= data.resize"),
     "unknown amp dtype": (_train("train.amp=fp8"), "train.amp='fp8'"),
-    "unknown loss": (_train("loss.name=nope"), "loss.name must be one of"),
+    "unknown loss": (_train("loss.name=nope"), "loss.name='nope' is not a registered loss"),
     "mean of one number": (_train("data.mean=[0.5]"), "data.mean must be 3 numbers (R, G, B), got [0.5]"),
     "std not positive": (_train("data.std=[0.2,0,0.2]"), "data.std values must all be > 0"),
     "crop scale reversed": (_train("data.crop_scale=[0.9,0.1]"), "data.crop_scale must be (min, max)"),

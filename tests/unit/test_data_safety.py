@@ -94,8 +94,8 @@ def _truncate_one_test_shard(shards: Path, copy: Path) -> None:
 
 
 def test_an_evaluation_over_fewer_samples_than_the_manifest_fails_or_is_counted(smoke_shards, tmp_path):
-    from avgk import checkpoints, engine
-    from avgk.accounting import SampleCountError
+    from avgk.training import checkpoints, engine
+    from avgk.evaluation.accounting import SampleCountError
 
     _truncate_one_test_shard(smoke_shards, tmp_path / "shards")
     common = [f"data.shards={tmp_path / 'shards'}", f"run.storage={tmp_path}", "tracking.enabled=false",
@@ -115,7 +115,7 @@ def test_an_evaluation_over_fewer_samples_than_the_manifest_fails_or_is_counted(
 
 
 def test_account_samples_names_every_short_split():
-    from avgk.accounting import SampleCountError, account_samples
+    from avgk.evaluation.accounting import SampleCountError, account_samples
 
     ok = account_samples(read={"val": 5, "test": 7}, expected={"val": 5, "test": 7}, strict=True, shards="S")
     assert ok["test"] == {"expected": 7, "read": 7, "missing": 0}
@@ -138,7 +138,7 @@ def _saved_run(tmp_path, *overrides):
 
 def test_a_rerun_resumes_only_the_same_config_unless_forced(tmp_path):
     from avgk.config import ConfigError
-    from avgk.runs import check_resume
+    from avgk.records.runs import check_resume
 
     fresh = load_config(None, [f"run.storage={tmp_path}", "run.name=r"])
     assert check_resume(fresh) is False  # no run there yet
@@ -175,7 +175,7 @@ def _manifest(tmp_path, **overrides):
 ])
 def test_the_config_is_checked_against_the_manifest_before_any_work(tmp_path, overrides, message):
     from avgk.config import ConfigError
-    from avgk.preflight import check_data
+    from avgk.data.prepare import check_data
 
     manifest = _manifest(tmp_path)
     config = load_config(None, [f"data.shards={tmp_path / 'shards'}", "data.source=imagefolder", "data.root=x",
@@ -191,7 +191,7 @@ def test_a_manifest_without_a_split_is_refused(tmp_path):
     import dataclasses
 
     from avgk.config import ConfigError
-    from avgk.preflight import check_data
+    from avgk.data.prepare import check_data
 
     manifest = _manifest(tmp_path)
     manifest = dataclasses.replace(manifest, splits={k: v for k, v in manifest.splits.items() if k != "val"})
@@ -212,7 +212,7 @@ def test_a_manifest_without_a_split_is_refused(tmp_path):
 ])
 def test_backbone_names_are_checked_by_each_registry(name, message):
     from avgk.config import ConfigError
-    from avgk.preflight import check_backbone
+    from avgk.training.preflight import check_backbone
 
     if message is None:
         check_backbone(name)
@@ -225,7 +225,7 @@ def test_an_unreachable_tracking_server_is_one_line():
     import socket
 
     from avgk.config import ConfigError
-    from avgk.preflight import check_reachable
+    from avgk.training.preflight import check_reachable
 
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -263,7 +263,7 @@ def test_gpus_the_cluster_lacks_are_one_line_at_once(monkeypatch):
 def test_every_mlflow_run_ends_with_the_status_its_block_earned(tmp_path, raised, status):
     from mlflow.tracking import MlflowClient
 
-    from avgk import tracking
+    from avgk.records import tracking
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [f"run.storage={tmp_path}", "run.name=life"])
     uri = tracking.tracking_uri(config)

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from avgk import checkpoints, engine, evaluation, inputs, passes
+from avgk.training import checkpoints, engine, evaluation
+
+from avgk.models import inputs
+
+from avgk.evaluation import passes
 from avgk.config import load_config
-from avgk.thresholds import reference_thresholds
+from avgk.method.thresholds import reference_thresholds
 from tests.helpers.runs import ROOT
 
 

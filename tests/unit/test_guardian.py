@@ -1,4 +1,4 @@
-"""avgk.guardian: a command killed outright (kill -9) leaves no RUNNING MLflow run and no cluster process."""
+"""avgk.runtime.guardian: a command killed outright (kill -9) leaves no RUNNING MLflow run and no cluster process."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from avgk import procfs
+from avgk.runtime import procfs
 from tests.helpers.runs import ROOT, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 DRIVER = """
 import subprocess, sys, time
 from mlflow.tracking import MlflowClient
-from avgk import guardian
+from avgk.runtime import guardian
 uri, session_dir, mode = sys.argv[1:4]
 client = MlflowClient(uri)
 experiment = client.create_experiment("e")
@@ -94,7 +94,7 @@ def test_a_normal_exit_leaves_runs_and_processes_to_the_command(tmp_path):
 
 
 def test_no_watcher_process_without_watching_or_without_anything_to_watch():
-    from avgk import guardian
+    from avgk.runtime import guardian
 
     guardian.run_started("sqlite:///unused.db", "run")  # outside watching(): ignored, nothing started
     assert guardian._proc is None

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from avgk.metrics import SetMetrics, average_k_accuracy, format_k
-from avgk.thresholds import calibrate_thresholds
+from avgk.evaluation.metrics import SetMetrics, average_k_accuracy, format_k
+from avgk.method.thresholds import calibrate_thresholds
 
 
 def reference_average_k_accuracy(probas: torch.Tensor, labels: torch.Tensor, lmbda: float) -> float:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from avgk.passes import CompactCounts, compact_state, expand_state
+from avgk.evaluation.passes import CompactCounts, compact_state, expand_state
 
 
 def test_a_mostly_zero_histogram_travels_as_its_nonzero_entries_and_comes_back_bit_for_bit():

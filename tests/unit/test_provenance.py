@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from avgk.provenance import CodeMismatch, check_same_code, code_fingerprint, package_dirs
+from avgk.runtime.provenance import CodeMismatch, check_same_code, code_fingerprint, package_dirs
 from tests.helpers.runs import ROOT
 
 
 def _fingerprint_from(path) -> str:
     env = {**os.environ, "PYTHONPATH": str(path)}
-    out = subprocess.run([sys.executable, "-c", "from avgk.provenance import code_fingerprint as f; print(f())"],
+    out = subprocess.run([sys.executable, "-c", "from avgk.runtime.provenance import code_fingerprint as f; print(f())"],
                          cwd=path, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
@@ -25,7 +25,7 @@ def test_another_checkout_has_another_fingerprint(tmp_path):
     for name in ("avgk", "pipelines"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     assert _fingerprint_from(tmp_path) == code_fingerprint()
-    engine = tmp_path / "avgk" / "engine.py"
+    engine = tmp_path / "avgk" / "training" / "engine.py"
     engine.write_text(engine.read_text() + "\n# an older checkout\n")
     assert _fingerprint_from(tmp_path) != code_fingerprint()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from avgk.pseudo_label_table import (
+from avgk.method.pseudo_label_table import (
     PseudoLabelTable,
     positives_as_rows,
     pseudo_label_arrow_table,
@@ -18,8 +18,8 @@ from avgk.pseudo_label_table import (
     temporary_dir_for,
     write_parquet,
 )
-from avgk.pseudo_labels import GlobalPseudoLabeler, batch_pseudo_labels
-from avgk.thresholds import round_count
+from avgk.method.pseudo_labels import GlobalPseudoLabeler, batch_pseudo_labels
+from avgk.method.thresholds import round_count
 
 
 def brute_force(probs_NL: np.ndarray, labels_N: np.ndarray, k: float) -> np.ndarray:
@@ -175,7 +175,7 @@ def test_offline_hook_online_first_then_cached_and_reloaded_on_resume(tmp_path, 
     """Epochs < R: online (None); a resumed run between refreshes reloads its refresh's table."""
     from types import SimpleNamespace
 
-    from avgk import pseudo_refresh
+    from avgk.training import pseudo_refresh
 
     parts = SimpleNamespace(num_classes=3, manifest=SimpleNamespace(split=lambda name: SimpleNamespace(num_samples=4)))
     positive_NL = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=bool)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from avgk.pseudo_labels import batch_pseudo_labels, global_pseudo_labels
+from avgk.method.pseudo_labels import batch_pseudo_labels, global_pseudo_labels
 
 
 @pytest.mark.parametrize("batch_size, num_classes, k", [(1, 5, 1), (7, 5, 1.5), (16, 10, 2), (33, 100, 3.3), (4, 3, 2.9)])
@@ -56,7 +56,7 @@ def test_bad_inputs(k, labels, match):
 @pytest.mark.parametrize("seed", range(20))
 def test_fast_selection_equals_the_stable_sort_definition(seed):
     """The top-k path picks the same entries as the first m of a stable descending sort, heavy ties included."""
-    from avgk.pseudo_labels import force_labels, num_pseudo_positives
+    from avgk.method.pseudo_labels import force_labels, num_pseudo_positives
 
     g = torch.Generator().manual_seed(seed)
     batch_size, num_classes = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 60, (1,), generator=g))

@@ -1,11 +1,11 @@
-"""Shard and run locations given as URIs (avgk.storage): URI rules, and one-line errors and shard checks
+"""Shard and run locations given as URIs (avgk.runtime.storage): URI rules, and one-line errors and shard checks
 against a real S3 server on 127.0.0.1 (SeaweedFS, tests/helpers/s3.py; started once per session)."""
 
 from __future__ import annotations
 
 import pytest
 
-from avgk import storage
+from avgk.runtime import storage
 from avgk.config import ConfigError, load_config
 from avgk.data.manifest import read_manifest, shard_problems, write_manifest
 from avgk.data.shards import write_split
@@ -152,7 +152,7 @@ def test_a_loader_stops_on_a_storage_error_instead_of_skipping_shards(bucket, mo
 
 def test_single_process_runs_refuse_a_remote_run_directory(tmp_path, monkeypatch):
     """An in-process run (study cell) with run.storage=s3://... must not write a local folder named 's3:'."""
-    from avgk.checkpoints import LocalReporter
+    from avgk.training.checkpoints import LocalReporter
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"run directory 's3://bucket/runs/cell' is remote: single-process runs"):
@@ -167,7 +167,7 @@ def test_pretrained_weights_load_from_object_storage(bucket):
     import torch
 
     from avgk.config import ModelConfig
-    from avgk.models import build_model
+    from avgk.models.networks import build_model
 
     heads = ("softmax", "multilabel")
     source = build_model(ModelConfig(width=8), num_classes=5, heads=heads)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from avgk import report
+from avgk.experiments import report
 from pipelines import cli
 
 
@@ -143,7 +143,7 @@ def test_cli_report_missing_run_is_one_error_line(tmp_path, capsys):
     ],
 )
 def test_the_demo_verdict_says_who_wins_by_how_much_and_where_the_study_is(shift, expected):
-    from avgk.summary import verdict
+    from avgk.experiments.summary import verdict
 
     documents = {"two_head": fake_metrics(shift), "ce": fake_metrics(0.0)}
     sentence = verdict(documents, method="two_head", reference="ce", k=2)

@@ -1,4 +1,4 @@
-"""avgk.serving.AvgKSetModel in process: batches, and bad requests as INVALID_PARAMETER_VALUE naming the rows."""
+"""avgk.inference.serving.AvgKSetModel in process: batches, and bad requests as INVALID_PARAMETER_VALUE naming the rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from avgk.predict import SetPredictor
-from avgk.serving import AvgKSetModel
+from avgk.inference.predict import SetPredictor
+from avgk.inference.serving import AvgKSetModel
 from tests.helpers.runs import read_split
 
 

@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from avgk.study import cell_row, frequency_gains, paired_gains, summarize
-from avgk.study_config import StudyConfigError, load_study
+from avgk.experiments.study import cell_row, frequency_gains, paired_gains, summarize
+from avgk.experiments.study_config import StudyConfigError, load_study
 from tests.helpers.runs import ROOT
 
 STUDY = ROOT / "configs" / "studies" / "synthetic.yaml"

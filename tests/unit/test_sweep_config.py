@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from avgk.config import ConfigError
-from avgk.sweep_config import Domain, SweepConfigError, check_key, load_sweep
+from avgk.experiments.sweep_config import Domain, SweepConfigError, check_key, load_sweep
 from tests.helpers.runs import ROOT
 
 SWEEPS = ROOT / "configs" / "sweeps"

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from avgk import thresholds as thresholds_module
-from avgk.streamed_thresholds import StreamingSelector, StreamingThresholds, calibrate_thresholds_streamed
-from avgk.thresholds import (
+from avgk.method import thresholds as thresholds_module
+from avgk.method.streamed_thresholds import StreamingSelector, StreamingThresholds, calibrate_thresholds_streamed
+from avgk.method.thresholds import (
     calibrate_thresholds,
     float_to_key,
     key_to_float,

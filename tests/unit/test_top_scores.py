@@ -1,7 +1,7 @@
 """Top-T score rows give the full rows' thresholds, metrics and pseudo-labels bit for bit, or say they cannot.
 
-Every case runs avgk.passes' specs twice through run_passes_local, over the same rows split in
-chunks: once on full N x L rows, once on their top-T form (avgk.top_scores.top_rows), and
+Every case runs avgk.evaluation.passes' specs twice through run_passes_local, over the same rows split in
+chunks: once on full N x L rows, once on their top-T form (avgk.evaluation.top_scores.top_rows), and
 compares. Cases marked "fallback" are built so that the top-T rows cannot prove the result
 (a row holding many of the top-m scores); they must raise NotExact, never return a wrong value.
 """
@@ -13,9 +13,9 @@ import math
 import numpy as np
 import pytest
 
-from avgk import passes, top_scores
-from avgk.pseudo_label_table import positives_as_rows
-from avgk.top_scores import NotExact, exact_or_full, force_top_rows, select_top_rows, top_rows
+from avgk.evaluation import passes, top_scores
+from avgk.method.pseudo_label_table import positives_as_rows
+from avgk.evaluation.top_scores import NotExact, exact_or_full, force_top_rows, select_top_rows, top_rows
 
 KS = (1.0, 1.5, 2.0, 3.0)
 

@@ -10,11 +10,13 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from avgk import checkpoints, engine, inputs
+from avgk.training import checkpoints, engine
+
+from avgk.models import inputs
 from avgk.config import ConfigError, load_config
 from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
-from avgk.losses import build_loss
-from avgk.models import TwoHeadNet
+from avgk.method.losses import build_loss
+from avgk.models.networks import TwoHeadNet
 from tests.helpers.runs import SMOKE
 
 

@@ -1,27 +1,22 @@
 """Source converters for `avgk prepare`: image folders, Pl@ntNet-300K and CIFAR-100 -> WebDataset shards + manifest,
-and the synthetic generator; each registered by name (registry.SOURCES)."""
+and the synthetic generator; each named in avgk.config.registry.SOURCES."""
 
 from avgk.data.sources.cifar100 import block_label_noise, prepare_cifar100, stratified_holdout
 from avgk.data.sources.common import HIDDEN_REASON, IMAGE_SUFFIXES, ConvertOptions, available_cpus, encode_image
 from avgk.data.sources.imagefolder import prepare_imagefolder, ratio_split
 from avgk.data.sources.plantnet300k import SPECIES_NAMES_FILE, prepare_plantnet300k
-from avgk.data.sources import synthetic  # noqa: F401  (registers synthetic)
-from avgk.data.sources.registry import SOURCES, converter_for, register_source
 
 __all__ = [
-    "SOURCES",
     "HIDDEN_REASON",
     "IMAGE_SUFFIXES",
     "SPECIES_NAMES_FILE",
     "ConvertOptions",
     "available_cpus",
     "block_label_noise",
-    "converter_for",
     "encode_image",
     "prepare_cifar100",
     "prepare_imagefolder",
     "prepare_plantnet300k",
     "ratio_split",
-    "register_source",
     "stratified_holdout",
 ]

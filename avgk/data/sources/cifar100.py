@@ -24,7 +24,6 @@ import numpy as np
 
 from avgk.data.manifest import Manifest
 from avgk.config import DataConfig
-from avgk.data.sources.registry import register_source
 from avgk.data.sources.common import ConvertOptions, SplitPlan, encode_array, file_digest, write_image_dataset
 from avgk.data.sources.imagefolder import check_root
 
@@ -207,7 +206,6 @@ def prepare_cifar100(
     )
 
 
-@register_source("cifar100")
 def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
     return prepare_cifar100(root=data.root, shards_dir=data.shards, options=options, val_fraction=data.cifar_val_fraction,
                             split_seed=data.split_seed, noise_p=data.cifar_noise_p, noise_seed=data.cifar_noise_seed)

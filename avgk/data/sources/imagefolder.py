@@ -20,7 +20,6 @@ import numpy as np
 
 from avgk.data.manifest import Manifest
 from avgk.config import DataConfig
-from avgk.data.sources.registry import register_source
 from avgk.data.sources.common import (
     ClassTree,
     ConvertOptions,
@@ -147,7 +146,6 @@ def prepare_imagefolder(
     )
 
 
-@register_source("imagefolder")
 def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
     return prepare_imagefolder(root=data.root, shards_dir=data.shards, options=options,
                                split_ratios=data.split_ratios, split_seed=data.split_seed)

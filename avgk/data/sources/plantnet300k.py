@@ -13,7 +13,6 @@ from pathlib import Path
 
 from avgk.data.manifest import Manifest
 from avgk.config import DataConfig
-from avgk.data.sources.registry import register_source
 from avgk.data.sources.common import ConvertOptions, convert_file, file_digest, scan_class_folders, write_image_dataset
 from avgk.data.sources.imagefolder import SPLITS, check_root, plan_class_splits
 
@@ -97,6 +96,5 @@ def prepare_plantnet300k(
     )
 
 
-@register_source("plantnet300k")
 def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
     return prepare_plantnet300k(root=data.root, shards_dir=data.shards, options=options, metadata=data.plantnet_metadata)

@@ -6,10 +6,8 @@ from avgk.config import DataConfig
 from avgk.data.manifest import Manifest
 from avgk.data.shards import write_synthetic_shards
 from avgk.data.sources.common import ConvertOptions
-from avgk.data.sources.registry import register_source
 
 
-@register_source("synthetic")
 def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
     s = data.synthetic
     return write_synthetic_shards(

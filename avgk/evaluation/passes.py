@@ -1,0 +1,314 @@
+"""The one reduction protocol: thresholds, metrics and global pseudo-labels as passes of summable states.
+
+A pass spec says whether its passes are done, and runs the next pass over a stream of batches
+(dicts of numpy arrays: "scores" N x L, "label" N, "idx" N, "posterior" N x L), given the summed
+states of the passes before it. With `top=True` the batches hold top-T rows instead of the N x L
+columns ("scores_top", "scores_cut", ...: avgk.evaluation.top_scores), and each reduction proves its result
+equal to the full rows' or raises avgk.evaluation.top_scores.NotExact on the driver (the job then runs again
+on full rows). A driver sums each pass's states over wherever the batches are:
+
+- `run_passes_local` (here): one process, or the DDP ranks of a training run with
+  `reduce=avgk.runtime.distributed.all_reduce_sum`;
+- `pipelines.score.run_passes`: parallel Ray tasks over the blocks of a Ray Dataset, summed on
+  the driver.
+
+`evaluate` composes them into the metrics document (thresholds calibrated on val, test metrics,
+the Bayes oracle): training's final evaluation and `avgk evaluate` both call it, with their own
+driver, so they agree by construction.
+
+Legend: N samples, L classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import numpy as np
+
+from avgk.evaluation import top_scores
+from avgk.evaluation.metrics import SetMetrics, format_k
+from avgk.method.pseudo_labels import GlobalPseudoLabeler, GlobalSelection
+from avgk.method.streamed_thresholds import StreamingThresholds
+from avgk.evaluation.top_scores import NotExact, TopPseudoLabeler, TopThresholds
+
+Batch = dict[str, np.ndarray]
+Reduce = Callable[[np.ndarray], np.ndarray]
+
+
+class PassSpec(Protocol):
+    """A reduction in passes over score batches; each pass returns a summable state."""
+
+    def done(self, totals: list[Any]) -> bool:
+        """Whether the passes whose summed states are `totals` are all there is."""
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> Any:
+        """This stream's state of the next pass: an int64 array or a dict of them."""
+
+
+def _check_top(spec: Any) -> None:
+    if spec.top and spec.num_classes is None:
+        raise ValueError(f"{type(spec).__name__} over top-T rows needs num_classes (the full L), got None")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdsPass:
+    """StreamingThresholds' two passes over one column: the exact lambda_K for every K."""
+
+    ks: tuple[float, ...]
+    column: str = "scores"
+    top: bool = False
+    """Batches hold top-T rows of `column` (TopThresholds) rather than the N x L column."""
+    num_classes: int | None = None
+    """The full L; needed with top=True (K's rank is round(K N) of N x L values)."""
+
+    def __post_init__(self) -> None:
+        _check_top(self)
+
+    def calibrator(self, totals: list[Any]) -> StreamingThresholds | TopThresholds:
+        if self.top:
+            calibrator = TopThresholds(ks=self.ks, num_classes=self.num_classes)
+        else:
+            calibrator = StreamingThresholds(ks=self.ks)
+        for number, total in enumerate(totals):
+            calibrator.load_state(total)
+            if number == 0:
+                calibrator.next_pass()
+        return calibrator
+
+    def done(self, totals: list[Any]) -> bool:
+        return len(totals) == 2
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> np.ndarray:
+        calibrator = self.calibrator(totals)
+        names = top_scores.columns(self.column)
+        for batch in batches:
+            if self.top:
+                calibrator.update(top_NT=batch[names[top_scores.TOP]], cut_N=batch[names[top_scores.CUT]])
+            else:
+                calibrator.update(batch[self.column])
+        return calibrator.state()
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsPass:
+    """SetMetrics counts over one column, in one pass."""
+
+    num_classes: int
+    ks: tuple[float, ...]
+    thresholds: tuple[tuple[float, float], ...]
+    train_class_counts: tuple[int, ...] | None
+    freq_bins: tuple[int, int]
+    column: str = "scores"
+    top: bool = False
+    """Batches hold top-T rows of `column`; the state then also counts, per K, the rows whose set
+    size the top-T rows cannot prove ("unproven_K"), and metrics() raises NotExact unless it is 0."""
+
+    def metrics(self, totals: list[Any] | None = None) -> SetMetrics:
+        counts = None if self.train_class_counts is None else np.asarray(self.train_class_counts, dtype=np.int64)
+        metrics = SetMetrics(
+            num_classes=self.num_classes, ks=self.ks, thresholds=dict(self.thresholds),
+            train_class_counts=counts, freq_bins=self.freq_bins,
+        )
+        if totals:
+            state = dict(totals[0])
+            if self.top:
+                unproven_K = np.asarray(state.pop("unproven_K"))
+                for k, count in zip(self.ks, unproven_K.tolist()):
+                    if count:
+                        raise NotExact(
+                            f"K={k}: {count} row(s) of {self.column!r} keep a score not below lambda_K="
+                            f"{dict(self.thresholds)[k]!r} out of their top-T: their set sizes are unknown"
+                        )
+            metrics.load_state(state)
+        return metrics
+
+    def done(self, totals: list[Any]) -> bool:
+        return len(totals) == 1
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+        metrics = self.metrics()
+        if not self.top:
+            for batch in batches:
+                metrics.update(scores_NL=batch[self.column], labels_N=batch["label"])
+            return metrics.state()
+        names = top_scores.columns(self.column)
+        thresholds = dict(self.thresholds)
+        unproven_K = np.zeros(len(self.ks), dtype=np.int64)
+        for batch in batches:
+            metrics.update_top(top_NT=batch[names[top_scores.TOP]], true_N=batch[names[top_scores.TRUE]],
+                               num_above_true_N=batch[names[top_scores.ABOVE_TRUE]], labels_N=batch["label"])
+            unproven_K += top_scores.unproven_rows(cut_N=batch[names[top_scores.CUT]], thresholds=thresholds, ks=self.ks)
+        return {**metrics.state(), "unproven_K": unproven_K}
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabelPass:
+    """GlobalPseudoLabeler's passes over softmax score batches (idx, label, scores)."""
+
+    k: float
+    top: bool = False
+    """Batches hold top-T rows of "scores" with their class ids (TopPseudoLabeler)."""
+    num_classes: int | None = None
+    """The full L; needed with top=True."""
+
+    def __post_init__(self) -> None:
+        _check_top(self)
+
+    def labeler(self, totals: list[Any]) -> GlobalPseudoLabeler | TopPseudoLabeler:
+        if self.top:
+            return TopPseudoLabeler.resume(k=self.k, num_classes=self.num_classes, totals=totals)
+        return GlobalPseudoLabeler.resume(k=self.k, totals=totals)
+
+    def done(self, totals: list[Any]) -> bool:
+        return self.labeler(totals).done
+
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> Any:
+        labeler = self.labeler(totals)
+        names = top_scores.columns("scores")
+        for batch in batches:
+            if self.top:
+                labeler.update(top_NT=batch[names[top_scores.TOP]], classes_NT=batch[names[top_scores.CLASSES]],
+                               cut_N=batch[names[top_scores.CUT]], labels_N=batch["label"], idx_N=batch["idx"])
+            else:
+                labeler.update(probs_NL=batch["scores"], labels_N=batch["label"], idx_N=batch["idx"])
+        return labeler.state()
+
+    def selection(self, totals: list[Any]) -> GlobalSelection:
+        """The selection of the summed states of every pass; NotExact when top-T rows cannot prove it."""
+        return self.labeler(totals).selection
+
+
+def reduce_state(state: Any, reduce: Reduce) -> Any:
+    """A pass state summed with `reduce`: an array, or a dict of arrays in sorted key order (every
+    rank must issue its collectives in the same order)."""
+    if isinstance(state, dict):
+        return {key: reduce(value) for key, value in sorted(state.items())}
+    return reduce(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactCounts:
+    """A mostly-zero integer array in transit: its shape and dtype, where it is not zero, and the values there."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    index: np.ndarray
+    """Flat positions of the nonzero entries, increasing."""
+    values: np.ndarray
+
+
+_COMPACT_MIN_SIZE = 4096
+
+
+def compact_state(state: Any) -> Any:
+    """A pass state for transport between processes: each large integer array that is mostly zeros as
+    CompactCounts, everything else as is. A pass-2 histogram of the thresholds holds the few thousand
+    values of one bucket in 65,536 bins; sent whole, such states are most of a top-T job's object store."""
+    if isinstance(state, dict):
+        return {key: compact_state(value) for key, value in state.items()}
+    if isinstance(state, np.ndarray) and state.size >= _COMPACT_MIN_SIZE and np.issubdtype(state.dtype, np.integer):
+        index = np.flatnonzero(state)
+        if 2 * index.size < state.size:  # a position and a value per nonzero entry
+            return CompactCounts(shape=state.shape, dtype=state.dtype.str, index=index, values=state.reshape(-1)[index])
+    return state
+
+
+def expand_state(state: Any) -> Any:
+    """The inverse of compact_state: the same arrays, bit for bit."""
+    if isinstance(state, dict):
+        return {key: expand_state(value) for key, value in state.items()}
+    if isinstance(state, CompactCounts):
+        flat = np.zeros(math.prod(state.shape), dtype=np.dtype(state.dtype))
+        flat[state.index] = state.values
+        return flat.reshape(state.shape)
+    return state
+
+
+def run_passes_local(spec: PassSpec, batches: Callable[[], Iterable[Batch]], *, reduce: Reduce) -> list[Any]:
+    """`spec`'s passes over `batches()` (called once per pass), each state summed with `reduce`."""
+    totals: list[Any] = []
+    while not spec.done(totals):
+        totals.append(reduce_state(spec.run(totals, batches()), reduce))
+    return totals
+
+
+RunPasses = Callable[[PassSpec, str], list[Any]]
+"""A driver: the summed states of a spec's passes over a split ("val" or "test")."""
+
+
+@dataclasses.dataclass
+class Evaluation:
+    metrics: dict[str, Any]  # the metrics.json document
+    per_class: dict[str, np.ndarray]
+    thresholds: dict[float, float]
+
+
+def metrics_document(
+    *, ks: list[float], score_head: str, thresholds: dict[float, float], test: SetMetrics, oracle: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The metrics.json document; `oracle` is the compute() of SetMetrics over the true posteriors."""
+    test_doc = test.compute()
+    if oracle is not None:
+        test_doc["oracle_avg_k_accuracy"] = oracle["avg_k_accuracy"]
+        test_doc["oracle_macro_avg_k_accuracy"] = oracle["macro_avg_k_accuracy"]
+        test_doc["gap_to_oracle"] = {
+            key: oracle["avg_k_accuracy"][key] - test_doc["avg_k_accuracy"][key] for key in test_doc["avg_k_accuracy"]
+        }
+    return {
+        "ks": ks,
+        "score_head": score_head,
+        "val": {"thresholds": {format_k(k): v for k, v in thresholds.items()}},
+        "test": test_doc,
+    }
+
+
+def calibrate(
+    run: RunPasses, split: str, *, ks: Iterable[float], column: str = "scores", top: bool = False,
+    num_classes: int | None = None,
+) -> dict[float, float]:
+    """Exact lambda_K for every K over a split's `column` (top-T rows: num_classes is the full L)."""
+    spec = ThresholdsPass(ks=tuple(float(k) for k in ks), column=column, top=top, num_classes=num_classes)
+    return spec.calibrator(run(spec, split)).thresholds()
+
+
+def count_metrics(
+    run: RunPasses, split: str, *, num_classes: int, ks: Iterable[float], thresholds: dict[float, float],
+    train_class_counts: np.ndarray | None, freq_bins: tuple[int, int], column: str = "scores", top: bool = False,
+) -> SetMetrics:
+    """SetMetrics of a split's `column` against its labels: counts summed, nothing averaged."""
+    spec = MetricsPass(
+        num_classes=int(num_classes), ks=tuple(float(k) for k in ks),
+        thresholds=tuple((float(k), float(v)) for k, v in thresholds.items()),
+        train_class_counts=None if train_class_counts is None else tuple(int(c) for c in train_class_counts),
+        freq_bins=(int(freq_bins[0]), int(freq_bins[1])), column=column, top=top,
+    )
+    return spec.metrics(run(spec, split))
+
+
+def evaluate(
+    run: RunPasses,
+    *,
+    ks: list[float],
+    num_classes: int,
+    train_class_counts: np.ndarray,
+    freq_bins: tuple[int, int],
+    score_head: str,
+    with_posterior: bool,
+    top: bool = False,
+) -> Evaluation:
+    """Thresholds calibrated on val only, then every test metric; with the true posteriors (synthetic
+    data) the Bayes oracle, thresholded the same way. top: the splits hold top-T rows (raises
+    NotExact when they cannot prove a result)."""
+    thresholds = calibrate(run, "val", ks=ks, top=top, num_classes=num_classes)
+    test = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=thresholds,
+                         train_class_counts=train_class_counts, freq_bins=freq_bins, top=top)
+    oracle = None
+    if with_posterior:
+        oracle_thresholds = calibrate(run, "val", ks=ks, column="posterior", top=top, num_classes=num_classes)
+        oracle = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
+                               train_class_counts=None, freq_bins=freq_bins, column="posterior", top=top).compute()
+    document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test, oracle=oracle)
+    return Evaluation(metrics=document, per_class=test.per_class(), thresholds=thresholds)

@@ -1,0 +1,157 @@
+"""MLflow bookkeeping through an explicit client and run id (no global active run, so no duplicates).
+
+The driver creates the run (or finds the one a resumed run directory already names), the
+rank-0 worker logs into it by id, and the driver ends it with the final status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from avgk.config import Config
+from avgk.runtime import guardian, storage
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+# MLflow rejects param values longer than this.
+_MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(config: Config) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store beside the runs."""
+    if config.tracking.uri:
+        return config.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    storage_dir = config.run.storage
+    if "://" in storage_dir:
+        raise ValueError(
+            f"run.storage={storage_dir!r} is remote: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server"
+        )
+    return f"sqlite:///{Path(storage_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):  # made when first opened, not when named: a failed check writes nothing
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """The MLflow run of this run directory: reopened if a resumed run already has one, else created."""
+    from mlflow.entities import RunStatus
+
+    uri = tracking_uri(config)
+    client = _client(uri)
+    id_file = storage.join(storage.absolute(config.run_dir), RUN_ID_FILE)
+    if storage.exists(id_file):
+        run_id = storage.read_bytes(id_file).decode().strip()
+        try:
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return run_id
+        except Exception:  # the store was wiped or moved: start a fresh run
+            pass
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+    all_tags = {"avgk.run_dir": storage.absolute(config.run_dir), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=config.run.name, tags=all_tags)
+    run_id = run.info.run_id
+    log_params(uri, run_id, config.flat())
+    storage.write_bytes(id_file, run_id.encode())
+    return run_id
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    client = _client(uri)
+    for start in range(0, len(items), 100):  # MLflow caps params per batch at 100
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], *, step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if v is not None and math.isfinite(v)]
+    client = _client(uri)
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_artifact(uri: str, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(local_path), artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def end_run(uri: str, run_id: str, *, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+@dataclass
+class Outcome:
+    """The status a run ends with when its block completes; the block may lower it (e.g. FAILED cells)."""
+
+    status: str = "FINISHED"
+
+
+@contextlib.contextmanager
+def lifecycle(uri: str | None, run_id: str | None) -> Iterator[Outcome]:
+    """Ends the MLflow run with the status its block earned: FINISHED (or what the block set),
+    KILLED on Ctrl-C or SIGTERM (the CLI turns SIGTERM into a KeyboardInterrupt), FAILED on any other
+    error. Without a run id (tracking off) it only runs the block."""
+    outcome = Outcome()
+    if run_id:  # a command killed outright (kill -9) cannot end the run: its watcher will
+        guardian.run_started(uri, run_id)
+    try:
+        yield outcome
+    except BaseException as err:
+        if run_id:
+            end_run(uri, run_id, status="KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            guardian.run_ended(run_id)
+        raise
+    if run_id:
+        end_run(uri, run_id, status=outcome.status)
+        guardian.run_ended(run_id)
+
+
+TEST_METRICS = ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",
+                "macro_top_k_accuracy", "oracle_avg_k_accuracy", "gap_to_oracle")
+RESULT_FILES = ("metrics.json", "thresholds.json", "per_class.parquet", "config.yaml")
+
+
+def log_evaluation(uri: str, run_id: str, *, metrics: Mapping[str, Any], run_dir: str) -> None:
+    """A metrics document's test metrics as flat MLflow metrics (test_<name>_k<K>), plus the run directory's
+    result files as artifacts."""
+    test = metrics["test"]
+    flat: dict[str, float] = {}
+    for name in TEST_METRICS:
+        for key, value in (test.get(name) or {}).items():
+            if value is not None:
+                flat[f"test_{name}_k{key}"] = value
+    log_metrics(uri, run_id, flat, step=0)
+    for name in RESULT_FILES:
+        local = Path(run_dir) / name
+        if local.is_file():
+            log_artifact(uri, run_id, local)
