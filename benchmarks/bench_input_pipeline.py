@@ -309,15 +309,15 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
                 best = min(best, (time.perf_counter() - start) / len(items))
             return best * 1e3
 
-        from avgk.data.decoding import _decode_image_uint8
+        from avgk.data.decoding import decode_sample_image_uint8
 
         rows = [
             ("decode a 500 x 375 JPEG (the files), PIL", per_item(decode, big)),
             ("decode a 341 x 256 JPEG (resize_shorter=256 shards), PIL", per_item(decode, small)),
             ("decode a 500 x 375 JPEG to a uint8 tensor, avgk's decoder (torchvision.io)",
-             per_item(lambda b: _decode_image_uint8({"jpg": b}), big)),
+             per_item(lambda b: decode_sample_image_uint8({"jpg": b}), big)),
             ("decode a 341 x 256 JPEG to a uint8 tensor, avgk's decoder (torchvision.io)",
-             per_item(lambda b: _decode_image_uint8({"jpg": b}), small)),
+             per_item(lambda b: decode_sample_image_uint8({"jpg": b}), small)),
         ]
         decoded_big, decoded_small = [decode(b) for b in big], [decode(b) for b in small]
         rows.append(("product train transform of a 500 x 375 image", per_item(transform, decoded_big)))
@@ -325,7 +325,7 @@ def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tupl
         rows.append(("resize-crop transform of a 500 x 375 image", per_item(chain["resize-crop"], decoded_big)))
         rows.append(("resize-crop transform of a 341 x 256 image (its resize is a no-op)",
                      per_item(chain["resize-crop"], decoded_small)))
-        tensors_small = [_decode_image_uint8({"jpg": b}) for b in small]
+        tensors_small = [decode_sample_image_uint8({"jpg": b}) for b in small]
         rows.append(("  its geometry alone on the decoded uint8 tensor (what avgk's loader runs per 341 x 256 image)",
                      per_item(transform.geometry, tensors_small)))
         samples = [{"image": transform.geometry(t), "label": 0, "idx": i, "key": "k"}

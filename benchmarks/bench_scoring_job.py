@@ -95,7 +95,7 @@ def in_memory_table(repeats: int, seed: int) -> list[str]:
 
     from avgk.method.streamed_thresholds import StreamingThresholds
     from avgk.method.thresholds import calibrate_thresholds, reference_thresholds
-    from pipelines.score import calibrate_dataset
+    from tests.helpers.reductions import calibrate_dataset
 
     scores_NL = softmax_scores(np.random.default_rng(seed), NUM_VAL, NUM_CLASSES)
     t_sort, expected = best_time(lambda: reference_thresholds(scores_NL, KS), 2)
@@ -137,7 +137,7 @@ def streamed_table(*, stream_rows: int, block_rows: int, num_actors: int) -> lis
     import ray
 
     from avgk.evaluation.passes import MetricsPass, PseudoLabelPass, ThresholdsPass
-    from pipelines.score import block_groups, run_passes
+    from pipelines.reduction import block_groups, run_passes
     from avgk.method.pseudo_labels import GlobalPseudoLabeler
 
     num_blocks = -(-stream_rows // block_rows)
@@ -258,7 +258,7 @@ def main() -> None:
     import ray
 
     from pipelines import ray_env
-    from pipelines.score import quiet_ray_data
+    from pipelines.scoring import quiet_ray_data
 
     ray_env.connect()
     quiet_ray_data()

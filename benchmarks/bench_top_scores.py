@@ -16,7 +16,7 @@ order alternating):
 
 The model is replaced by an actor pool that generates random softmax rows chunk by chunk (the
 same seeded rows in both ways; the N x L matrix never exists outside one chunk), then keeps
-them as the jobs do (pipelines.score.score_columns), so what is measured is the job around the
+them as the jobs do (pipelines.scoring.score_columns), so what is measured is the job around the
 model. Sizes: "val" = Pl@ntNet-300K val, 31,118 x 1,081; "plantclef" = --plantclef-rows x 7,806.
 
 Measured per job:
@@ -137,7 +137,7 @@ class GeneratedScorer:
         self.top_t, self.with_classes, self.seed = top_t, with_classes, seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.score import score_columns
+        from pipelines.scoring import score_columns
 
         (block,) = batch["id"]
         start = int(block) * self.block_rows
@@ -183,7 +183,7 @@ class JobRun:
 def evaluate_job(run: JobRun, *, num_rows: int, num_classes: int, block_rows: int, seed: int) -> None:
     from avgk.evaluation import passes
     from avgk.evaluation.top_scores import exact_or_full
-    from pipelines.score import ray_runner
+    from pipelines.reduction import ray_runner
 
     start = time.perf_counter()
     ds = scored(num_rows=num_rows, num_classes=num_classes, block_rows=block_rows, top_t=run.top_t,
@@ -214,7 +214,7 @@ def pseudolabel_job(run: JobRun, *, num_rows: int, num_classes: int, block_rows:
     from avgk.training.pseudo_refresh import describe_selection
     from avgk.evaluation.top_scores import exact_or_full
     from pipelines.pseudolabel import select_dataset, write_table_dataset
-    from pipelines.score import block_groups
+    from pipelines.reduction import block_groups
 
     start = time.perf_counter()
     top = run.top_t is not None
@@ -298,7 +298,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.score import quiet_ray_data
+    from pipelines.scoring import quiet_ray_data
 
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()

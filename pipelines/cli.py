@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
-    from pipelines.calibrate import run_evaluate
+    from pipelines.evaluate import run_evaluate
     from avgk.experiments.summary import format_summary
 
     evaluation = run_evaluate(config, run=args.run, checkpoint=args.checkpoint)

@@ -7,19 +7,15 @@ mostly idle (BENCHMARKS.md, "Demo wall time").
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 import time
 
-from avgk.runtime import storage
-
-from avgk.records import tracking
 from avgk.config import Config, load_config
-from avgk.data.prepare import ensure_shards
-from avgk.records.runs import with_absolute_paths
-from pipelines import ray_env
 from avgk.experiments.summary import format_summary, verdict
+from avgk.records import tracking
+from avgk.records.runs import with_absolute_paths
+from avgk.runtime import storage
+from pipelines import job
 from pipelines.train import run_training
 
 METHODS = ("two_head", "ce")
@@ -47,10 +43,10 @@ def run_demo(overrides: list[str] | None = None) -> dict[str, dict]:
     base = load_config(None, overrides)
     configs = method_configs(base)
     start = time.perf_counter()
-    # Made once, before the runs start: both would otherwise write the same data set.
-    ensure_shards(configs[METHODS[0]])
+    # The data is made once, before the runs start: both would otherwise write the same data set.
+    # resume=None: each run's own start (pipelines.train.run_training) checks its run directory.
     needed = len(METHODS) * base.train.num_workers * base.train.cpus_per_worker
-    ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
+    job.start(configs[METHODS[0]], cpus=needed, resume=None)
     print(f"\n=== training {' and '.join(METHODS)} side by side ({base.train.epochs} epochs, "
           f"{base.train.num_workers} Ray worker(s) each; lines start with the run's name) ===", flush=True)
     results: dict[str, object] = {}

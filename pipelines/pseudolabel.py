@@ -8,7 +8,7 @@ counting pass, only when some but not all ties fit). The table goes to
 <run_dir>/pseudo_labels/ as parquet (idx int64, labels list<int32>; the selection and
 its provenance in the file metadata), written into a temporary folder and renamed into place.
 
-`run_pseudolabel` (the job): Ray Data scores the split with a checkpoint (pipelines.score),
+`run_pseudolabel` (the job): Ray Data scores the split with a checkpoint (pipelines.scoring),
 parallel tasks run the passes over the scores in the object store and write one part each; the
 driver only sums int64 states. By default (eval.score_rows=top) the object store holds only each
 sample's top-T scores and their class ids; when they cannot prove the selection (a sample with
@@ -43,8 +43,10 @@ from avgk.method.pseudo_labels import GlobalSelection
 from avgk.runtime.console import say
 from avgk.evaluation.passes import PseudoLabelPass
 from avgk.training.pseudo_refresh import SOFTMAX, describe_selection, summarize_selection
-from pipelines import ray_env
-from pipelines.score import block_groups, quiet_ray_data, run_passes, score_dataset, top_t_for
+from pipelines import job
+from pipelines.reduction import block_groups, run_passes
+from pipelines.scoring import quiet_ray_data, score_dataset, top_t_for
+from pipelines.scoring_inputs import load_job_inputs
 
 # ====================================================================== the Ray job
 
@@ -133,16 +135,14 @@ def run_pseudolabel(
     config as in `avgk evaluate`. The train scores are materialised once in the object store
     (which spills to disk) and read by every pass. Returns the selection and the table's URI.
     """
-    from pipelines.calibrate import prepare_job
-
-    config, run_dir, scoring, manifest = prepare_job(config, run=run, checkpoint=checkpoint)
+    config, run_dir, scoring, manifest = load_job_inputs(config, run=run, checkpoint=checkpoint)
     if SOFTMAX not in scoring.heads:
         raise ValueError(
             f"global pseudo-labels need the softmax head; the checkpoint's loss {scoring.config.loss.name!r} "
             f"has heads {list(scoring.heads)}"
         )
     k = config.loss.effective_pseudo_k
-    ray_env.connect()
+    config = job.start(config, cpus=0, resume=None, data=False)  # the inputs were checked above
     quiet_ray_data()
     log(f"pseudo-labelling the train split with {scoring.uri} (softmax head, K_pl={k:g})")
 

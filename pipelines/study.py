@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -117,8 +116,8 @@ def _claim_folder(root: Path, study: StudyConfig, base: Config) -> None:
 def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print) -> StudyResult:
     import ray
 
-    from pipelines import ray_env
     from avgk.data.prepare import prepare
+    from pipelines import job
     from avgk.records.runs import with_absolute_paths
 
     cells = [Cell(c.method, c.ambiguity, c.seed, with_absolute_paths(c.config)) for c in cells]
@@ -131,14 +130,8 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
         prepare(first.config, progress=False)
         log(f"data set ambiguity={format_k(ambiguity)}: {first.config.data.shards}")
 
-    uri = parent_run_id = None
-    if base.tracking.enabled:
-        parent_config = base.model_copy(update={"run": base.run.model_copy(
-            update={"name": study.name, "storage": str(root.parent)})})
-        uri = tracking.tracking_uri(parent_config)
-        parent_run_id = tracking.start_run(parent_config, tags={"avgk.kind": "study", "avgk.study": study.name})
-        tracking.log_params(uri, parent_run_id, study.flat())
-
+    parent_config = base.model_copy(update={"run": base.run.model_copy(
+        update={"name": study.name, "storage": str(root.parent)})})
     records: dict[str, dict[str, Any]] = {}
     failed: list[str] = []
     todo = []
@@ -150,9 +143,12 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
             records[cell.name] = record
     log(f"study {study.name}: {len(cells)} cells ({len(records)} already finished), "
         f"{study.max_concurrent} at a time -> {root}")
-    with tracking.lifecycle(uri, parent_run_id) as outcome:
+    with job.tracked(parent_config, tags={"avgk.kind": "study", "avgk.study": study.name}) as run:
+        uri, parent_run_id, outcome = run.uri, run.run_id, run.outcome
+        if parent_run_id:
+            tracking.log_params(uri, parent_run_id, study.flat())
         if todo:
-            ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(study.max_concurrent * study.cpus_per_cell)))
+            job.join_cluster(cpus=study.max_concurrent * study.cpus_per_cell)
             task = ray.remote(num_cpus=study.cpus_per_cell, max_retries=0)(_train_cell)
             threads = max(1, math.ceil(study.cpus_per_cell))
             pending: dict[Any, Cell] = {}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,17 +12,14 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from avgk.training import checkpoints, engine, evaluation, preflight
-
-from avgk.runtime import provenance, storage
-
-from avgk.records import tracking
 from avgk.config import Config
-from avgk.runtime.console import say
-from avgk.data.prepare import ensure_shards
-from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint, with_absolute_paths
 from avgk.inference.serving import log_pyfunc_model
-from pipelines import ray_env
+from avgk.records import tracking
+from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint
+from avgk.runtime import provenance, storage
+from avgk.runtime.console import say
+from avgk.training import checkpoints, engine, evaluation, preflight
+from pipelines import job
 from pipelines.process_group import OwnAddressTorchConfig
 
 
@@ -146,18 +141,10 @@ def run_training(
 
     log_prefix starts every progress line of the workers (`avgk demo` runs two trainings at once).
     """
-    config = with_absolute_paths(config)
-    preflight.check_before_start(config)  # again for API callers; the CLI ran it before heavy imports
-    ensure_shards(config)
-    ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(config.train.num_workers * config.train.cpus_per_worker)))
+    config = job.start(config, cpus=config.train.num_workers * config.train.cpus_per_worker)
     check_resources(config)
-    uri = run_id = None
-    if config.tracking.enabled:
-        uri = tracking.tracking_uri(config)
-        run_id = tracking.start_run(config, parent_run_id=parent_run_id)
-    trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri, log_prefix=log_prefix)
-    with tracking.lifecycle(uri, run_id):
-        trainer.fit()
+    with job.tracked(config, parent_run_id=parent_run_id) as run:
+        build_trainer(config, mlflow_run_id=run.run_id, tracking_uri=run.uri, log_prefix=log_prefix).fit()
     metrics_file = storage.join(storage.absolute(config.run_dir), "metrics.json")
     if not storage.exists(metrics_file):
         return None

@@ -26,14 +26,11 @@ from typing import Any, Callable
 
 import yaml
 
-from avgk.training import preflight
-
-from avgk.runtime import storage
-
-from avgk.records import tracking
-from avgk.runtime.console import say
 from avgk.config import Config
 from avgk.evaluation.metrics import format_k
+from avgk.records import tracking
+from avgk.runtime import storage
+from avgk.runtime.console import say
 from avgk.experiments.sweep_config import SweepConfig, SweepConfigError, config_for
 
 SWEEP_FILE = "sweep.yaml"
@@ -293,12 +290,9 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipelines import ray_env
-    from pipelines.calibrate import run_evaluate
-    from avgk.records.runs import with_absolute_paths
-    from avgk.data.prepare import ensure_shards
+    from pipelines import job
+    from pipelines.evaluate import run_evaluate
 
-    base = with_absolute_paths(base)
     scheduler_cfg = sweep.scheduler
     max_t = scheduler_cfg.max_t or base.train.epochs
     if scheduler_cfg.name == "asha" and scheduler_cfg.grace_period > max_t:
@@ -306,27 +300,24 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
             f"sweep config error: scheduler.grace_period={scheduler_cfg.grace_period} must be <= max_t={max_t} "
             "(scheduler.max_t, default train.epochs)"
         )
-    preflight.check_before_start(base, resume=False)  # trials resume through Tune (_check_resume below)
-    ensure_shards(base)
+    per_trial_cpus = sweep.trial_cpus + base.train.num_workers * base.train.cpus_per_worker
+    # resume=False: trials resume through Tune (_check_resume below checks the sweep folder)
+    base = job.start(base, cpus=per_trial_cpus, resume=False)
     paths = SweepPaths(storage.join(base.run.storage, sweep.name))
     # What decides the trials; evaluate_best, max_concurrent_trials and trial_cpus may change on resume.
     trials_spec = sweep.model_dump(mode="json", include={"space", "overrides", "num_samples", "scheduler", "seed"})
     _check_resume(paths, {"sweep": trials_spec, "base": base.to_dict()}, log=log)
 
-    uri = parent_run_id = None
     # The parent run's directory is the sweep folder (its mlflow_run_id.txt reopens it on resume).
     parent_config = base.model_copy(update={"run": base.run.model_copy(update={"name": sweep.name})})
     base_tree = base.to_dict()
-    if base.tracking.enabled:
-        uri = tracking.tracking_uri(parent_config)
-        resumed = storage.exists(storage.join(paths.root, tracking.RUN_ID_FILE))
-        parent_run_id = tracking.start_run(parent_config, tags={"avgk.sweep": sweep.name, "avgk.kind": "sweep"})
-        if not resumed:  # MLflow params are write-once; a resume may change evaluate_best or the concurrency
-            tracking.log_params(uri, parent_run_id, sweep.flat())
-        base_tree["tracking"]["uri"] = uri  # every trial logs where the parent is, whatever its run.storage
-    with tracking.lifecycle(uri, parent_run_id):
-        per_trial_cpus = sweep.trial_cpus + base.train.num_workers * base.train.cpus_per_worker
-        ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(per_trial_cpus)))
+    resumed = storage.exists(storage.join(paths.root, tracking.RUN_ID_FILE))
+    with job.tracked(parent_config, tags={"avgk.sweep": sweep.name, "avgk.kind": "sweep"}) as run:
+        uri, parent_run_id = run.uri, run.run_id
+        if parent_run_id is not None:
+            if not resumed:  # MLflow params are write-once; a resume may change evaluate_best or the concurrency
+                tracking.log_params(uri, parent_run_id, sweep.flat())
+            base_tree["tracking"]["uri"] = uri  # every trial logs where the parent is, whatever its run.storage
         concurrency = _concurrency(sweep, base, log=log)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base_tree=base_tree, trials_dir=paths.trials,

@@ -4,7 +4,7 @@ The defaults are the embedded demo (`avgk demo`): 100 synthetic classes, a small
 a few minutes on a 2-core CPU. configs/*.yaml override them for real data sets.
 One module per section (data, model and loss, train, eval, run); `loading` builds a Config;
 `registry` names every loss, backbone family and data source a config may give.
-May import: avgk.runtime (storage URIs). Nothing else of avgk.
+Layer 2 of avgk: may import avgk.runtime (storage URIs), nothing above it.
 Importing this package imports neither torch nor Ray, so a config error answers at once.
 """
 

@@ -1,4 +1,7 @@
-"""Data layer: synthetic data, WebDataset shards with their manifest, loaders and transforms."""
+"""Data: synthetic data, WebDataset shards with their manifest, decoding, loaders and transforms,
+and the `avgk prepare` converters of real data sets (avgk.data.sources).
+Layer 4 of avgk: may import avgk.records, avgk.config and avgk.runtime, nothing above them.
+"""
 
 from avgk.data.manifest import Manifest, SplitInfo, read_manifest, write_manifest
 from avgk.data.loaders import eval_loader, num_train_batches, train_loader

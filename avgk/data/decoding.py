@@ -30,7 +30,8 @@ def _image_bytes(sample: Mapping[str, Any]) -> bytes:
     raise ValueError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
 
 
-def _decode_image(sample: Mapping[str, Any]) -> Image.Image:
+def decode_sample_image(sample: Mapping[str, Any]) -> Image.Image:
+    """The RGB PIL image of a shard sample (its jpg/png/... entry), for transforms that take PIL images."""
     with Image.open(io.BytesIO(_image_bytes(sample))) as image:
         return image.convert("RGB")
 
@@ -48,7 +49,7 @@ except ImportError:  # pragma: no cover - a torchvision without image decoders
     decode_image = None
 
 
-def _decode_image_uint8(sample: Mapping[str, Any]) -> torch.Tensor:
+def decode_sample_image_uint8(sample: Mapping[str, Any]) -> torch.Tensor:
     """uint8 3 x H x W RGB. torchvision.io decodes straight into a tensor, faster than PIL +
     convert + to-tensor with the same pixels (BENCHMARKS.md, P3); what it
     cannot give as 8-bit RGB (e.g. a 16-bit PNG) goes through PIL, as every image used to."""
@@ -74,11 +75,11 @@ class SampleDecoder:
     def __call__(self, sample: Mapping[str, Any]) -> dict:
         if isinstance(self.transform, ImageTransform):
             # its geometry takes tensors; uint8 out, the batch is normalised in Collate or later
-            image_CHW = self.transform.geometry(_decode_image_uint8(sample))
+            image_CHW = self.transform.geometry(decode_sample_image_uint8(sample))
         elif self.transform is not None:
-            image_CHW = self.transform(_decode_image(sample))  # any other transform gets a PIL image, as documented
+            image_CHW = self.transform(decode_sample_image(sample))  # any other transform gets a PIL image, as documented
         else:
-            image_CHW = _decode_image_uint8(sample).float().div_(255.0)
+            image_CHW = decode_sample_image_uint8(sample).float().div_(255.0)
         out = {
             "image": image_CHW,
             "label": int(sample["cls"]),

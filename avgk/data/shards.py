@@ -219,7 +219,8 @@ def remove_stale_partials(root: Path, split: str) -> None:
             continue
 
 
-def _encode_png(image_HWC: np.ndarray) -> bytes:
+def encode_png(image_HWC: np.ndarray) -> bytes:
+    """PNG bytes of an H x W x C uint8 image, at the fastest compression level (synthetic shards)."""
     buffer = io.BytesIO()
     Image.fromarray(image_HWC).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
@@ -320,7 +321,7 @@ def write_synthetic_shards(
         samples = (
             {
                 "key": f"{split}-{i:08d}",
-                "image": _encode_png(data.images_NHWC[i]),
+                "image": encode_png(data.images_NHWC[i]),
                 "ext": "png",
                 "cls": int(data.labels_N[i]),
                 "idx": i,

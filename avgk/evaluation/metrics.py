@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avgk.method.thresholds import _as_float32_2d, _validate_ks
+from avgk.method.thresholds import as_float32_2d, validate_ks
 
 __all__ = ["SetMetrics", "average_k_accuracy", "format_k"]
 
@@ -51,7 +51,7 @@ def average_k_accuracy(*, scores: Any, labels: Any, threshold: float) -> float:
 
     scores: N x L numpy array or torch tensor; labels: N integer class ids in [0, L).
     """
-    scores_NL = _as_float32_2d(scores)
+    scores_NL = as_float32_2d(scores)
     num_samples, num_classes = scores_NL.shape
     if num_samples == 0:
         raise ValueError("average_k_accuracy needs at least one sample, got N=0")
@@ -97,7 +97,7 @@ class SetMetrics:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.ks = _validate_ks(ks)
+        self.ks = validate_ks(ks)
         missing = [k for k in self.ks if k not in thresholds]
         if missing:
             raise ValueError(f"thresholds has no entry for K={missing}; it has K={sorted(thresholds)}")
@@ -132,7 +132,7 @@ class SetMetrics:
 
     def update(self, *, scores_NL: Any, labels_N: Any) -> None:
         """Adds a batch: N x L scores (numpy or torch, any device) and N labels in [0, L)."""
-        scores = _as_float32_2d(scores_NL, name="scores_NL")
+        scores = as_float32_2d(scores_NL, name="scores_NL")
         num_samples, num_classes = scores.shape
         if num_classes != self.num_classes:
             raise ValueError(f"scores_NL must have L={self.num_classes} columns, got shape {scores.shape}")
@@ -150,7 +150,7 @@ class SetMetrics:
         The counts equal update()'s on the full rows for every K whose threshold is above every
         row's largest score not kept: the caller checks that (avgk.evaluation.top_scores.unproven_rows).
         """
-        top_NT = _as_float32_2d(top_NT, name="top_NT")
+        top_NT = as_float32_2d(top_NT, name="top_NT")
         num_samples = top_NT.shape[0]
         labels = _as_labels(labels_N, num_samples=num_samples, num_classes=self.num_classes)
         true_N = np.asarray(true_N, dtype=np.float32)

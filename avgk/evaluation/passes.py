@@ -9,7 +9,7 @@ on full rows). A driver sums each pass's states over wherever the batches are:
 
 - `run_passes_local` (here): one process, or the DDP ranks of a training run with
   `reduce=avgk.runtime.distributed.all_reduce_sum`;
-- `pipelines.score.run_passes`: parallel Ray tasks over the blocks of a Ray Dataset, summed on
+- `pipelines.reduction.run_passes`: parallel Ray tasks over the blocks of a Ray Dataset, summed on
   the driver.
 
 `evaluate` composes them into the metrics document (thresholds calibrated on val, test metrics,

@@ -24,7 +24,7 @@ passes compute anyway, checked before any result is returned:
   exact when that value is > c.
 
 When a check fails the reduction raises NotExact (naming K, the values and the rule) and the
-job that ran it falls back to full score rows (pipelines.calibrate, pipelines.pseudolabel).
+job that ran it falls back to full score rows (pipelines.evaluate, pipelines.pseudolabel).
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ import torch
 
 from avgk.method.streamed_thresholds import StreamingSelector
 from avgk.method.thresholds import (
-    _midpoint,
-    _validate_ks,
+    float32_midpoint,
     float_to_key,
     key_to_float,
     rank_for_k,
+    validate_ks,
 )
 
 __all__ = [
@@ -192,7 +192,7 @@ class TopThresholds:
     """
 
     def __init__(self, *, ks: Iterable[float], num_classes: int) -> None:
-        self._ks = _validate_ks(ks)
+        self._ks = validate_ks(ks)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self._num_classes = int(num_classes)
@@ -244,7 +244,7 @@ class TopThresholds:
                     f"K={k}: the (m+1)-th largest kept score {lower!r} (m={m}) is below the largest score "
                     f"not kept, {cut!r}: some row has more than {num_kept} scores that may rank above it"
                 )
-        return {k: _midpoint(values[m].value, values[m + 1].value) for k, m in self._ms.items()}
+        return {k: float32_midpoint(values[m].value, values[m + 1].value) for k, m in self._ms.items()}
 
 
 def unproven_rows(*, cut_N: Any, thresholds: Mapping[float, float], ks: Iterable[float]) -> np.ndarray:

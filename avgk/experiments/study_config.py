@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from avgk.config import Config, ConfigError, Section, find_config_file, format_errors
 from avgk.evaluation.metrics import format_k
-from avgk.experiments.sweep_config import _detail, check_key, config_for, read_plan, resolve_base
+from avgk.experiments.sweep_config import check_key, config_error_detail, config_for, read_plan, resolve_base
 
 # Keys a study sets itself for each cell: a method may not override them.
 CELL_KEYS = ("data.shards", "data.synthetic.ambiguity_rate", "train.seed", "run.name", "run.storage")
@@ -167,7 +167,7 @@ def build_cells(study: StudyConfig, base: Config) -> list[Cell]:
                 try:
                     config = config_for(tree, values)
                 except ConfigError as err:
-                    raise StudyConfigError(f"study config error: methods[{method!r}] {overrides}: {_detail(err)}") from None
+                    raise StudyConfigError(f"study config error: methods[{method!r}] {overrides}: {config_error_detail(err)}") from None
                 cells.append(Cell(method=method, ambiguity=ambiguity, seed=seed, config=config))
     return cells
 

@@ -231,7 +231,7 @@ def validate_space(sweep: SweepConfig, base_tree: dict[str, Any]) -> None:
     try:
         config_for(base_tree, lasts)
     except ConfigError as err:
-        raise SweepConfigError(f"sweep config error: space values {lasts} together: {_detail(err)}") from None
+        raise SweepConfigError(f"sweep config error: space values {lasts} together: {config_error_detail(err)}") from None
 
 
 def _try(tree: dict[str, Any], values: dict[str, Any], *, key: str, value: Any, domain: Domain) -> None:
@@ -239,11 +239,12 @@ def _try(tree: dict[str, Any], values: dict[str, Any], *, key: str, value: Any, 
         config_for(tree, values)
     except ConfigError as err:
         raise SweepConfigError(
-            f"sweep config error: space[{key!r}] = {value!r} (from {domain.kind} {domain.values}): {_detail(err)}"
+            f"sweep config error: space[{key!r}] = {value!r} (from {domain.kind} {domain.values}): {config_error_detail(err)}"
         ) from None
 
 
-def _detail(err: ConfigError) -> str:
+def config_error_detail(err: ConfigError) -> str:
+    """A ConfigError's message without its "config error: " prefix, to follow a sweep's or study's own."""
     return str(err).removeprefix("config error: ")
 
 
@@ -305,7 +306,7 @@ def resolve_base(path: Path, base: str, file_overrides: dict[str, Any], cli_over
     try:
         config = config_for(config.to_dict(), file_overrides)
     except ConfigError as err:
-        raise error(f"{kind} config error: overrides {file_overrides}: {_detail(err)}") from None
+        raise error(f"{kind} config error: overrides {file_overrides}: {config_error_detail(err)}") from None
     # The command line's config keys win over the file's overrides.
     return build_config(config.to_dict(), cli_overrides)
 

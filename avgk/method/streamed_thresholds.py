@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 
 from avgk.method.thresholds import (
-    _as_float32_2d,
-    _midpoint,
-    _validate_ks,
-    _validate_ranks,
+    as_float32_2d,
+    float32_midpoint,
     float_to_key,
     key_to_float,
     rank_for_k,
+    validate_ks,
+    validate_ranks,
 )
 
 __all__ = [
@@ -111,7 +111,7 @@ class StreamingSelector:
     def update(self, chunk: Any) -> None:
         """Adds an n_i x L chunk to the local state of the current pass."""
         self._require({"pass1", "pass2"}, "update")
-        chunk_NL = _as_float32_2d(chunk, name="chunk")
+        chunk_NL = as_float32_2d(chunk, name="chunk")
         num_rows, num_cols = chunk_NL.shape
         if self._local_num_cols is None:
             if num_cols < 1:
@@ -177,7 +177,7 @@ class StreamingSelector:
                 f"this process saw L={self._local_num_cols} columns but the totals imply L={num_cols}: "
                 "all processes must stream chunks with the same L"
             )
-        ranks_R = _validate_ranks(self._ranks_fn(num_rows, num_cols), num_values)
+        ranks_R = validate_ranks(self._ranks_fn(num_rows, num_cols), num_values)
         # Descending cumulative counts: cum_desc[i] = number of keys in the top i+1 buckets.
         hist_desc = hist_B[::-1]
         cum_desc = np.cumsum(hist_desc)
@@ -251,7 +251,7 @@ class StreamingThresholds(StreamingSelector):
     """
 
     def __init__(self, *, ks: Iterable[float]) -> None:
-        self._ks = _validate_ks(ks)
+        self._ks = validate_ks(ks)
         self._ms: dict[float, int] = {}
         super().__init__(ranks_fn=self._ranks_for_ks)
 
@@ -263,7 +263,7 @@ class StreamingThresholds(StreamingSelector):
         """{float(K): lambda_K}, after the pass-2 load_state."""
         self._require({"done"}, "thresholds")
         values = self.values_at_ranks()
-        return {k: _midpoint(values[m].value, values[m + 1].value) for k, m in self._ms.items()}
+        return {k: float32_midpoint(values[m].value, values[m + 1].value) for k, m in self._ms.items()}
 
 
 def calibrate_thresholds_streamed(

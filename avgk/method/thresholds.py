@@ -17,13 +17,17 @@ import numpy as np
 import torch
 
 __all__ = [
+    "as_float32_2d",
     "calibrate_thresholds",
+    "float32_midpoint",
     "float_to_key",
     "key_to_float",
     "kth_largest",
     "rank_for_k",
     "reference_thresholds",
     "round_count",
+    "validate_ks",
+    "validate_ranks",
 ]
 
 _INT32_MIN = np.int32(-(2**31))
@@ -39,7 +43,8 @@ _SORT_MAX_VALUES = 1 << 22
 # --------------------------------------------------------------------------- validation
 
 
-def _validate_ks(ks: Iterable[float]) -> list[float]:
+def validate_ks(ks: Iterable[float]) -> list[float]:
+    """The Ks as a list of floats; ValueError unless a non-empty sequence of finite numbers > 0."""
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
         raise ValueError(f"ks must be a sequence of positive numbers, got {ks!r}")
     ks_list = [float(k) for k in ks]
@@ -87,7 +92,7 @@ def rank_for_k(*, num_samples: int, num_classes: int, k: float) -> int:
 # --------------------------------------------------------------------------- conversions
 
 
-def _as_float32_2d(scores: Any, *, name: str = "scores") -> np.ndarray:
+def as_float32_2d(scores: Any, *, name: str = "scores") -> np.ndarray:
     """N x L float32 numpy view (or copy) of a numpy array or a torch tensor on any device."""
     if isinstance(scores, torch.Tensor):
         array = scores.detach().to(device="cpu", dtype=torch.float32).numpy()
@@ -122,7 +127,7 @@ def key_to_float(keys: Any) -> np.ndarray:
     return mask.view(np.float32)
 
 
-def _midpoint(upper: float, lower: float) -> float:
+def float32_midpoint(upper: float, lower: float) -> float:
     """0.5 * (upper + lower) computed by torch in float32, exactly as the reference does.
 
     Signed zeros tie in torch.sort, so which zero the reference picks is arbitrary; +0.0 is
@@ -140,9 +145,9 @@ def reference_thresholds(scores: Any, ks: Iterable[float]) -> dict[float, float]
 
     Ground truth for tests and benchmarks; use calibrate_thresholds in practice.
     """
-    scores_NL = torch.as_tensor(_as_float32_2d(scores))
+    scores_NL = torch.as_tensor(as_float32_2d(scores))
     num_samples, num_classes = scores_NL.shape
-    ks_list = _validate_ks(ks)
+    ks_list = validate_ks(ks)
     ms = {k: rank_for_k(num_samples=num_samples, num_classes=num_classes, k=k) for k in ks_list}
     if torch.isnan(scores_NL).any():
         raise ValueError("scores contain NaN; lambda_K is undefined")
@@ -153,7 +158,8 @@ def reference_thresholds(scores: Any, ks: Iterable[float]) -> dict[float, float]
 # --------------------------------------------------------------------------- in memory
 
 
-def _validate_ranks(ranks: Iterable[int], num_values: int) -> list[int]:
+def validate_ranks(ranks: Iterable[int], num_values: int) -> list[int]:
+    """The distinct 1-based ranks, ascending; ValueError if there are none or one is outside [1, num_values]."""
     ranks_R = sorted({int(r) for r in ranks})
     if not ranks_R:
         raise ValueError("ranks must hold at least one rank, got none")
@@ -206,7 +212,7 @@ def _candidates(
 
 def _select_descending(flat_V: np.ndarray, ranks: Iterable[int]) -> dict[int, np.float32]:
     """Exact float32 values at 1-based descending ranks of flat_V; raises on NaN."""
-    ranks_R = _validate_ranks(ranks, flat_V.size)
+    ranks_R = validate_ranks(ranks, flat_V.size)
     lo = hi = None
     if flat_V.size > _SMALL_NUM_VALUES:
         lo, hi = _sampled_bracket(flat_V, ranks_R[0], ranks_R[-1])
@@ -251,10 +257,10 @@ def calibrate_thresholds(scores: Any, ks: Iterable[float]) -> dict[float, float]
     bracket and collects those inside it, and only the small candidate set is sorted; a bracket
     that misses is widened, down to the whole array, so the result is always exact.
     """
-    scores_NL = _as_float32_2d(scores)
+    scores_NL = as_float32_2d(scores)
     num_samples, num_classes = scores_NL.shape
-    ks_list = _validate_ks(ks)
+    ks_list = validate_ks(ks)
     ms = {k: rank_for_k(num_samples=num_samples, num_classes=num_classes, k=k) for k in ks_list}
     needed_ranks = {r for m in ms.values() for r in (m, m + 1)}
     values = _select_descending(scores_NL.reshape(-1), needed_ranks)
-    return {k: _midpoint(values[m], values[m + 1]) for k, m in ms.items()}
+    return {k: float32_midpoint(values[m], values[m + 1]) for k, m in ms.items()}

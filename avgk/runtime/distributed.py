@@ -43,11 +43,6 @@ def all_reduce_sum(array: np.ndarray) -> np.ndarray:
     return tensor.cpu().numpy().astype(array.dtype, copy=False)
 
 
-def all_reduce_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """all_reduce_sum applied to every array of a mergeable state dict (same keys on every rank)."""
-    return {key: all_reduce_sum(value) for key, value in sorted(state.items())}
-
-
 def broadcast_object(obj: object) -> object:
     """Rank 0's `obj` on every rank."""
     if not is_distributed():

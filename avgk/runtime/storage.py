@@ -300,12 +300,3 @@ def write_json(uri: str, obj: Any) -> None:
 
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
-
-
-def upload_dir(local_dir: str | Path, uri: str) -> None:
-    """Copy a local folder to `uri` (a no-op when they are the same place)."""
-    fs, path = resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem) and Path(path) == Path(local_dir).resolve():
-        return
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

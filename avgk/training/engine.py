@@ -26,9 +26,9 @@ from avgk.runtime import distributed as dist
 from avgk.runtime import storage
 from avgk.config import Config, save_config
 from avgk.data.loaders import num_train_batches, train_loader
-from avgk.data.manifest import Manifest, read_manifest
+from avgk.data.manifest import read_manifest
 from avgk.evaluation.accounting import shortfall_warning
-from avgk.method.losses import Loss, build_loss, score_head_for
+from avgk.method.losses import build_loss, score_head_for
 from avgk.evaluation.metrics import format_k
 from avgk.models.networks import build_model
 from avgk.records.runs import CHECKPOINT_FILE

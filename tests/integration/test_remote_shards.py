@@ -40,7 +40,7 @@ def _same(actual, expected, path="metrics"):
 def test_prepare_train_and_evaluate_from_s3_match_local_shards(cluster, smoke_shards, tmp_path, capsys):
     from avgk.data.manifest import read_manifest
     from pipelines import cli
-    from pipelines.calibrate import run_evaluate
+    from pipelines.evaluate import run_evaluate
     from pipelines.train import run_training
 
     remote = f"s3://{BUCKET}/smoke"

@@ -68,7 +68,8 @@ def test_thresholds_and_metrics_of_a_random_matrix_over_three_tasks(local_ray):
     import ray
 
     from avgk.evaluation.passes import ThresholdsPass
-    from pipelines.score import block_groups, metrics_dataset, run_passes
+    from pipelines.reduction import block_groups, run_passes
+    from tests.helpers.reductions import metrics_dataset
 
     ds = ray.data.range(NUM_BLOCKS, override_num_blocks=NUM_BLOCKS).map_batches(_generate, batch_size=1)
     groups = block_groups(ds, 3)
@@ -92,9 +93,9 @@ def test_thresholds_and_metrics_of_a_random_matrix_over_three_tasks(local_ray):
 
 
 def _generate_top(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """random_block's rows in the top-T form a scoring actor emits (pipelines.score.score_columns);
+    """random_block's rows in the top-T form a scoring actor emits (pipelines.scoring.score_columns);
     with "flat_row", block 3's first row is flat at the top of the matrix (more top scores than T)."""
-    from pipelines.score import score_columns
+    from pipelines.scoring import score_columns
 
     (seed,), (top_t,), (flat_row,) = batch["id"], batch["top_t"], batch["flat_row"]
     scores, labels = random_block(int(seed))
@@ -110,7 +111,7 @@ def test_top_rows_over_ray_tasks_equal_full_rows_or_raise(local_ray):
     import ray
 
     from avgk.evaluation.top_scores import NotExact
-    from pipelines.score import calibrate_dataset, metrics_dataset
+    from tests.helpers.reductions import calibrate_dataset, metrics_dataset
 
     def top_dataset(*, flat_row: bool):
         items = [{"id": i, "top_t": 40, "flat_row": flat_row} for i in range(NUM_BLOCKS)]
@@ -164,7 +165,7 @@ def assert_same_document(actual, expected, path="metrics"):
 def test_evaluate_equals_the_trainings_evaluation(trained):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.calibrate import run_evaluate
+    from pipelines.evaluate import run_evaluate
 
     evaluation = run_evaluate(trained.config, run=str(trained.run_dir), num_actors=2)
     written = json.loads((trained.run_dir / "metrics.json").read_text())
@@ -183,7 +184,9 @@ def test_evaluate_equals_the_trainings_evaluation(trained):
 
 
 def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
-    from pipelines.score import calibrate_dataset, load_scoring_model, score_dataset
+    from tests.helpers.reductions import calibrate_dataset
+    from pipelines.scoring_inputs import load_scoring_model
+    from pipelines.scoring import score_dataset
 
     scoring = load_scoring_model(str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt"))
     val = score_dataset(scoring, manifest=read_manifest(trained.config.data.shards), split="val", head="multilabel",
@@ -197,7 +200,8 @@ def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
 
 def test_pseudolabel_job_equals_brute_force(trained):
     from pipelines.pseudolabel import run_pseudolabel
-    from pipelines.score import load_scoring_model, score_dataset
+    from pipelines.scoring_inputs import load_scoring_model
+    from pipelines.scoring import score_dataset
 
     selection, uri = run_pseudolabel(trained.config, run=str(trained.run_dir), checkpoint="last", num_actors=2)
     table = read_pseudo_label_table(uri)
@@ -233,7 +237,7 @@ def test_evaluate_on_few_kept_scores_falls_back_and_says_so(trained):
     top-4 row can count, so the job must score again with full rows, say so, and give the training's
     evaluation. (The proven top-row path through Ray: test_top_rows_over_ray_tasks_equal_full_rows_or_raise; on
     this weak 2-epoch model even top-19 rows fall back, its posteriors being flat.)"""
-    from pipelines.calibrate import run_evaluate
+    from pipelines.evaluate import run_evaluate
 
     largest_set = max(int(size) for hist in trained.metrics["test"]["set_size_histogram"].values() for size in hist)
     assert largest_set > 4  # what makes top_t=4 unprovable on this model
@@ -333,7 +337,7 @@ def test_offline_pseudo_labels_train_and_match_the_job(workers, smoke_shards, tm
 
 def test_gpu_scoring_on_a_cluster_without_gpu_waits_then_says_so(local_ray):
     """An autoscaling cluster may have no GPU when the job starts: ask, wait eval.gpu_wait_seconds, then one clear error."""
-    from pipelines.score import plan_scoring
+    from pipelines.scoring import plan_scoring
 
     with pytest.raises(ValueError, match=r"has no GPU \(waited eval.gpu_wait_seconds=0.5 s"):
         plan_scoring(use_gpu=True, gpu_wait_seconds=0.5)

@@ -336,9 +336,9 @@ def test_a_killed_writers_partial_folder_is_removed_by_the_next_write(tmp_path):
     stale = shards / f".train.partial-{int(dead.stdout)}"
     stale.mkdir(parents=True)
     (stale / "shard-000000.tar").write_bytes(b"half a shard")
-    from avgk.data.shards import _encode_png, write_split
+    from avgk.data.shards import encode_png, write_split
 
-    image = _encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+    image = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
     samples = [{"key": f"s{i}", "image": image, "ext": "png", "cls": i % 2, "idx": i} for i in range(4)]
     write_split(samples=samples, shards_dir=shards, split="train", num_classes=2)
     assert not stale.exists()

@@ -439,7 +439,7 @@ def _encoded(image_HWC: np.ndarray, fmt: str, **options) -> bytes:
 def test_tensor_decoding_gives_the_pixels_pil_gives(kind):
     # Loaders with an ImageTransform decode with torchvision.io (faster); it must match PIL's RGB,
     # which predict and any other transform use, and fall back to PIL where it cannot give 8-bit RGB.
-    from avgk.data.decoding import _decode_image, _decode_image_uint8
+    from avgk.data.decoding import decode_sample_image, decode_sample_image_uint8
 
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 256, (21, 34, 3), dtype=np.uint8)
@@ -451,17 +451,17 @@ def test_tensor_decoding_gives_the_pixels_pil_gives(kind):
         "png-16bit-gray": lambda: ("png", _encoded(rng.integers(0, 65536, (21, 34)).astype(np.uint16), "PNG")),
     }[kind]()
     sample = {"__key__": "k", data[0]: data[1]}
-    tensor = _decode_image_uint8(sample)
+    tensor = decode_sample_image_uint8(sample)
     assert tensor.dtype == torch.uint8 and tensor.shape == (3, 21, 34)
-    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(_decode_image(sample)))
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(decode_sample_image(sample)))
 
 
 @pytest.mark.parametrize("broken", ["garbage", "truncated"])
 def test_a_broken_image_raises_what_pil_raises_for_the_skip_handler(broken):
     # torchvision's decoder fails on it, PIL then raises its own error (not a half-decoded image)
-    from avgk.data.decoding import _decode_image_uint8
+    from avgk.data.decoding import decode_sample_image_uint8
 
     jpeg = _encoded(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG")
     data = b"not an image at all" if broken == "garbage" else jpeg[: len(jpeg) // 2]
     with pytest.raises(OSError, match="cannot identify image file" if broken == "garbage" else "truncated"):
-        _decode_image_uint8({"__key__": "k", "jpg": data})
+        decode_sample_image_uint8({"__key__": "k", "jpg": data})

@@ -1,5 +1,7 @@
 """Source converters for `avgk prepare`: image folders, Pl@ntNet-300K and CIFAR-100 -> WebDataset shards + manifest,
-and the synthetic generator; each named in avgk.config.registry.SOURCES."""
+and the synthetic generator; each named in avgk.config.registry.SOURCES.
+Part of avgk.data (layer 4): may import the rest of avgk.data, avgk.records, avgk.config and avgk.runtime.
+"""
 
 from avgk.data.sources.cifar100 import block_label_noise, prepare_cifar100, stratified_holdout
 from avgk.data.sources.common import HIDDEN_REASON, IMAGE_SUFFIXES, ConvertOptions, available_cpus, encode_image

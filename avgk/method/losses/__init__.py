@@ -1,4 +1,7 @@
-"""Training losses, chosen by name from the config (`loss.name`, avgk.config.registry.LOSSES)."""
+"""Training losses, chosen by name from the config (`loss.name`, avgk.config.registry.LOSSES).
+Part of avgk.method (layer 5): may import the rest of avgk.method, avgk.data, avgk.records, avgk.config
+and avgk.runtime, nothing above them.
+"""
 
 from avgk.method.losses.base import Loss, LossOutput, build_loss, head_scores, loss_class, score_head_for
 from avgk.method.losses.baselines import (

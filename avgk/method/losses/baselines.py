@@ -36,7 +36,8 @@ Parts = dict[str, torch.Tensor]
 # ---------------------------------------------------------------- validation
 
 
-def _check_reduction(reduction: str) -> str:
+def check_reduction(reduction: str) -> str:
+    """`reduction` if it is 'sum' or 'mean', else ValueError naming loss.reduction."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"loss.reduction must be 'sum' or 'mean', got {reduction!r}")
     return reduction
@@ -54,7 +55,8 @@ def _check_nonnegative(name: str, value: float) -> float:
     return value
 
 
-def _check_k(k: float, num_classes: int) -> float:
+def check_k(k: float, num_classes: int) -> float:
+    """`k` if 0 < k < num_classes, else ValueError naming loss.k."""
     if not 0 < k < num_classes:
         raise ValueError(f"loss.k must be in (0, {num_classes}) (the number of classes), got {k}")
     return k
@@ -72,7 +74,8 @@ def _check_warmup(epochs: int) -> int:
     return epochs
 
 
-def _check_num_classes(num_classes: int) -> int:
+def check_num_classes(num_classes: int) -> int:
+    """`num_classes` if it is at least 2 (one positive and one unobserved entry), else ValueError."""
     if num_classes < 2:
         raise ValueError(f"single-positive baselines need at least 2 classes, got num_classes={num_classes}")
     return num_classes
@@ -81,7 +84,7 @@ def _check_num_classes(num_classes: int) -> int:
 # ---------------------------------------------------------------- per-entry terms
 
 
-def _positives(*, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_and_positives(*, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 logits B x L and the B x L 0/1 matrix of observed positives."""
     assert logits.ndim == 2 and labels.shape == logits.shape[:1], (tuple(logits.shape), tuple(labels.shape))
     z_BL = logits.float()
@@ -89,7 +92,7 @@ def _positives(*, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return z_BL, pos_BL
 
 
-def _neg_log_p(z_BL: torch.Tensor) -> torch.Tensor:
+def neg_log_p(z_BL: torch.Tensor) -> torch.Tensor:
     """-log p, stable for any logit."""
     return -F.logsigmoid(z_BL)
 
@@ -102,10 +105,10 @@ def _neg_log_1mp(z_BL: torch.Tensor) -> torch.Tensor:
 def _binary_entropy(z_BL: torch.Tensor) -> torch.Tensor:
     """H(p) = -p log p - (1 - p) log(1 - p), from the logits."""
     p_BL = torch.sigmoid(z_BL)
-    return p_BL * _neg_log_p(z_BL) + (1 - p_BL) * _neg_log_1mp(z_BL)
+    return p_BL * neg_log_p(z_BL) + (1 - p_BL) * _neg_log_1mp(z_BL)
 
 
-def _epr_regulariser(*, probs_BL: torch.Tensor, k: float) -> torch.Tensor:
+def epr_regulariser(*, probs_BL: torch.Tensor, k: float) -> torch.Tensor:
     """(mean_i sum_j p[i, j] - K)^2 / L^2 (Cole et al.'s expected positive regulariser, L2 form)."""
     return (probs_BL.sum(1).mean() - k) ** 2 / probs_BL.shape[1] ** 2
 
@@ -115,7 +118,7 @@ def _epr_regulariser(*, probs_BL: torch.Tensor, k: float) -> torch.Tensor:
 
 def _an_parts(*, z_BL, pos_BL, reduction) -> Parts:
     return {
-        "pos": reduce_entries(terms_BL=pos_BL * _neg_log_p(z_BL), reduction=reduction),
+        "pos": reduce_entries(terms_BL=pos_BL * neg_log_p(z_BL), reduction=reduction),
         "neg": reduce_entries(terms_BL=(1 - pos_BL) * _neg_log_1mp(z_BL), reduction=reduction),
     }
 
@@ -129,15 +132,15 @@ def _an_ls_parts(*, z_BL, pos_BL, reduction, eps) -> Parts:
 def _wan_parts(*, z_BL, pos_BL, reduction) -> Parts:
     num_classes = z_BL.shape[1]
     return {
-        "pos": reduce_entries(terms_BL=pos_BL * _neg_log_p(z_BL), reduction=reduction),
+        "pos": reduce_entries(terms_BL=pos_BL * neg_log_p(z_BL), reduction=reduction),
         "neg": reduce_entries(terms_BL=(1 - pos_BL) * _neg_log_1mp(z_BL) / (num_classes - 1), reduction=reduction),
     }
 
 
 def _epr_parts(*, z_BL, pos_BL, reduction, k) -> Parts:
     return {
-        "pos": reduce_entries(terms_BL=pos_BL * _neg_log_p(z_BL), reduction=reduction),
-        "reg": z_BL.shape[0] * _epr_regulariser(probs_BL=torch.sigmoid(z_BL), k=k),
+        "pos": reduce_entries(terms_BL=pos_BL * neg_log_p(z_BL), reduction=reduction),
+        "reg": z_BL.shape[0] * epr_regulariser(probs_BL=torch.sigmoid(z_BL), k=k),
     }
 
 
@@ -146,7 +149,7 @@ def _em_parts(*, z_BL, pos_BL, reduction, alpha, apl_neg_BL=None, beta=0.0) -> P
     neg_BL = torch.zeros_like(pos_BL) if apl_neg_BL is None else apl_neg_BL.to(pos_BL.dtype)
     unknown_BL = 1 - pos_BL - neg_BL
     parts = {
-        "pos": reduce_entries(terms_BL=pos_BL * _neg_log_p(z_BL), reduction=reduction),
+        "pos": reduce_entries(terms_BL=pos_BL * neg_log_p(z_BL), reduction=reduction),
         "entropy": reduce_entries(terms_BL=-alpha * unknown_BL * _binary_entropy(z_BL), reduction=reduction),
     }
     if apl_neg_BL is not None:
@@ -154,7 +157,8 @@ def _em_parts(*, z_BL, pos_BL, reduction, alpha, apl_neg_BL=None, beta=0.0) -> P
     return parts
 
 
-def _batch_mean(parts: Parts, batch_size: int) -> torch.Tensor:
+def batch_mean(parts: Parts, batch_size: int) -> torch.Tensor:
+    """The sum of the named parts (sums over the batch) divided by the batch size."""
     return sum(parts.values()) / batch_size
 
 
@@ -163,38 +167,38 @@ def _batch_mean(parts: Parts, batch_size: int) -> torch.Tensor:
 
 def an_loss(*, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     """Assume negative: -log p on the positive, -log(1 - p) on every other class."""
-    z_BL, pos_BL = _positives(logits=logits, labels=labels)
-    return _batch_mean(_an_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=_check_reduction(reduction)), len(z_BL))
+    z_BL, pos_BL = logits_and_positives(logits=logits, labels=labels)
+    return batch_mean(_an_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=check_reduction(reduction)), len(z_BL))
 
 
 def an_ls_loss(*, logits: torch.Tensor, labels: torch.Tensor, reduction: str, eps: float) -> torch.Tensor:
     """AN with label smoothing: BCE against targets (1 - eps) t + eps (1 - t)."""
-    z_BL, pos_BL = _positives(logits=logits, labels=labels)
-    parts = _an_ls_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=_check_reduction(reduction), eps=_check_eps(eps))
-    return _batch_mean(parts, len(z_BL))
+    z_BL, pos_BL = logits_and_positives(logits=logits, labels=labels)
+    parts = _an_ls_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=check_reduction(reduction), eps=_check_eps(eps))
+    return batch_mean(parts, len(z_BL))
 
 
 def wan_loss(*, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     """Weak assume negative: AN with the negative terms divided by L - 1."""
-    z_BL, pos_BL = _positives(logits=logits, labels=labels)
-    _check_num_classes(z_BL.shape[1])
-    return _batch_mean(_wan_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=_check_reduction(reduction)), len(z_BL))
+    z_BL, pos_BL = logits_and_positives(logits=logits, labels=labels)
+    check_num_classes(z_BL.shape[1])
+    return batch_mean(_wan_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=check_reduction(reduction)), len(z_BL))
 
 
 def epr_loss(*, logits: torch.Tensor, labels: torch.Tensor, reduction: str, k: float) -> torch.Tensor:
     """-log p on the positive only, plus (mean_i sum_j p[i, j] - K)^2 / L^2 (not divided by L)."""
-    z_BL, pos_BL = _positives(logits=logits, labels=labels)
-    parts = _epr_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=_check_reduction(reduction), k=_check_k(k, z_BL.shape[1]))
-    return _batch_mean(parts, len(z_BL))
+    z_BL, pos_BL = logits_and_positives(logits=logits, labels=labels)
+    parts = _epr_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=check_reduction(reduction), k=check_k(k, z_BL.shape[1]))
+    return batch_mean(parts, len(z_BL))
 
 
 def em_loss(*, logits: torch.Tensor, labels: torch.Tensor, reduction: str, alpha: float) -> torch.Tensor:
     """Entropy maximisation: -log p on the positive, -alpha * H(p) on every other entry."""
-    z_BL, pos_BL = _positives(logits=logits, labels=labels)
+    z_BL, pos_BL = logits_and_positives(logits=logits, labels=labels)
     parts = _em_parts(
-        z_BL=z_BL, pos_BL=pos_BL, reduction=_check_reduction(reduction), alpha=_check_nonnegative("alpha", alpha)
+        z_BL=z_BL, pos_BL=pos_BL, reduction=check_reduction(reduction), alpha=_check_nonnegative("alpha", alpha)
     )
-    return _batch_mean(parts, len(z_BL))
+    return batch_mean(parts, len(z_BL))
 
 
 def apl_negative_mask(*, logits: torch.Tensor, labels: torch.Tensor, proportion: float) -> torch.Tensor:
@@ -202,7 +206,7 @@ def apl_negative_mask(*, logits: torch.Tensor, labels: torch.Tensor, proportion:
 
     Chosen on detached scores; ties go to the lower row index, so the mask is deterministic.
     """
-    z_BL, pos_BL = _positives(logits=logits.detach(), labels=labels)
+    z_BL, pos_BL = logits_and_positives(logits=logits.detach(), labels=labels)
     return _apl_mask(z_BL=z_BL, pos_BL=pos_BL, proportion=_check_proportion(proportion))
 
 
@@ -228,17 +232,17 @@ def em_apl_loss(
     *, logits: torch.Tensor, labels: torch.Tensor, reduction: str, alpha: float, beta: float, neg_proportion: float
 ) -> torch.Tensor:
     """EM with asymmetric pseudo-labels (after warm-up): see `EmAplLoss`."""
-    z_BL, pos_BL = _positives(logits=logits, labels=labels)
+    z_BL, pos_BL = logits_and_positives(logits=logits, labels=labels)
     neg_BL = apl_negative_mask(logits=z_BL, labels=labels, proportion=neg_proportion)
     parts = _em_parts(
         z_BL=z_BL,
         pos_BL=pos_BL,
-        reduction=_check_reduction(reduction),
+        reduction=check_reduction(reduction),
         alpha=_check_nonnegative("alpha", alpha),
         apl_neg_BL=neg_BL,
         beta=_check_nonnegative("beta", beta),
     )
-    return _batch_mean(parts, len(z_BL))
+    return batch_mean(parts, len(z_BL))
 
 
 # ---------------------------------------------------------------- registered modules (batch sums)
@@ -252,13 +256,13 @@ class SinglePositiveLoss(Loss):
 
     def __init__(self, *, reduction: str):
         super().__init__()
-        self.reduction = _check_reduction(reduction)
+        self.reduction = check_reduction(reduction)
 
     def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         raise NotImplementedError
 
     def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
-        z_BL, pos_BL = _positives(logits=logits["multilabel"], labels=labels)
+        z_BL, pos_BL = logits_and_positives(logits=logits["multilabel"], labels=labels)
         parts = self.parts(z_BL=z_BL, pos_BL=pos_BL, epoch=epoch)
         return LossOutput(total_sum=sum(parts.values()), parts_sum={n: v.detach() for n, v in parts.items()})
 
@@ -294,7 +298,7 @@ class WanLoss(SinglePositiveLoss):
 
     def __init__(self, *, reduction: str, num_classes: int):
         super().__init__(reduction=reduction)
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
 
     @classmethod
     def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "WanLoss":
@@ -312,7 +316,7 @@ class EprLoss(SinglePositiveLoss):
 
     def __init__(self, *, reduction: str, k: float, num_classes: int):
         super().__init__(reduction=reduction)
-        self.k = _check_k(k, _check_num_classes(num_classes))
+        self.k = check_k(k, check_num_classes(num_classes))
 
     @classmethod
     def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "EprLoss":

@@ -21,13 +21,13 @@ from avgk.method.losses.two_head import reduce_entries
 from avgk.method.losses.baselines import (
     Parts,
     SinglePositiveLoss,
-    _batch_mean,
-    _epr_regulariser,
-    _check_k,
-    _check_num_classes,
-    _check_reduction,
-    _neg_log_p,
-    _positives,
+    batch_mean,
+    check_k,
+    check_num_classes,
+    check_reduction,
+    epr_regulariser,
+    logits_and_positives,
+    neg_log_p,
 )
 
 
@@ -41,8 +41,8 @@ def _role_parts(*, z_BL, u_BL, pos_BL, reduction, k) -> Parts:
 
     def side(own_BL, own_probs_BL, other_probs_BL):
         cross_BL = F.binary_cross_entropy_with_logits(own_BL, other_probs_BL.detach(), reduction="none")
-        entries = reduce_entries(terms_BL=pos_BL * _neg_log_p(own_BL) + cross_BL, reduction=reduction)
-        return 0.5 * (entries + batch_size * _epr_regulariser(probs_BL=own_probs_BL, k=k))
+        entries = reduce_entries(terms_BL=pos_BL * neg_log_p(own_BL) + cross_BL, reduction=reduction)
+        return 0.5 * (entries + batch_size * epr_regulariser(probs_BL=own_probs_BL, k=k))
 
     return {"classifier": side(z_BL, p_BL, q_BL), "estimator": side(u_BL, q_BL, p_BL)}
 
@@ -54,16 +54,16 @@ def role_loss(
 
     Gradients reach `logits` from the classifier half and `estimate_logits` from the estimator half only.
     """
-    z_BL, pos_BL = _positives(logits=logits, labels=labels)
+    z_BL, pos_BL = logits_and_positives(logits=logits, labels=labels)
     assert estimate_logits.shape == z_BL.shape, (tuple(estimate_logits.shape), tuple(z_BL.shape))
     parts = _role_parts(
         z_BL=z_BL,
         u_BL=estimate_logits.float(),
         pos_BL=pos_BL,
-        reduction=_check_reduction(reduction),
-        k=_check_k(k, z_BL.shape[1]),
+        reduction=check_reduction(reduction),
+        k=check_k(k, z_BL.shape[1]),
     )
-    return _batch_mean(parts, len(z_BL))
+    return batch_mean(parts, len(z_BL))
 
 
 # ---------------------------------------------------------------- ROLE
@@ -115,7 +115,7 @@ class RoleLoss(SinglePositiveLoss):
         table_path: str | None = None,
     ):
         super().__init__(reduction=reduction)
-        self.k = _check_k(k, _check_num_classes(num_classes))
+        self.k = check_k(k, check_num_classes(num_classes))
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"loss.role_lr must be a finite number > 0, got {lr}")
         if num_train < 1:
@@ -200,7 +200,7 @@ class RoleLoss(SinglePositiveLoss):
         self.seen_N[idx_B] = True
 
     def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
-        z_BL, pos_BL = _positives(logits=logits["multilabel"], labels=labels)
+        z_BL, pos_BL = logits_and_positives(logits=logits["multilabel"], labels=labels)
         batch_size, num_classes = z_BL.shape
         assert num_classes == self.num_classes, (num_classes, self.num_classes)
         idx_B = self.checked_idx(idx, batch_size)

@@ -16,48 +16,18 @@ from typing import Callable
 
 import numpy as np
 
-from avgk.training import evaluation
-
-from avgk.evaluation import passes, top_scores
-
-from avgk.runtime import storage
-
-from avgk.records import tracking
-from avgk.evaluation.accounting import account_samples, shortfall_warning
-from avgk.runtime.console import say
 from avgk.config import Config
-from avgk.data.manifest import read_manifest
+from avgk.evaluation import passes, top_scores
+from avgk.evaluation.accounting import account_samples, shortfall_warning
 from avgk.method.losses import score_head_for
-from avgk.records.runs import resolve_checkpoint, run_dir_of, saved_run_config
-from pipelines import ray_env
-from pipelines.score import (
-    ray_runner,
-    ScoringModel,
-    load_scoring_model,
-    quiet_ray_data,
-    score_dataset,
-    top_t_for,
-)
-from avgk.records.runs import with_absolute_paths
-
-
-
-def prepare_job(config: Config, *, run: str | None, checkpoint: str | None) -> tuple[Config, str, ScoringModel]:
-    """Checks the inputs (before any Ray start) and loads the checkpoint: (config, run_dir, model, manifest)."""
-    config = with_absolute_paths(config)
-    run_dir = run_dir_of(config, run)
-    saved = saved_run_config(run_dir)
-    default = (saved or config).eval.checkpoint
-    uri = resolve_checkpoint(run_dir, checkpoint, default=default)
-    scoring = load_scoring_model(uri)
-    manifest = read_manifest(config.data.shards)
-    if scoring.num_classes != manifest.num_classes:
-        raise ValueError(
-            f"the checkpoint {uri} has L={scoring.num_classes} classes, the shards at {config.data.shards} have "
-            f"{manifest.num_classes}"
-        )
-    config.validate_num_classes(manifest.num_classes)
-    return config, run_dir, scoring, manifest
+from avgk.records import tracking
+from avgk.runtime import storage
+from avgk.runtime.console import say
+from avgk.training import evaluation
+from pipelines import job
+from pipelines.reduction import ray_runner
+from pipelines.scoring import quiet_ray_data, score_dataset, top_t_for
+from pipelines.scoring_inputs import load_job_inputs
 
 
 def log_to_run(config: Config, run_dir: str, result: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
@@ -91,8 +61,8 @@ def run_evaluate(
     and tracking; the model, its score head, transform, precision and batching come from
     the checkpoint's own config, so the scores are those of the training's evaluation.
     """
-    config, run_dir, scoring, manifest = prepare_job(config, run=run, checkpoint=checkpoint)
-    ray_env.connect()
+    config, run_dir, scoring, manifest = load_job_inputs(config, run=run, checkpoint=checkpoint)
+    config = job.start(config, cpus=0, resume=None, data=False)  # the inputs were checked above
     quiet_ray_data()
     head = score_head_for(scoring.config.loss)
     with_posterior = manifest.source == "synthetic"

@@ -1,32 +1,22 @@
-"""Ray Data batch inference over a split's shards, and exact streamed reductions over score datasets.
+"""Ray Data batch inference over a split's shards: how many scoring actors, and what each row holds.
 
 Legend: N samples, L classes, B model batch.
 
-Scoring (`score_dataset`): read tasks decode the shards into model batches, an actor pool
-runs the model, and the output holds one row per sample: idx (int64), label (int64),
-scores (float32 L-vector) and, on synthetic data, posterior (float32 L-vector). With `top_t`
-(the jobs' default, eval.score_rows=top) the actor keeps only each row's top-T form instead of
-the L-vectors (avgk.evaluation.top_scores: the T largest scores, the largest one not kept, the true
-label's score and rank), a few percent of the bytes at Pl@ntNet or PlantCLEF sizes; the
-reductions then prove every result exact or raise NotExact, and the jobs score again with
-full rows (`exact_or_full`).
-
-Reductions (`calibrate_dataset`, `metrics_dataset`, `run_passes`): parallel Ray tasks
-stream the blocks of a score dataset and return only mergeable int64 states (threshold
-histograms, SetMetrics counts, pseudo-label tie counts), which the driver sums. No process,
-driver included, ever holds the N x L matrix; the blocks live in Ray's object store, which
-spills to disk beyond its memory.
+Read tasks decode the shards into model batches, an actor pool runs the model, and the output
+holds one row per sample: idx (int64), label (int64), scores (float32 L-vector) and, on synthetic
+data, posterior (float32 L-vector). With `top_t` (the jobs' default, eval.score_rows=top) the actor
+keeps only each row's top-T form instead of the L-vectors (avgk.evaluation.top_scores: the T
+largest scores, the largest one not kept, the true label's score and rank), a few percent of the
+bytes at Pl@ntNet or PlantCLEF sizes; the reductions (pipelines.reduction) then prove every result
+exact or raise NotExact, and the jobs score again with full rows (`exact_or_full`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import resource
 import time
-import tracemalloc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,64 +24,14 @@ import ray
 import ray.data
 import torch
 
-from avgk.training import checkpoints, evaluation
-
-from avgk.evaluation import passes, top_scores
 from avgk.config import Config
 from avgk.data.loaders import eval_loader
 from avgk.data.manifest import Manifest
+from avgk.evaluation import top_scores
 from avgk.models.inputs import image_transform
-from avgk.method.losses import loss_class
-from avgk.evaluation.metrics import SetMetrics
-from avgk.evaluation.passes import PassSpec, RunPasses, ThresholdsPass
+from avgk.training import checkpoints, evaluation
+from pipelines.scoring_inputs import ScoringModel
 
-__all__ = [
-    "ScoringActor",
-    "ScoringModel",
-    "ScoringPlan",
-    "calibrate_dataset",
-    "load_scoring_model",
-    "metrics_dataset",
-    "plan_scoring",
-    "quiet_ray_data",
-    "ray_runner",
-    "run_passes",
-    "score_dataset",
-    "top_t_for",
-]
-
-# ====================================================================== checkpoints
-
-
-@dataclasses.dataclass
-class ScoringModel:
-    """What a scoring actor needs: the weights, and the config they were trained with."""
-
-    model_state: dict[str, torch.Tensor]
-    config: Config
-    """The checkpoint's own config: architecture, heads, eval transform, precision and batching."""
-    num_classes: int
-    uri: str
-
-    @property
-    def heads(self) -> tuple[str, ...]:
-        return loss_class(self.config.loss.name).heads
-
-
-def load_scoring_model(uri: str) -> ScoringModel:
-    """The model part of a training checkpoint (optimizer and RNG states are dropped)."""
-    state = checkpoints.load_checkpoint_file_uri(uri)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{uri} is not an avgk training checkpoint (a dict with 'model' and 'config')")
-    return ScoringModel(
-        model_state=state["model"],
-        config=Config.model_validate(state["config"]),
-        num_classes=int(state["num_classes"]),
-        uri=uri,
-    )
-
-
-# ====================================================================== scoring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,154 +265,3 @@ def quiet_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-
-
-# ====================================================================== streamed reductions
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskReport:
-    """What one reduction task did: for balance checks and memory estimates."""
-
-    pid: int
-    num_blocks: int
-    num_rows: int
-    seconds: float
-    peak_rss_bytes: int
-    """Peak resident memory of the task's worker process (its whole life so far, object-store pages it read included)."""
-    peak_traced_bytes: int
-    """Peak of the task's own Python/numpy allocations (tracemalloc), when run_passes(trace_memory=True); else 0."""
-
-
-@dataclasses.dataclass
-class PassesResult:
-    totals: list[Any]
-    reports: list[list[TaskReport]]
-    """One list per pass, one report per task."""
-
-
-def _blocks(block_refs: list[ray.ObjectRef], counter: list[int]) -> Iterator[dict[str, np.ndarray]]:
-    from ray.data.block import BlockAccessor
-
-    for ref in block_refs:
-        batch = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
-        counter[0] += len(next(iter(batch.values()))) if batch else 0
-        yield batch
-
-
-@ray.remote
-def _pass_task(
-    spec: PassSpec, totals: list[Any], block_refs: list[ray.ObjectRef], trace_memory: bool
-) -> tuple[Any, TaskReport]:
-    if trace_memory:
-        tracemalloc.start()
-    start = time.perf_counter()
-    counter = [0]
-    state = passes.compact_state(spec.run([passes.expand_state(t) for t in totals], _blocks(block_refs, counter)))
-    seconds = time.perf_counter() - start
-    traced = 0
-    if trace_memory:
-        traced = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    report = TaskReport(
-        pid=os.getpid(), num_blocks=len(block_refs), num_rows=counter[0], seconds=seconds,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_traced_bytes=traced,
-    )
-    return state, report
-
-
-def _sum_states(compacted: list[Any]) -> Any:
-    states = [passes.expand_state(state) for state in compacted]
-    if isinstance(states[0], dict):
-        return {key: np.sum([s[key] for s in states], axis=0) for key in states[0]}
-    return np.sum(states, axis=0)
-
-
-def block_groups(ds: ray.data.Dataset, num_tasks: int | None) -> list[list[ray.ObjectRef]]:
-    """The dataset's block references dealt round-robin into at most `num_tasks` groups.
-
-    Executes a lazy dataset once and keeps its blocks in the object store (a materialised
-    dataset costs nothing here); the driver only holds references.
-    """
-    refs = ds.to_arrow_refs()
-    if num_tasks is None:
-        num_tasks = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    num_tasks = max(1, min(num_tasks, len(refs)))
-    return [refs[i::num_tasks] for i in range(num_tasks)]
-
-
-def run_passes(
-    ds: ray.data.Dataset, spec: PassSpec, *, num_tasks: int | None = None, task_cpus: float = 1.0,
-    groups: list[list[ray.ObjectRef]] | None = None, trace_memory: bool = False,
-    log: Callable[[str], None] | None = None, label: str = "pass",
-) -> PassesResult:
-    """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums.
-
-    `groups` (from block_groups) lets several reductions share one assignment of blocks to tasks.
-    States and totals travel compacted (avgk.evaluation.passes.compact_state): mostly-zero histograms as their
-    nonzero entries, small enough for Ray to pass inline instead of through the object store.
-    """
-    groups = groups or block_groups(ds, num_tasks)
-    totals: list[Any] = []
-    reports: list[list[TaskReport]] = []
-    task = _pass_task.options(num_cpus=task_cpus)
-    while not spec.done(totals):
-        start = time.perf_counter()
-        totals_ref = ray.put([passes.compact_state(total) for total in totals])
-        results = ray.get([task.remote(spec, totals_ref, group, trace_memory) for group in groups])
-        totals.append(_sum_states([state for state, _ in results]))
-        reports.append([report for _, report in results])
-        if log is not None:
-            rows = sum(report.num_rows for report in reports[-1])
-            log(f"{label}: pass {len(totals)} over {rows} rows in {len(groups)} tasks, "
-                f"{time.perf_counter() - start:.1f} s")
-    return PassesResult(totals=totals, reports=reports)
-
-
-def calibrate_dataset(
-    ds: ray.data.Dataset, *, ks: Iterable[float], column: str = "scores", num_tasks: int | None = None,
-    log: Callable[[str], None] | None = None, top: bool = False, num_classes: int | None = None,
-) -> dict[float, float]:
-    """Exact lambda_K for every K over the rows' `column` (float32 L-vectors), equal to reference_thresholds.
-
-    avgk.evaluation.passes.calibrate driven by Ray: two passes of StreamingThresholds in `num_tasks` parallel
-    tasks (default: one per cluster CPU, at most one per block), each returning a 65,536-bin int64
-    histogram (a few in pass 2, sent as their nonzero entries) that the driver sums. A lazy
-    dataset is executed once and its blocks kept in the object store for both passes; pass a
-    materialised one to share it with other reductions (the model then runs once per split). `top`: the rows are top-T rows of
-    `num_classes` scores (raises NotExact when they cannot prove a lambda_K).
-    """
-    return passes.calibrate(ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", ks=ks, column=column,
-                            top=top, num_classes=num_classes)
-
-
-def metrics_dataset(
-    ds: ray.data.Dataset,
-    *,
-    num_classes: int,
-    ks: Iterable[float],
-    thresholds: dict[float, float],
-    train_class_counts: np.ndarray | None = None,
-    freq_bins: tuple[int, int] = (20, 100),
-    column: str = "scores",
-    num_tasks: int | None = None,
-    log: Callable[[str], None] | None = None,
-    top: bool = False,
-) -> SetMetrics:
-    """SetMetrics of the rows' `column` against their `label`: avgk.evaluation.passes.count_metrics driven by Ray tasks."""
-    return passes.count_metrics(
-        ray_runner({"rows": ds}, num_tasks=num_tasks, log=log), "rows", num_classes=num_classes, ks=ks,
-        thresholds=thresholds, train_class_counts=train_class_counts, freq_bins=freq_bins, column=column, top=top,
-    )
-
-
-def ray_runner(
-    datasets: dict[str, ray.data.Dataset], *, num_tasks: int | None = None, log: Callable[[str], None] | None = None
-) -> RunPasses:
-    """The Ray driver of avgk.evaluation.passes: each pass in parallel tasks over a split's dataset, summed on the driver."""
-    def run(spec: PassSpec, split: str) -> list[Any]:
-        kind = "thresholds" if isinstance(spec, ThresholdsPass) else "metrics"
-        oracle = "oracle " if getattr(spec, "column", "scores") == "posterior" else ""
-        return run_passes(datasets[split], spec, num_tasks=num_tasks, log=log, label=f"{split} {oracle}{kind}").totals
-
-    return run

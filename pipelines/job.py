@@ -1,0 +1,70 @@
+"""The start every Ray verb shares: absolute paths, the driver's checks, the data, the cluster, and
+the MLflow run the job records itself under.
+
+    config = job.start(config, cpus=...)                 # before any work
+    with job.tracked(config, tags={...}) as run:         # run.uri, run.run_id (None: tracking off)
+        ...                                              # ended FINISHED, FAILED or KILLED
+
+`start` joins the cluster in RAY_ADDRESS or starts a local one, unless this process has joined one
+already (a caller that runs several verbs in one cluster); `tracked` opens its run as a child of
+`parent_run_id` when one is given, so a caller can hang several jobs under one parent run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from avgk.config import Config
+from avgk.data.prepare import ensure_shards
+from avgk.records import tracking
+from avgk.records.runs import with_absolute_paths
+from avgk.training import preflight
+from pipelines import ray_env
+
+
+def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool = True) -> Config:
+    """The config with absolute paths, checked, its data ready and the cluster joined.
+
+    `cpus`: the logical CPUs the job needs at once (a local cluster gets at least that many).
+    `resume`: True checks that a run directory left by an earlier run may be resumed (run.resume);
+    False skips that check (a sweep's trials resume through Tune); None runs no driver check (the
+    caller's steps run them each). `data`: synthetic shards are generated on first use and the
+    config is checked against the manifest (avgk.data.prepare.ensure_shards).
+    """
+    config = with_absolute_paths(config)
+    if resume is not None:
+        preflight.check_before_start(config, resume=resume)
+    if data:
+        ensure_shards(config)
+    join_cluster(cpus=cpus)
+    return config
+
+
+def join_cluster(*, cpus: float = 0.0) -> None:
+    """RAY_ADDRESS's cluster, else a local one of at least `cpus` logical CPUs; nothing if already joined."""
+    ray_env.connect(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
+
+
+@dataclass
+class TrackedRun:
+    uri: str | None
+    run_id: str | None
+    outcome: tracking.Outcome
+    """Set `outcome.status` to end the run with another status than FINISHED (e.g. FAILED cells)."""
+
+
+@contextlib.contextmanager
+def tracked(
+    config: Config, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[TrackedRun]:
+    """The MLflow run of `config.run_dir` (reopened on resume), ended with the status the block earned."""
+    uri = run_id = None
+    if config.tracking.enabled:
+        uri = tracking.tracking_uri(config)
+        run_id = tracking.start_run(config, parent_run_id=parent_run_id, tags=tags)
+    with tracking.lifecycle(uri, run_id) as outcome:
+        yield TrackedRun(uri=uri, run_id=run_id, outcome=outcome)
