@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/avgk demo
 
-# Two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one process).
-test: $(STAMP)
+# The layer contracts (import-linter): avgk's layers import only downwards, avgk never imports ray or pipelines.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
+# The checks, then two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one process).
+test: lint
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=40
 
 test-fast: $(STAMP)
