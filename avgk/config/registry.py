@@ -4,25 +4,40 @@ One pattern for all three. Each registry is a torch-free table, name -> "module:
 table is the single source of truth: a config validates its names against it before torch loads,
 and `get` imports the module the first time the name is used. A built-in name is one line in a
 table below. Code outside avgk adds its own names with the one decorator, `registry.register(name)`,
-in a module imported before the config that names them is loaded.
+in a module that an installed package names as an entry point of the registry's group
+(`avgk.losses`, `avgk.backbones`, `avgk.sources`): every process that meets an unknown name, a Ray
+worker included, imports those modules once before it refuses the name.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
 from typing import Any
 
 
 class Registry:
     """Named implementations of one kind, resolved lazily from "module:attribute" paths."""
 
-    def __init__(self, kind: str, *, key: str, table: Mapping[str, str]) -> None:
+    def __init__(self, kind: str, *, key: str, table: Mapping[str, str], plugins: str) -> None:
         self.kind = kind
         self.key = key
         """The config key that names an entry (for errors): 'loss.name'."""
+        self.plugins = plugins
+        """The entry-point group whose modules register names from outside avgk."""
         self._paths: dict[str, str] = dict(table)
         self._loaded: dict[str, Any] = {}
+        self._plugins_loaded = False
+
+    def load_plugins(self) -> None:
+        """Imports, once, every module installed packages name under the entry-point group `plugins`."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for entry_point in entry_points(group=self.plugins):
+            entry_point.load()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -33,6 +48,8 @@ class Registry:
 
     def check(self, name: str) -> str:
         """`name` if it is registered, else ValueError naming the key, the value and every registered name."""
+        if name not in self._paths:
+            self.load_plugins()
         if name not in self._paths:
             raise ValueError(f"{self.key}={name!r} is not a registered {self.kind}; registered: {', '.join(self.names)}")
         return name
@@ -54,7 +71,13 @@ class Registry:
         def add(obj: Any) -> Any:
             if name in self._paths:
                 raise ValueError(f"{self.kind} {name!r} is registered already, by {self._paths[name]}")
-            self._paths[name] = f"{obj.__module__}:{getattr(obj, '__qualname__', name)}"
+            if hasattr(obj, "__qualname__"):  # a class or a function
+                where = f"{obj.__module__}:{obj.__qualname__}"
+            else:  # an instance (a backbone Family): the module that registered it
+                caller = inspect.currentframe()
+                module = caller.f_back.f_globals.get("__name__", "?") if caller and caller.f_back else "?"
+                where = f"{module}:{name}"
+            self._paths[name] = where
             self._loaded[name] = obj
             return obj
 
@@ -69,6 +92,7 @@ class Registry:
 LOSSES = Registry(
     "loss",
     key="loss.name",
+    plugins="avgk.losses",
     table={
         "two_head": "avgk.method.losses.two_head:TwoHeadLoss",
         "ce": "avgk.method.losses.two_head:CrossEntropyLoss",
@@ -86,6 +110,7 @@ LOSSES = Registry(
 BACKBONES = Registry(
     "backbone family",
     key="model.backbone",
+    plugins="avgk.backbones",
     table={
         "small_cnn": "avgk.models.backbones:SMALL_CNN",
         "timm": "avgk.models.backbones:TIMM",
@@ -97,6 +122,7 @@ BACKBONES = Registry(
 SOURCES = Registry(
     "data source",
     key="data.source",
+    plugins="avgk.sources",
     table={
         "synthetic": "avgk.data.sources.synthetic:from_config",
         "imagefolder": "avgk.data.sources.imagefolder:from_config",

@@ -288,7 +288,7 @@ def train_loader(
     (None: [0, 1] floats, no augmentation). An ImageTransform (build_transform's) runs its
     geometry per image and normalises each batch in one pass; with `normalize=False` the images
     stay uint8 B x 3 x H x W, for the consumer to normalise where the model runs
-    (avgk.models.networks.model_input): 4x less shared memory and host-to-device traffic.
+    (avgk.models.inputs.model_input): 4x less shared memory and host-to-device traffic.
     """
     _check_rank(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
     _check_normalize(transform, normalize)

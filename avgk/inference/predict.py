@@ -30,6 +30,7 @@ from avgk.config import Config
 from avgk.data.manifest import read_manifest
 from avgk.models.inputs import image_transform
 from avgk.method.losses import head_scores, loss_class
+from avgk.records.runs import resolve_checkpoint, saved_run_config
 from avgk.evaluation.metrics import format_k
 
 __all__ = [
@@ -152,9 +153,6 @@ class SetPredictor:
         checkpoint=None takes the one the run's evaluation used (its eval.checkpoint), the one
         thresholds.json was calibrated with; another checkpoint reuses those thresholds as they are.
         """
-        # The one checkpoint resolver lives with the scoring jobs (importing it imports Ray).
-        from avgk.records.runs import resolve_checkpoint, saved_run_config
-
         run_dir = storage.absolute(run_dir)
         saved = saved_run_config(run_dir) if storage.exists(run_dir) else None
         default = saved.eval.checkpoint if saved is not None else "best"

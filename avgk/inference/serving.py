@@ -111,7 +111,7 @@ def pyfunc_signature(*, default_k: float):
 
 def code_paths() -> list[str]:
     """avgk's package folder: the model's only code (the model class, SetPredictor and what they import)."""
-    return [str(Path(__file__).resolve().parent)]
+    return [str(Path(__file__).resolve().parents[1])]
 
 
 def pip_requirements() -> list[str]:

@@ -4,6 +4,7 @@ added from outside avgk, and ValueErrors that name the key, the value and what i
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def test_errors_name_the_key_the_value_and_what_is_registered():
 
 
 def test_a_name_registered_twice_is_refused_with_a_value_error():
-    registry = Registry("thing", key="thing.name", table={"a": "math:pi"})
+    registry = Registry("thing", key="thing.name", table={"a": "math:pi"}, plugins="avgk.tests.none")
     with pytest.raises(ValueError, match="thing 'a' is registered already, by math:pi"):
         registry.register("a")(lambda: None)
     with pytest.raises(ValueError, match="loss 'ce' is registered already, by avgk.method.losses.two_head:CrossEntropyLoss"):
@@ -68,6 +69,30 @@ def test_a_new_backbone_family_is_one_decorator():
         assert model(torch.zeros(2, 3, 8, 8))["softmax"].shape == (2, 3)
         with pytest.raises(ValueError, match="the width must be a number"):
             backbones.check("mlp:wide")
+        with pytest.raises(ValueError, match="backbone family 'mlp' is registered already, by "
+                                             "tests.unit.test_registries:mlp"):
+            BACKBONES.register("mlp")(family)
     finally:
         BACKBONES.unregister("mlp")
     assert "mlp" not in BACKBONES
+
+
+def test_an_installed_plugin_registers_its_names_in_every_process_that_meets_them(tmp_path):
+    """A package naming a module under the `avgk.losses` entry-point group: a fresh process (a Ray worker
+    validating a config, say) finds the name without importing the module itself."""
+    (tmp_path / "my_losses.py").write_text(
+        "from avgk.config import LOSSES\n"
+        "@LOSSES.register('mine')\n"
+        "class MyLoss:\n"
+        "    heads = ('softmax',)\n"
+    )
+    dist = tmp_path / "my_losses-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-losses\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[avgk.losses]\nmine = my_losses\n")
+    code = ("from avgk.config import LOSSES, LossConfig; LossConfig(name='mine'); "
+            "assert LOSSES.path('mine') == 'my_losses:MyLoss', LOSSES.path('mine')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    with pytest.raises(ValueError, match="loss.name='mine' is not a registered loss"):
+        LossConfig(name="mine")  # this process has no such plugin

@@ -401,7 +401,7 @@ def test_loader_batches_equal_the_per_image_transform(shards, reference, num_wor
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_uint8_batches_normalised_later_equal_the_loader_normalised_ones(shards, num_workers):
-    # normalize=False: the consumer (avgk.models.networks.model_input) normalises where the model runs
+    # normalize=False: the consumer (avgk.models.inputs.model_input) normalises where the model runs
     transform = build_transform(train=False, resize=16, crop=16)
     common = dict(shards_dir=shards, split="test", batch_size=32, rank=0, world_size=1, num_workers=num_workers,
                   transform=transform)

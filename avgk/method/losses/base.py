@@ -1,4 +1,4 @@
-"""The loss interface and the registry that picks a loss by name from the config."""
+"""The loss interface, and building the loss a config names (the names: avgk.config.registry.LOSSES)."""
 
 from __future__ import annotations
 
