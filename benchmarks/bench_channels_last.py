@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prepare import cpu_model  # noqa: E402
+from bench_prepare import cpu_model
 
 __test__ = False
 

@@ -36,8 +36,8 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prepare import cpu_model  # noqa: E402
-from proc_stats import command_name, descendants, machine_busy_seconds, process_table, steal_seconds  # noqa: E402
+from bench_prepare import cpu_model
+from proc_stats import command_name, descendants, machine_busy_seconds, process_table, steal_seconds
 
 __test__ = False
 

@@ -60,7 +60,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prepare import HEIGHT, NUM_CLASSES, WIDTH, cpu_model, texture  # noqa: E402
+from bench_prepare import HEIGHT, NUM_CLASSES, WIDTH, cpu_model, texture
 
 __test__ = False
 
@@ -209,8 +209,8 @@ def build_pipelines(
     """(transform name or '-', pipeline name) -> a function creating a fresh loader for one pass."""
     import torchvision
 
-    from avgk.data.manifest import read_manifest
     from avgk.data.loaders import train_loader
+    from avgk.data.manifest import read_manifest
 
     num_batches = num_images // batch_size
     epoch_of = {"n": 0}
@@ -280,6 +280,7 @@ DECODE_SHARDS = "decode-only, shard bytes of resize_shorter=256 (341 x 256)"
 def per_image_costs(work: Path, shards_256: Path, count: int = 100) -> list[tuple[str, float]]:
     """Milliseconds per image of each stage, in this process (1 torch thread, like a loader worker)."""
     import webdataset as wds
+
     from avgk.data.decoding import Collate
     from avgk.data.manifest import read_manifest
 

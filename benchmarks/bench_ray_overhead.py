@@ -48,11 +48,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # as the avgk CLI
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prepare import cpu_model  # noqa: E402
-from proc_stats import children_of, command_name, machine_busy_seconds, process_table  # noqa: E402
+from bench_prepare import cpu_model
+from proc_stats import children_of, command_name, machine_busy_seconds, process_table
 
 __test__ = False
 
@@ -199,8 +199,8 @@ def main() -> None:
     if args.epochs < 2:
         raise SystemExit("--epochs must be >= 2 (a full epoch is the interval between two reports)")
 
-    from pipelines import ray_env
     from avgk.data.prepare import prepare
+    from pipelines import ray_env
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_ray_overhead-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # as the avgk CLI
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

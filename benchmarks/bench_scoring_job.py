@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Ray workers import this module by name
 
-from benchmarks.bench_thresholds import NUM_CLASSES, NUM_VAL, best_time, softmax_scores  # noqa: E402
+from benchmarks.bench_thresholds import NUM_CLASSES, NUM_VAL, best_time, softmax_scores
 
 __test__ = False
 
@@ -51,7 +51,7 @@ def current_rss() -> int:
 class PeakRss:
     """Peak resident memory of this process while the block runs, sampled every 20 ms."""
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.start = current_rss()
         self.peak = self.start
         self._stop = threading.Event()
@@ -137,8 +137,8 @@ def streamed_table(*, stream_rows: int, block_rows: int, num_actors: int) -> lis
     import ray
 
     from avgk.evaluation.passes import MetricsPass, PseudoLabelPass, ThresholdsPass
-    from pipelines.reduction import block_groups, run_passes
     from avgk.method.pseudo_labels import GlobalPseudoLabeler
+    from pipelines.reduction import block_groups, run_passes
 
     num_blocks = -(-stream_rows // block_rows)
     num_values = stream_rows * NUM_CLASSES

@@ -79,7 +79,7 @@ class StoreSampler:
     def stats(self):
         return self._internal.get_memory_info_reply(self._state).store_stats
 
-    def __enter__(self) -> "StoreSampler":
+    def __enter__(self) -> StoreSampler:
         first = self.stats()
         self.start_used = first.object_store_bytes_used
         self.start_spilled, self.start_restored = first.spilled_bytes_total, first.restored_bytes_total
@@ -210,9 +210,9 @@ def evaluate_job(run: JobRun, *, num_rows: int, num_classes: int, block_rows: in
 
 
 def pseudolabel_job(run: JobRun, *, num_rows: int, num_classes: int, block_rows: int, seed: int, out_dir: str) -> None:
+    from avgk.evaluation.top_scores import exact_or_full
     from avgk.method.pseudo_label_table import read_pseudo_label_table
     from avgk.training.pseudo_refresh import describe_selection
-    from avgk.evaluation.top_scores import exact_or_full
     from pipelines.pseudolabel import select_dataset, write_table_dataset
     from pipelines.reduction import block_groups
 

@@ -8,12 +8,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from avgk.config import Config, ConfigError, load_config
 from avgk.runtime import console, guardian
 from avgk.runtime.storage import StorageError
-from avgk.config import Config, ConfigError, load_config
 
 # Ray prints a banner per worker and a deprecation hint per run; keep a person's terminal readable.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -45,8 +45,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def _check_before_start(config: Config) -> None:
     """avgk.training.preflight.check_before_start before torch and Ray are imported (a timm name imports torch)."""
-    from avgk.training.preflight import check_before_start
     from avgk.records.runs import with_absolute_paths
+    from avgk.training.preflight import check_before_start
 
     check_before_start(with_absolute_paths(config))
 
@@ -66,8 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
-    from pipelines.evaluate import run_evaluate
     from avgk.experiments.summary import format_summary
+    from pipelines.evaluate import run_evaluate
 
     evaluation = run_evaluate(config, run=args.run, checkpoint=args.checkpoint)
     print(format_summary({config.loss.name: evaluation.metrics}))

@@ -12,7 +12,7 @@ and, for the same checkpoint, the same numbers bit for bit.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

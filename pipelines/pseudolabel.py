@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from avgk.runtime import storage
-
-from avgk.evaluation import top_scores
 from avgk.config import Config
+from avgk.evaluation import top_scores
+from avgk.evaluation.passes import PseudoLabelPass
 from avgk.method.pseudo_label_table import (
     PSEUDO_LABELS_DIR,
     positives_as_rows,
@@ -40,8 +39,8 @@ from avgk.method.pseudo_label_table import (
     write_parquet,
 )
 from avgk.method.pseudo_labels import GlobalSelection
+from avgk.runtime import storage
 from avgk.runtime.console import say
-from avgk.evaluation.passes import PseudoLabelPass
 from avgk.training.pseudo_refresh import SOFTMAX, describe_selection, summarize_selection
 from pipelines import job
 from pipelines.reduction import block_groups, run_passes

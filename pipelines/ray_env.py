@@ -14,7 +14,6 @@ import ray
 
 from avgk.runtime import console, guardian
 
-
 DASHBOARD_PORT_ENV = "AVGK_DASHBOARD_PORT"
 """The local cluster's dashboard port (default 8265, Ray's; 0: any free port). The test suite sets 0:
 its two processes start local clusters at the same moment, and both would probe 8265 free."""

@@ -24,7 +24,6 @@ from avgk.evaluation import passes
 from avgk.evaluation.passes import PassSpec, RunPasses, ThresholdsPass
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TaskReport:
     """What one reduction task did: for balance checks and memory estimates."""

@@ -33,7 +33,6 @@ from avgk.training import checkpoints, evaluation
 from pipelines.scoring_inputs import ScoringModel
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ScoringPlan:
     """Resources of the read tasks and of the scoring actor pool."""

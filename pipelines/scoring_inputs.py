@@ -13,7 +13,6 @@ from avgk.records.runs import resolve_checkpoint, run_dir_of, saved_run_config, 
 from avgk.training import checkpoints
 
 
-
 @dataclasses.dataclass
 class ScoringModel:
     """What a scoring actor needs: the weights, and the config they were trained with."""

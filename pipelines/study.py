@@ -29,17 +29,24 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from avgk.runtime import storage
-
-from avgk.records import tracking
 from avgk.config import Config, ConfigError
 from avgk.evaluation.metrics import format_k
-from avgk.experiments.study import (
-    cell_row, frequency_gains, frequency_table, gain_table, metric_table, paired_gains,
-    plot_gain_by_method, plot_gain_vs_ambiguity, plot_gain_vs_frequency, summarize,
-)
 from avgk.experiments.report import save_figure
+from avgk.experiments.study import (
+    cell_row,
+    frequency_gains,
+    frequency_table,
+    gain_table,
+    metric_table,
+    paired_gains,
+    plot_gain_by_method,
+    plot_gain_vs_ambiguity,
+    plot_gain_vs_frequency,
+    summarize,
+)
 from avgk.experiments.study_config import Cell, StudyConfig, study_root
+from avgk.records import tracking
+from avgk.runtime import storage
 
 CELL_FILE = "study_cell.json"  # written last by a finished cell: its wall time and history
 
@@ -117,8 +124,8 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
     import ray
 
     from avgk.data.prepare import prepare
-    from pipelines import job
     from avgk.records.runs import with_absolute_paths
+    from pipelines import job
 
     cells = [Cell(c.method, c.ambiguity, c.seed, with_absolute_paths(c.config)) for c in cells]
     root = Path(study_root(study, with_absolute_paths(base)))

@@ -21,17 +21,18 @@ import csv
 import io
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from avgk.config import Config
 from avgk.evaluation.metrics import format_k
+from avgk.experiments.sweep_config import SweepConfig, SweepConfigError, config_for
 from avgk.records import tracking
 from avgk.runtime import storage
 from avgk.runtime.console import say
-from avgk.experiments.sweep_config import SweepConfig, SweepConfigError, config_for
 
 SWEEP_FILE = "sweep.yaml"
 

@@ -18,7 +18,7 @@ os.environ.setdefault("AVGK_DASHBOARD_PORT", "0")
 # threads spin-wait against each other (set before anything imports torch; subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests.helpers.runs import ROOT  # noqa: E402
+from tests.helpers.runs import ROOT
 
 
 def pytest_configure(config):

@@ -118,7 +118,7 @@ class DataConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if storage.is_remote(self.shards):
             try:
                 storage.check_uri(self.shards)

@@ -94,7 +94,7 @@ class LossConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "LossConfig":
+    def _check(self) -> LossConfig:
         LOSSES.check(self.name)
         if self.pseudo_k is not None and self.pseudo_k < 1:
             raise ValueError(f"loss.pseudo_k must be >= 1, got {self.pseudo_k}")

@@ -8,8 +8,8 @@ from pydantic import Field, field_validator, model_validator
 
 from avgk.config.base import Section, flatten
 from avgk.config.data import DataConfig
-from avgk.config.model import LossConfig, ModelConfig
 from avgk.config.evaluation import EvalConfig
+from avgk.config.model import LossConfig, ModelConfig
 from avgk.config.train import TWO_HEAD_ML_LR_SCALE, TrainConfig
 
 
@@ -29,7 +29,7 @@ class TrackingConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "TrackingConfig":
+    def _check(self) -> TrackingConfig:
         if self.register_model is not None:
             if not self.register_model.strip() or self.register_model != self.register_model.strip():
                 raise ValueError(
@@ -74,7 +74,7 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         if self.data.source == "synthetic":
             self.validate_num_classes(self.data.synthetic.num_classes)
         largest_k = max(*self.eval.ks, self.loss.effective_pseudo_k)

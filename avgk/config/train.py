@@ -8,7 +8,6 @@ from pydantic import Field, model_validator
 
 from avgk.config.base import Section
 
-
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 2e-3, "weight_decay": 0.05}, "sgd": {"lr": 0.05, "weight_decay": 5e-4}}
 """train.lr and train.weight_decay when a config leaves them out, by optimizer."""
 
@@ -97,7 +96,7 @@ class TrainConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must both lie in [0, 1), got {list(self.betas)}")
         if self.batch_size % self.num_workers:

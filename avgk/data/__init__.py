@@ -3,8 +3,8 @@ and the `avgk prepare` converters of real data sets (avgk.data.sources).
 Layer 4 of avgk: may import avgk.records, avgk.config and avgk.runtime, nothing above them.
 """
 
-from avgk.data.manifest import Manifest, SplitInfo, read_manifest, write_manifest
 from avgk.data.loaders import eval_loader, num_train_batches, train_loader
+from avgk.data.manifest import Manifest, SplitInfo, read_manifest, write_manifest
 from avgk.data.shards import write_split, write_synthetic_shards
 from avgk.data.synthetic import SyntheticSplit, generate_synthetic, posterior_dense
 from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform

@@ -17,10 +17,10 @@ import torch
 import webdataset as wds
 from webdataset import tariterators
 
-from avgk.runtime import storage
 from avgk.data.decoding import Collate, DataSetupError, SampleDecoder
-from avgk.data.transforms import ImageTransform
 from avgk.data.manifest import Manifest, read_manifest
+from avgk.data.transforms import ImageTransform
+from avgk.runtime import storage
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -
             stream = storage.open_input_stream(url)
         except storage.StorageError as err:
             raise DataSetupError(str(err)) from None
-        except Exception as exn:  # noqa: BLE001 - as webdataset's url_opener: the handler decides
+        except Exception as exn:
             exn.args = exn.args + (url,)
             if handler(exn):
                 continue
@@ -198,7 +198,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         for sample in samples:
             try:
                 decoded = self.decoder(sample)
-            except Exception as exn:  # noqa: BLE001 - the handler skips and counts, or re-raises setup errors
+            except Exception as exn:
                 self.handler(exn)
                 failures += 1
                 # Training streams never end: once every sample of 3 passes (plus whatever the

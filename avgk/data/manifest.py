@@ -69,7 +69,7 @@ class SplitInfo:
         }
 
     @classmethod
-    def from_json(cls, entry: Mapping[str, Any]) -> "SplitInfo":
+    def from_json(cls, entry: Mapping[str, Any]) -> SplitInfo:
         return cls(
             shards=tuple(entry["shards"]),
             num_samples=int(entry["num_samples"]),

@@ -8,9 +8,8 @@ import sys
 
 from avgk.config import SOURCES, Config, ConfigError
 from avgk.data.manifest import Manifest, read_manifest
-from avgk.runtime import storage
 from avgk.data.sources import ConvertOptions, available_cpus
-
+from avgk.runtime import storage
 
 SPLITS = ("train", "val", "test")
 

@@ -22,8 +22,6 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from avgk.runtime import storage
-from avgk.data.synthetic import generate_synthetic
 from avgk.data.manifest import (
     IMAGE_EXTENSIONS,
     MANIFEST_NAME,
@@ -33,10 +31,12 @@ from avgk.data.manifest import (
     SplitInfo,
     encode_posterior,
     file_sha256,
-    shard_problems,
     read_manifest,
+    shard_problems,
     write_manifest,
 )
+from avgk.data.synthetic import generate_synthetic
+from avgk.runtime import storage
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def encode_png(image_HWC: np.ndarray) -> bytes:
 WRITING_MARKER = ".avgk-synthetic-writing"
 
 
-def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: "Manifest | None") -> None:
+def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: Manifest | None) -> None:
     """Synthetic data is written only into a missing or empty folder (or prefix), or over avgk's own
     synthetic data set: anything else (a prepared real data set, a user's files) is never overwritten."""
     if not storage.is_remote(str(shards_dir)):

@@ -30,9 +30,9 @@ import numpy as np
 
 from avgk.evaluation import top_scores
 from avgk.evaluation.metrics import SetMetrics, format_k
+from avgk.evaluation.top_scores import NotExact, TopPseudoLabeler, TopThresholds
 from avgk.method.pseudo_labels import GlobalPseudoLabeler, GlobalSelection
 from avgk.method.streamed_thresholds import StreamingThresholds
-from avgk.evaluation.top_scores import NotExact, TopPseudoLabeler, TopThresholds
 
 Batch = dict[str, np.ndarray]
 Reduce = Callable[[np.ndarray], np.ndarray]

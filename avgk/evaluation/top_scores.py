@@ -47,10 +47,10 @@ from avgk.method.thresholds import (
 
 __all__ = [
     "NotExact",
-    "exact_or_full",
     "TopPseudoLabeler",
     "TopThresholds",
     "default_top_t",
+    "exact_or_full",
     "force_top_rows",
     "select_top_rows",
     "top_rows",
@@ -279,7 +279,7 @@ class TopPseudoLabeler:
         self._failure: str | None = None
 
     @classmethod
-    def resume(cls, *, k: float, num_classes: int, totals: list[Any]) -> "TopPseudoLabeler":
+    def resume(cls, *, k: float, num_classes: int, totals: list[Any]) -> TopPseudoLabeler:
         labeler = cls(k=k, num_classes=num_classes)
         for total in totals:
             labeler.load_state(total)

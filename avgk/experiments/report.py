@@ -23,10 +23,10 @@ from avgk.runtime import storage
 __all__ = [
     "RunResults",
     "load_run",
+    "log_run_plots",
     "plot_accuracy_vs_k",
     "plot_per_class_accuracy",
     "plot_set_size_histogram",
-    "log_run_plots",
     "plot_sweep",
     "run_names",
     "run_report",

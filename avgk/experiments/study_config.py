@@ -90,7 +90,7 @@ class StudyConfig(Section):
         return seeds
 
     @model_validator(mode="after")
-    def _check(self) -> "StudyConfig":
+    def _check(self) -> StudyConfig:
         if self.reference not in self.methods:
             raise ValueError(f"reference={self.reference!r} is not one of the methods {sorted(self.methods)}")
         unknown = [m for m in self.focus if m not in self.methods]

@@ -54,7 +54,7 @@ class Domain(Section):
     values: list[Any] = Field(min_length=1, description="the options (choice, grid) or [low, high(, q)]")
 
     @model_validator(mode="after")
-    def _check(self) -> "Domain":
+    def _check(self) -> Domain:
         if self.kind in LIST_DOMAINS:
             return self
         size, integer = RANGE_DOMAINS[self.kind]
@@ -158,7 +158,7 @@ class SweepConfig(Section):
         return out
 
     @model_validator(mode="after")
-    def _check(self) -> "SweepConfig":
+    def _check(self) -> SweepConfig:
         both = sorted(set(self.space) & set(self.overrides))
         if both:
             raise ValueError(f"keys both searched and fixed in overrides: {both}")

@@ -21,17 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from avgk.training import checkpoints
-
-from avgk.models import networks as models
-
-from avgk.runtime import storage
 from avgk.config import Config
 from avgk.data.manifest import read_manifest
-from avgk.models.inputs import image_transform
-from avgk.method.losses import head_scores, loss_class
-from avgk.records.runs import resolve_checkpoint, saved_run_config
 from avgk.evaluation.metrics import format_k
+from avgk.method.losses import head_scores, loss_class
+from avgk.models import networks as models
+from avgk.models.inputs import image_transform
+from avgk.records.runs import resolve_checkpoint, saved_run_config
+from avgk.runtime import storage
+from avgk.training import checkpoints
 
 __all__ = [
     "ImageInput", "LabelSet", "SetPredictor", "decode_image", "iter_image_files", "model_only_checkpoint", "run_predict",
@@ -127,7 +125,7 @@ class SetPredictor:
         class_names: str | Sequence[str] | None = None,
         batch_size: int = 64,
         device: torch.device | str = "cpu",
-    ) -> "SetPredictor":
+    ) -> SetPredictor:
         """From a checkpoint.pt, a thresholds.json and class names (a JSON list file, a list, or None: ids)."""
         if isinstance(class_names, (str, os.PathLike)):
             class_names = json.loads(storage.read_bytes(str(class_names)))
@@ -147,7 +145,7 @@ class SetPredictor:
         *,
         batch_size: int = 64,
         device: torch.device | str = "cpu",
-    ) -> "SetPredictor":
+    ) -> SetPredictor:
         """A run directory's checkpoint ("best" | "last" | PATH) with its thresholds.json and class names.
 
         checkpoint=None takes the one the run's evaluation used (its eval.checkpoint), the one

@@ -23,12 +23,10 @@ import mlflow
 import pandas as pd
 from PIL import UnidentifiedImageError
 
-from avgk.training import checkpoints
-
-from avgk.runtime import console, storage
-
-from avgk.records import runs
 from avgk.inference.predict import THRESHOLDS_FILE, SetPredictor, class_names_of, decode_image, model_only_checkpoint
+from avgk.records import runs
+from avgk.runtime import console, storage
+from avgk.training import checkpoints
 
 __all__ = ["PYFUNC_NAME", "AvgKSetModel", "code_paths", "log_pyfunc_model", "pip_requirements", "pyfunc_signature"]
 
@@ -171,7 +169,7 @@ def log_pyfunc_model(
     run_dir = storage.absolute(run_dir)
     state = checkpoints.load_checkpoint_file_uri(checkpoint)
     thresholds = storage.read_json(storage.join(run_dir, THRESHOLDS_FILE))
-    calibrated = sorted((float(k) for k in thresholds["thresholds"]))
+    calibrated = sorted(float(k) for k in thresholds["thresholds"])
     loss_k = float(state["config"]["loss"]["k"])
     default_k = loss_k if loss_k in calibrated else calibrated[0]
     names = class_names_of(state) or [str(c) for c in range(int(state["num_classes"]))]

@@ -53,7 +53,7 @@ class PseudoLabelTable:
     @classmethod
     def from_rows(
         cls, *, idx_R: Any, counts_R: Any, labels_P: Any, num_samples: int, metadata: Mapping[str, Any]
-    ) -> "PseudoLabelTable":
+    ) -> PseudoLabelTable:
         """The table of rows given in any order; every idx in 0..num_samples-1 exactly once."""
         idx_R = np.asarray(idx_R, dtype=np.int64)
         counts_R = np.asarray(counts_R, dtype=np.int64)

@@ -198,7 +198,7 @@ class GlobalPseudoLabeler:
         self.selection: GlobalSelection | None = None
 
     @classmethod
-    def resume(cls, *, k: float, totals: list[Any]) -> "GlobalPseudoLabeler":
+    def resume(cls, *, k: float, totals: list[Any]) -> GlobalPseudoLabeler:
         """The labeler of the pass that follows `totals` (the summed states of the passes done)."""
         labeler = cls(k=k)
         for total in totals:

@@ -54,7 +54,7 @@ def _load_weights(backbone: nn.Module, path: str) -> None:
     try:
         source = io.BytesIO(storage.read_bytes(file)) if storage.is_remote(file) else file
         loaded = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+    except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model.pretrained={path!r}: {file} is not a readable weights file ({first_line})") from None
     state = backbone_state(loaded, path=path)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pyarrow.fs as pafs
-
 import yaml
 
-from avgk.runtime import storage
 from avgk.config import Config, ConfigError, flatten
+from avgk.runtime import storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
 """An avgk checkpoint's file name in <run_dir>/best/, Ray Train checkpoint_* folders and checkpoints/latest/."""

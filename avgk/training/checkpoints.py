@@ -13,15 +13,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from avgk.runtime import storage
-from avgk.training.parts import Parts
-from avgk.records.runs import CHECKPOINT_FILE
 from avgk.config import Config
 from avgk.method.losses import loss_class
 from avgk.models.networks import build_model, unwrap
-
-
-
+from avgk.records.runs import CHECKPOINT_FILE
+from avgk.runtime import storage
+from avgk.training.parts import Parts
 
 # ---------------------------------------------------------------- reporting hooks
 
@@ -111,7 +108,7 @@ def load_checkpoint_bytes(source: str | Path | io.BytesIO, *, name: str) -> dict
     file cannot run code. Anything else fails in one line naming the file."""
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same one-line answer
+    except Exception as err:
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(f"{name} is not an avgk checkpoint that loads safely (weights only): {detail}") from None
     if not isinstance(state, dict) or not {"model", "config", "num_classes"} <= set(state):

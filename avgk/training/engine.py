@@ -13,31 +13,31 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from avgk.runtime import distributed as dist
-from avgk.runtime import storage
 from avgk.config import Config, save_config
 from avgk.data.loaders import num_train_batches, train_loader
 from avgk.data.manifest import read_manifest
 from avgk.evaluation.accounting import shortfall_warning
-from avgk.method.losses import build_loss, score_head_for
 from avgk.evaluation.metrics import format_k
-from avgk.models.networks import build_model
+from avgk.method.losses import build_loss, score_head_for
+from avgk.models.inputs import image_transform, model_input, normalize_in_loader
+from avgk.models.networks import autocast, build_model, unwrap
 from avgk.records.runs import CHECKPOINT_FILE
+from avgk.runtime import distributed as dist
+from avgk.runtime import storage
 from avgk.training.checkpoints import Reporter, checkpoint_state, load_checkpoint_file_uri, restore
 from avgk.training.evaluation import Evaluation, final_evaluation, validate, write_evaluation
 from avgk.training.parts import Parts
 from avgk.training.pseudo_refresh import OfflinePseudoLabels
-from avgk.models.inputs import image_transform, model_input, normalize_in_loader
-from avgk.models.networks import autocast, unwrap
 
 # ---------------------------------------------------------------- building blocks
 

@@ -9,26 +9,26 @@ passes over Ray tasks. Legend: N samples, L classes.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from avgk.runtime import distributed as dist
-from avgk.evaluation import passes
-from avgk.runtime import storage
-from avgk.training.parts import Parts
-from avgk.evaluation.passes import Evaluation
 from avgk.config import Config
 from avgk.data.loaders import eval_loader
+from avgk.evaluation import passes
 from avgk.evaluation.accounting import account_samples
-from avgk.method.losses import head_scores
 from avgk.evaluation.metrics import format_k
+from avgk.evaluation.passes import Evaluation
+from avgk.method.losses import head_scores
 from avgk.models.inputs import image_transform, model_input, normalize_in_loader
 from avgk.models.networks import autocast
-
+from avgk.runtime import distributed as dist
+from avgk.runtime import storage
+from avgk.training.parts import Parts
 
 # ---------------------------------------------------------------- scoring and evaluation
 

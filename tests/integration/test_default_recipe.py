@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from avgk.training import checkpoints, engine
 from avgk.config import load_config
 from avgk.data.manifest import read_manifest
+from avgk.training import checkpoints, engine
 from tests.helpers.digits import write_digit_pairs
 from tests.helpers.prior import prior_avg_k_accuracy
 

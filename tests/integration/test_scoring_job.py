@@ -184,9 +184,9 @@ def test_evaluate_equals_the_trainings_evaluation(trained):
 
 
 def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
-    from tests.helpers.reductions import calibrate_dataset
-    from pipelines.scoring_inputs import load_scoring_model
     from pipelines.scoring import score_dataset
+    from pipelines.scoring_inputs import load_scoring_model
+    from tests.helpers.reductions import calibrate_dataset
 
     scoring = load_scoring_model(str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt"))
     val = score_dataset(scoring, manifest=read_manifest(trained.config.data.shards), split="val", head="multilabel",
@@ -200,8 +200,8 @@ def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
 
 def test_pseudolabel_job_equals_brute_force(trained):
     from pipelines.pseudolabel import run_pseudolabel
-    from pipelines.scoring_inputs import load_scoring_model
     from pipelines.scoring import score_dataset
+    from pipelines.scoring_inputs import load_scoring_model
 
     selection, uri = run_pseudolabel(trained.config, run=str(trained.run_dir), checkpoint="last", num_actors=2)
     table = read_pseudo_label_table(uri)

@@ -29,8 +29,8 @@ EXPOSED: dict[str, str] = {}
 
 @pytest.fixture(scope="module")
 def uninterrupted(smoke_shards, tmp_path_factory, local_ray, mlflow_server) -> Path:
-    from pipelines.train import run_training
     from avgk.runtime import procfs
+    from pipelines.train import run_training
     from tests.helpers.listeners import ListenerWatch
 
     storage = tmp_path_factory.mktemp("w2")

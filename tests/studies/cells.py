@@ -48,7 +48,7 @@ def fit_cell(config, extra: dict) -> dict:
 
 def interval(values: np.ndarray) -> float:
     """Half-width of the 95% t-interval of the mean (0 for one value)."""
-    from scipy import stats  # noqa: PLC0415 - scipy comes with scikit-learn, a dev dependency
+    from scipy import stats
 
     n = len(values)
     return 0.0 if n < 2 else float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))

@@ -7,8 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from avgk.config import LossConfig, ModelConfig
-from avgk.config import LOSSES
+from avgk.config import LOSSES, LossConfig, ModelConfig
 from avgk.method.losses import (
     an_loss,
     an_ls_loss,

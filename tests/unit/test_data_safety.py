@@ -94,8 +94,8 @@ def _truncate_one_test_shard(shards: Path, copy: Path) -> None:
 
 
 def test_an_evaluation_over_fewer_samples_than_the_manifest_fails_or_is_counted(smoke_shards, tmp_path):
-    from avgk.training import checkpoints, engine
     from avgk.evaluation.accounting import SampleCountError
+    from avgk.training import checkpoints, engine
 
     _truncate_one_test_shard(smoke_shards, tmp_path / "shards")
     common = [f"data.shards={tmp_path / 'shards'}", f"run.storage={tmp_path}", "tracking.enabled=false",
@@ -268,10 +268,9 @@ def test_every_mlflow_run_ends_with_the_status_its_block_earned(tmp_path, raised
     config = load_config(ROOT / "configs" / "smoke.yaml", [f"run.storage={tmp_path}", "run.name=life"])
     uri = tracking.tracking_uri(config)
     run_id = tracking.start_run(config)
-    with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
-        with tracking.lifecycle(uri, run_id):
-            if raised:
-                raise raised
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext(), tracking.lifecycle(uri, run_id):
+        if raised:
+            raise raised
     assert MlflowClient(uri).get_run(run_id).info.status == status
 
 

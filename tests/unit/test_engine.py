@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from avgk.training import checkpoints, engine, evaluation
-
-from avgk.models import inputs
-
-from avgk.evaluation import passes
 from avgk.config import load_config
+from avgk.evaluation import passes
 from avgk.method.thresholds import reference_thresholds
+from avgk.models import inputs
+from avgk.training import checkpoints, engine, evaluation
 from tests.helpers.runs import ROOT
 
 

@@ -5,11 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avgk.config import LossConfig, ModelConfig
-from avgk.config import LOSSES
+from avgk.config import LOSSES, LossConfig, ModelConfig
 from avgk.method.losses import build_loss, head_scores, score_head_for
-from avgk.models.networks import build_model
 from avgk.method.pseudo_labels import batch_pseudo_labels
+from avgk.models.networks import build_model
 
 
 def _batch(batch_size=6, num_classes=5, seed=0):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avgk.training import checkpoints
 from avgk.config import load_config
 from avgk.inference.predict import SetPredictor, decode_image
+from avgk.training import checkpoints
 from pipelines import cli
 from tests.helpers.runs import read_split
 

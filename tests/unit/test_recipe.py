@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from avgk.training import checkpoints, engine
 from avgk.config import ConfigError, LossConfig, ModelConfig, load_config
 from avgk.data.transforms import build_transform
 from avgk.method.losses import build_loss, head_scores, score_head_for
 from avgk.method.losses.two_head import selection_scale
-from avgk.models.networks import build_model
 from avgk.method.pseudo_labels import batch_pseudo_labels
+from avgk.models.networks import build_model
+from avgk.training import checkpoints, engine
 from tests.helpers.runs import ROOT
 
 HEADS = ("softmax", "multilabel")

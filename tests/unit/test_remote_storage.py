@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from avgk.runtime import storage
 from avgk.config import ConfigError, load_config
 from avgk.data.manifest import read_manifest, shard_problems, write_manifest
 from avgk.data.shards import write_split
+from avgk.runtime import storage
 from tests.helpers.runs import SMOKE
 
 # ---------------------------------------------------------------- URI handling (no server)

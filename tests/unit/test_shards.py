@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from avgk.data.manifest import MANIFEST_NAME, decode_posterior, encode_posterior, read_manifest, write_manifest
 from avgk.data.loaders import epoch_shard_order, eval_loader, num_train_batches, train_loader, worker_shards
+from avgk.data.manifest import MANIFEST_NAME, decode_posterior, encode_posterior, read_manifest, write_manifest
 from avgk.data.shards import write_split, write_synthetic_shards
 from avgk.data.synthetic import generate_synthetic
 from avgk.data.transforms import build_transform

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from avgk.config import ConfigError, build_config
-from avgk.data.manifest import MANIFEST_NAME, read_manifest
 from avgk.data.loaders import eval_loader
+from avgk.data.manifest import MANIFEST_NAME, read_manifest
+from avgk.data.prepare import prepare
 from avgk.data.sources import (
     HIDDEN_REASON,
     SPECIES_NAMES_FILE,
@@ -26,7 +27,6 @@ from avgk.data.sources import (
     ratio_split,
     stratified_holdout,
 )
-from avgk.data.prepare import prepare
 
 # =====================================================================================
 # Fake inputs

@@ -10,13 +10,12 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from avgk.training import checkpoints, engine
-
-from avgk.models import inputs
 from avgk.config import ConfigError, load_config
 from avgk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from avgk.method.losses import build_loss
+from avgk.models import inputs
 from avgk.models.networks import TwoHeadNet
+from avgk.training import checkpoints, engine
 from tests.helpers.runs import SMOKE
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from avgk.data.manifest import Manifest
 from avgk.config import DataConfig
+from avgk.data.manifest import Manifest
 from avgk.data.sources.common import ConvertOptions, SplitPlan, encode_array, file_digest, write_image_dataset
 from avgk.data.sources.imagefolder import check_root
 

@@ -160,7 +160,7 @@ def convert_file(path: str, resize_shorter: int, jpeg_quality: int) -> tuple[byt
         return None, "empty file"
     try:
         return encode_image(data, resize_shorter, jpeg_quality)
-    except Exception as err:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, bombs)
+    except Exception as err:
         return None, f"not a readable image: {type(err).__name__}: {err}"
 
 

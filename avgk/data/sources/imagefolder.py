@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avgk.data.manifest import Manifest
 from avgk.config import DataConfig
+from avgk.data.manifest import Manifest
 from avgk.data.sources.common import (
     ClassTree,
     ConvertOptions,

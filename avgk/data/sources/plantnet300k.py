@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from avgk.data.manifest import Manifest
 from avgk.config import DataConfig
+from avgk.data.manifest import Manifest
 from avgk.data.sources.common import ConvertOptions, convert_file, file_digest, scan_class_folders, write_image_dataset
 from avgk.data.sources.imagefolder import SPLITS, check_root, plan_class_splits
 

@@ -271,7 +271,7 @@ class AnLoss(SinglePositiveLoss):
     """Assume negative (Cole et al. 2021)."""
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "AnLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> AnLoss:
         return cls(reduction=config.reduction)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -286,7 +286,7 @@ class AnLsLoss(SinglePositiveLoss):
         self.eps = _check_eps(eps)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "AnLsLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> AnLsLoss:
         return cls(reduction=config.reduction, eps=config.eps)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -301,7 +301,7 @@ class WanLoss(SinglePositiveLoss):
         check_num_classes(num_classes)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "WanLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> WanLoss:
         return cls(reduction=config.reduction, num_classes=num_classes)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -319,7 +319,7 @@ class EprLoss(SinglePositiveLoss):
         self.k = check_k(k, check_num_classes(num_classes))
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "EprLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> EprLoss:
         return cls(reduction=config.reduction, k=config.k, num_classes=num_classes)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -334,7 +334,7 @@ class EmLoss(SinglePositiveLoss):
         self.alpha = _check_nonnegative("alpha", alpha)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "EmLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> EmLoss:
         return cls(reduction=config.reduction, alpha=config.alpha)
 
     def parts(self, *, z_BL, pos_BL, epoch):
@@ -364,7 +364,7 @@ class EmAplLoss(SinglePositiveLoss):
         self.neg_proportion = _check_proportion(neg_proportion)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "EmAplLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> EmAplLoss:
         return cls(
             reduction=config.reduction,
             alpha=config.alpha,

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 
 from avgk.config import LossConfig
 from avgk.method.losses.base import LossOutput
-from avgk.method.losses.two_head import reduce_entries
-
 from avgk.method.losses.baselines import (
     Parts,
     SinglePositiveLoss,
@@ -29,6 +27,7 @@ from avgk.method.losses.baselines import (
     logits_and_positives,
     neg_log_p,
 )
+from avgk.method.losses.two_head import reduce_entries
 
 
 def _role_parts(*, z_BL, u_BL, pos_BL, reduction, k) -> Parts:
@@ -136,7 +135,7 @@ class RoleLoss(SinglePositiveLoss):
         self.register_buffer("seen_N", torch.zeros(num_train, dtype=torch.bool), persistent=True)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "RoleLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> RoleLoss:
         return cls(
             reduction=config.reduction,
             k=config.k,

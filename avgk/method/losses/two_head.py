@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ class CrossEntropyLoss(Loss):
         self.label_smoothing = float(label_smoothing)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "CrossEntropyLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> CrossEntropyLoss:
         return cls(label_smoothing=config.label_smoothing)
 
     def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
@@ -93,7 +93,7 @@ class TwoHeadLoss(Loss):
                              persistent=False)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> "TwoHeadLoss":
+    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> TwoHeadLoss:
         return cls(
             pseudo_k=config.effective_pseudo_k,
             ml_weight=config.ml_weight,
