@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast unit lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,18 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 
-# The checks, then two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one process).
+# The checks, then two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one
+# process; tests/conftest.py groups the files that share a trained run).
 test: lint
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=40
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=40
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# The inner loop: unit tests only (no Ray cluster, no mlflow server, no wheel build), two processes.
+# CI always runs the whole suite (make test).
+unit: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup -m "not slow" -p no:cacheprovider tests/unit
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(VENV)/bin/python $$f || exit 1; done

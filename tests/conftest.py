@@ -21,6 +21,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from tests.helpers.runs import ROOT
 
 
+SHARED_GROUPS = {"predict_smoke_run": "predict_smoke_run"}
+"""Session fixtures costly enough that every test using them should run in one process (a trained run)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (`--dist loadgroup`)
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per test file, as `--dist loadfile` would make (a file's module fixtures, such as
+    its Ray cluster, stay in one process), except that the files sharing a costly session fixture form
+    one group, so that fixture is built once per run rather than once per process."""
+    for item in items:
+        shared = [group for fixture, group in SHARED_GROUPS.items() if fixture in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+
+
 def pytest_configure(config):
     # avgk.data.decoding silences this for the process; pytest re-enables DeprecationWarnings per test.
     # torchvision 0.29 warns on every call of its (deprecated, still shipped) image decoders.

@@ -66,6 +66,7 @@ def _status(uri: str, run_id: str) -> str:
     return MlflowClient(uri).get_run(run_id).info.status
 
 
+@pytest.mark.slow  # a real command, its watcher and a stand-in cluster: seconds of process start-up
 def test_kill_9_of_the_command_ends_its_open_run_and_its_child_runs_killed_and_stops_its_cluster(tmp_path):
     driver, uri, open_run, ended_run, child_run, cluster_pid, cluster_children = _start(tmp_path, "wait")
     os.kill(driver.pid, signal.SIGKILL)
@@ -78,6 +79,7 @@ def test_kill_9_of_the_command_ends_its_open_run_and_its_child_runs_killed_and_s
     assert _status(uri, ended_run) == "FINISHED"  # a run the command ended keeps its status
 
 
+@pytest.mark.slow
 def test_a_normal_exit_leaves_runs_and_processes_to_the_command(tmp_path):
     driver, uri, open_run, ended_run, child_run, cluster_pid, cluster_children = _start(tmp_path, "exit")
     try:
