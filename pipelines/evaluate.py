@@ -30,7 +30,9 @@ from pipelines.scoring import quiet_ray_data, score_dataset, top_t_for
 from pipelines.scoring_inputs import load_job_inputs
 
 
-def log_to_run(config: Config, run_dir: str, result: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
+def log_to_run(
+    config: Config, run_dir: str, result: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]
+) -> None:
     """Test metrics and result files into the run's MLflow run (RUN_DIR/mlflow_run_id.txt), unless tracking is off."""
     if not config.tracking.enabled:
         return

@@ -107,7 +107,7 @@ def write_table_dataset(
             _write_part.remote(selection, metadata, group, storage.join(tmp, f"part-{i:05d}.parquet"), top)
             for i, group in enumerate(groups)
         ])
-        num_rows, num_positives = (sum(column) for column in zip(*written))
+        num_rows, num_positives = (sum(column) for column in zip(*written, strict=True))
         if (num_rows, num_positives) != (selection.num_samples, selection.num_positives):
             raise RuntimeError(
                 f"pseudo-label parts hold {num_rows} rows / {num_positives} positives, the selection "

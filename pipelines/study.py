@@ -247,8 +247,10 @@ def write_summary(study: StudyConfig, base: Config, root: Path, rows: pd.DataFra
         columns = [f"{name}@{key}" for name in ("avg_k_accuracy", "macro_avg_k_accuracy", "gap_to_oracle",
                                                   "avg_set_size", "oracle_avg_k_accuracy") if f"{name}@{key}" in rows]
         summary = summarize(rows, columns=columns)
-        parts += ["", f"## K = {key}", "", f"### avg-{key} accuracy", "", metric_table(summary, column=f"avg_k_accuracy@{key}", methods=methods),
-                  "", f"### macro avg-{key} accuracy", "", metric_table(summary, column=f"macro_avg_k_accuracy@{key}", methods=methods)]
+        parts += ["", f"## K = {key}", "", f"### avg-{key} accuracy", "",
+                  metric_table(summary, column=f"avg_k_accuracy@{key}", methods=methods),
+                  "", f"### macro avg-{key} accuracy", "",
+                  metric_table(summary, column=f"macro_avg_k_accuracy@{key}", methods=methods)]
         if f"gap_to_oracle@{key}" in rows:
             parts += ["", f"### gap to the Bayes oracle (oracle minus method, avg-{key})", "",
                       metric_table(summary, column=f"gap_to_oracle@{key}", methods=methods)]

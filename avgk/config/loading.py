@@ -113,7 +113,7 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def config_keys(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(dotted key, type, default, description) of every config key, in declaration order."""
     model = model or Config
     rows = []

@@ -91,7 +91,7 @@ def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -
         except storage.StorageError as err:
             raise DataSetupError(str(err)) from None
         except Exception as exn:
-            exn.args = exn.args + (url,)
+            exn.args = (*exn.args, url)
             if handler(exn):
                 continue
             break

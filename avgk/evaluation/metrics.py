@@ -26,10 +26,7 @@ def format_k(k: float) -> str:
 
 
 def _as_labels(labels: Any, *, num_samples: int, num_classes: int) -> np.ndarray:
-    if isinstance(labels, torch.Tensor):
-        labels_N = labels.detach().cpu().numpy()
-    else:
-        labels_N = np.asarray(labels)
+    labels_N = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if labels_N.shape != (num_samples,):
         raise ValueError(f"labels must have shape ({num_samples},) to match the scores, got {labels_N.shape}")
     if num_samples and not np.issubdtype(labels_N.dtype, np.integer):

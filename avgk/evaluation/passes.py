@@ -68,10 +68,9 @@ class ThresholdsPass:
         _check_top(self)
 
     def calibrator(self, totals: list[Any]) -> StreamingThresholds | TopThresholds:
-        if self.top:
-            calibrator = TopThresholds(ks=self.ks, num_classes=self.num_classes)
-        else:
-            calibrator = StreamingThresholds(ks=self.ks)
+        calibrator: StreamingThresholds | TopThresholds = (
+            TopThresholds(ks=self.ks, num_classes=self.num_classes) if self.top else StreamingThresholds(ks=self.ks)
+        )
         for number, total in enumerate(totals):
             calibrator.load_state(total)
             if number == 0:
@@ -116,7 +115,7 @@ class MetricsPass:
             state = dict(totals[0])
             if self.top:
                 unproven_K = np.asarray(state.pop("unproven_K"))
-                for k, count in zip(self.ks, unproven_K.tolist()):
+                for k, count in zip(self.ks, unproven_K.tolist(), strict=True):
                     if count:
                         raise NotExact(
                             f"K={k}: {count} row(s) of {self.column!r} keep a score not below lambda_K="

@@ -204,7 +204,8 @@ def plot_gain_by_method(gains: pd.DataFrame, *, reference: str, title: str) -> F
     positions = np.arange(len(rows))
     colours = ["tab:green" if g >= 0 else "tab:red" for g in rows["gain:mean"]]
     ax.barh(positions, 100 * rows["gain:mean"], xerr=100 * rows["gain:std"], color=colours, capsize=3)
-    ax.set_yticks(positions, [f"{m} (a={format_k(a)})" for m, a in zip(rows["method"], rows["ambiguity"])])
+    labels = [f"{m} (a={format_k(a)})" for m, a in zip(rows["method"], rows["ambiguity"], strict=True)]
+    ax.set_yticks(positions, labels)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"gain over {reference} (points)")

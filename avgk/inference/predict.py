@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ __all__ = [
     "ImageInput", "LabelSet", "SetPredictor", "decode_image", "iter_image_files", "model_only_checkpoint", "run_predict",
 ]
 
-ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray]
+ImageInput = Image.Image | str | os.PathLike | bytes | bytearray
 THRESHOLDS_FILE = "thresholds.json"
 
 
@@ -278,7 +278,7 @@ def run_predict(
                 except Exception as err:  # a corrupt or non-image file is reported, not fatal
                     num_failed += 1
                     out.write(json.dumps({"path": str(path), "error": f"{type(err).__name__}: {err}"}) + "\n")
-            for path, label_set in zip(good, predictor.predict(images, k=k, top_k=top_k)):
+            for path, label_set in zip(good, predictor.predict(images, k=k, top_k=top_k), strict=True):
                 out.write(json.dumps({"path": str(path), **label_set.to_dict()}) + "\n")
             out.flush()
             bar.update(len(files[start : start + batch_size]))

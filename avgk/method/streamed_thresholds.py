@@ -182,7 +182,7 @@ class StreamingSelector:
         hist_desc = hist_B[::-1]
         cum_desc = np.cumsum(hist_desc)
         idx_R = np.searchsorted(cum_desc, ranks_R, side="left")
-        self._rank_bucket = {r: _NUM_BUCKETS - 1 - int(i) for r, i in zip(ranks_R, idx_R)}
+        self._rank_bucket = {r: _NUM_BUCKETS - 1 - int(i) for r, i in zip(ranks_R, idx_R, strict=True)}
         self._above_bucket = {
             _NUM_BUCKETS - 1 - int(i): int(cum_desc[i] - hist_desc[i]) for i in idx_R
         }

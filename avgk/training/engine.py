@@ -55,7 +55,7 @@ def build_mix(config: Config, *, num_classes: int):
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -254,7 +254,7 @@ def train_epoch(
     sums = np.array([float(local_loss), stats.num_samples, *[stats.parts_sum[n] for n in names]], dtype=np.float64)
     sums = dist.all_reduce_sum(sums)
     stats.loss_sum, stats.num_samples = float(sums[0]), int(sums[1])
-    stats.parts_sum = dict(zip(names, sums[2:].tolist()))
+    stats.parts_sum = dict(zip(names, sums[2:].tolist(), strict=True))
     return stats
 
 

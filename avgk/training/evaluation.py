@@ -122,7 +122,8 @@ def final_evaluation(parts: Parts) -> Evaluation:
     scored = {split: score_split(parts, split, with_posterior=with_posterior) for split in ("val", "test")}
     counts = dist.all_reduce_sum(np.array([sum(len(c.labels_N) for c in scored[s]) for s in scored], dtype=np.int64))
     samples = account_samples(
-        read=dict(zip(scored, counts.tolist())), expected={s: parts.manifest.split(s).num_samples for s in scored},
+        read=dict(zip(scored, counts.tolist(), strict=True)),
+        expected={s: parts.manifest.split(s).num_samples for s in scored},
         strict=cfg.eval.strict, shards=str(cfg.data.shards),
     )
     # Every rank must take the same branch: posteriors are present on all ranks or none.

@@ -65,7 +65,7 @@ class ScoreSpool:
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self._file = tempfile.TemporaryFile()
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 -- the spool owns the file; close() closes it
         self._labels: list[np.ndarray] = []
         self._idx: list[np.ndarray] = []
 
@@ -76,7 +76,7 @@ class ScoreSpool:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         self._file.seek(0)
-        for labels_N, idx_N in zip(self._labels, self._idx):
+        for labels_N, idx_N in zip(self._labels, self._idx, strict=True):
             count = labels_N.size * self.num_classes
             probs = np.frombuffer(self._file.read(count * 4), dtype=np.float32).reshape(labels_N.size, self.num_classes)
             yield probs, labels_N, idx_N

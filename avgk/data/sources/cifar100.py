@@ -169,7 +169,8 @@ def prepare_cifar100(
     noisy, redrawn = block_label_noise(clean, p=noise_p, seed=noise_seed, num_classes=len(classes))
 
     def items(file: str, rows: np.ndarray, labels: np.ndarray, images: np.ndarray, names: list[str]) -> list:
-        return [(f"{file}[{r}] {names[r]}", int(y), images[r]) for r, y in zip(rows.tolist(), labels.tolist())]
+        pairs = zip(rows.tolist(), labels.tolist(), strict=True)
+        return [(f"{file}[{r}] {names[r]}", int(y), images[r]) for r, y in pairs]
 
     plans = {
         "train": SplitPlan(items(f"{folder.name}/train", train_rows, noisy, train_images, train_names)),

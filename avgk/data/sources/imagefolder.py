@@ -124,9 +124,9 @@ def prepare_imagefolder(
         for cls, name in enumerate(classes):
             files = tree.files[name]
             assignment = ratio_split(len(files), ratios=ratios, seed=_stable_seed(split_seed, name))
-            for (rel, path), split in zip(files, assignment):
+            for (rel, path), split in zip(files, assignment, strict=True):
                 split_items[SPLITS[split]].append((rel, cls, path))
-        kept = [s for s, ratio in zip(SPLITS, ratios) if ratio > 0]
+        kept = [s for s, ratio in zip(SPLITS, ratios, strict=True) if ratio > 0]
         # files that are not images belong to no split: they are listed with train
         plans = {s: SplitPlan(items=sorted(split_items[s]), skipped=list(tree.skipped) if s == "train" else [])
                  for s in kept}
