@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
-from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
-from ray.train.torch.config import (
-    TorchConfig,
-    _set_torch_distributed_env_vars,
-    _setup_torch_process_group,
-    _TorchBackend,
+from ray.train.torch.config import TorchConfig
+
+from pipelines.ray_private import (
+    TorchBackend,
+    is_v1_worker_group,
+    set_torch_distributed_env_vars,
+    setup_torch_process_group,
 )
 
 _SERVED: dict[str, object] = {}
@@ -55,16 +56,16 @@ def _stop_store() -> None:
     _SERVED.clear()
 
 
-class _OwnAddressBackend(_TorchBackend):
+class _OwnAddressBackend(TorchBackend):
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:
         world_size = len(worker_group)
         address, port = worker_group.execute_single(0, _serve_store, world_size=world_size,
                                                     timeout_s=backend_config.timeout_s)
         worker_group.execute(_join_store, address=address, port=port)
-        if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own backend: LOCAL_RANK and the rest
-            worker_group.execute(_set_torch_distributed_env_vars)
+        if not is_v1_worker_group(worker_group):  # as Ray's own backend: LOCAL_RANK and the rest
+            worker_group.execute(set_torch_distributed_env_vars)
         ray.get([
-            worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+            worker_group.execute_single_async(i, setup_torch_process_group, backend=backend_config.backend,
                                               world_rank=i, world_size=world_size, init_method="env://",
                                               timeout_s=backend_config.timeout_s)
             for i in range(world_size)

@@ -19,7 +19,7 @@ from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint
 from avgk.runtime import provenance, storage
 from avgk.runtime.console import say
 from avgk.training import checkpoints, engine, evaluation, preflight
-from pipelines import job
+from pipelines import job, ray_private
 from pipelines.process_group import OwnAddressTorchConfig
 
 
@@ -47,12 +47,7 @@ class RayReporter:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Ray Train logs every report at INFO on the workers; the engine prints its own progress.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # this one is named by its file path, outside the ray.train hierarchy (ray 2.60)
-        from ray.train.v2._internal.execution import context as _train_context
-
-        _train_context.logger.setLevel(logging.WARNING)
-    except (ImportError, AttributeError):
-        pass
+    ray_private.set_train_context_log_level(logging.WARNING)  # outside the ray.train hierarchy (ray 2.60)
     if loop_config.get("code_fingerprint"):
         provenance.check_same_code(loop_config["code_fingerprint"],
                                    where=f"Ray Train worker rank {ray.train.get_context().get_world_rank()}")

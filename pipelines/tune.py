@@ -33,6 +33,7 @@ from avgk.experiments.sweep_config import SweepConfig, SweepConfigError, config_
 from avgk.records import tracking
 from avgk.runtime import storage
 from avgk.runtime.console import say
+from pipelines import ray_private
 
 SWEEP_FILE = "sweep.yaml"
 
@@ -78,11 +79,10 @@ def _let_train_find_this_cluster() -> None:
     in its ENV_VARS_TO_PROPAGATE to the controller, whose child actors (the cleaner) inherit them.
     """
     import ray
-    from ray.train.v2._internal import constants as train_constants
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    train_constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    ray_private.propagate_env_var_to_train("RAY_ADDRESS")
 
 
 def run_trial(
@@ -269,8 +269,8 @@ def format_table(rows: list[TrialRow], sweep: SweepConfig, *, markdown: bool = F
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
     return "\n".join(lines)
 
 
