@@ -119,6 +119,7 @@ def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        assert annotation is not None  # every field of a config section is annotated
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += config_keys(annotation, f"{prefix}{name}.")
             continue

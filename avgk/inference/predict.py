@@ -35,7 +35,7 @@ __all__ = [
     "ImageInput", "LabelSet", "SetPredictor", "decode_image", "iter_image_files", "model_only_checkpoint", "run_predict",
 ]
 
-ImageInput = Image.Image | str | os.PathLike | bytes | bytearray
+ImageInput = Image.Image | str | os.PathLike[str] | bytes | bytearray
 THRESHOLDS_FILE = "thresholds.json"
 
 
@@ -66,10 +66,11 @@ def decode_image(image: ImageInput) -> Image.Image:
     else:
         raise TypeError(f"an image must be a PIL image, a file path or encoded bytes, got {type(image).__name__}")
     with Image.open(source) as opened:
-        return opened.convert("RGB")
+        rgb: Image.Image = opened.convert("RGB")
+        return rgb
 
 
-def model_only_checkpoint(state: dict) -> dict:
+def model_only_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     """The part of a training checkpoint that inference needs (no optimizer, RNG or loss tables)."""
     if not isinstance(state, dict) or not {"model", "config", "num_classes"} <= set(state):
         raise ValueError("not an avgk training checkpoint (a dict with 'model', 'config' and 'num_classes')")
@@ -82,7 +83,7 @@ class SetPredictor:
     def __init__(
         self,
         *,
-        checkpoint: dict,
+        checkpoint: dict[str, Any],
         thresholds: dict[str, Any],
         class_names: Sequence[str] | None = None,
         batch_size: int = 64,
@@ -216,7 +217,7 @@ class SetPredictor:
         return LabelSet(ids=ids, names=[self.class_names[i] for i in ids], scores=[float(scores_L[i]) for i in ids])
 
 
-def class_names_of(checkpoint: dict) -> list[str] | None:
+def class_names_of(checkpoint: dict[str, Any]) -> list[str] | None:
     """Class names by id from the checkpoint config's shard manifest, or None when it is not reachable."""
     shards = checkpoint["config"]["data"]["shards"]
     try:

@@ -127,7 +127,7 @@ def key_to_float(keys: Any) -> np.ndarray:
     return mask.view(np.float32)
 
 
-def float32_midpoint(upper: float, lower: float) -> float:
+def float32_midpoint(upper: float | np.float32, lower: float | np.float32) -> float:
     """0.5 * (upper + lower) computed by torch in float32, exactly as the reference does.
 
     Signed zeros tie in torch.sort, so which zero the reference picks is arbitrary; +0.0 is

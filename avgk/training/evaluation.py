@@ -78,7 +78,7 @@ def local_runner(scored: dict[str, list[ScoredChunk]], *, reduce: passes.Reduce)
 
 def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[dict[str, Any]]:
     cfg = parts.config
-    return eval_loader(
+    loader: Iterable[dict[str, Any]] = eval_loader(
         shards_dir=parts.manifest,
         split=split,
         batch_size=cfg.eval.batch_size,
@@ -90,6 +90,7 @@ def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[
         with_posterior=with_posterior,
         normalize=normalize_in_loader(parts.device),
     )
+    return loader
 
 
 def score_split(parts: Parts, split: str, *, with_posterior: bool = False) -> list[ScoredChunk]:

@@ -109,7 +109,10 @@ def select_distributed(spool: ScoreSpool, *, k: float) -> GlobalSelection:
         return ({"scores": probs_NL, "label": labels_N, "idx": idx_N} for probs_NL, labels_N, idx_N in spool)
 
     totals = run_passes_local(PseudoLabelPass(k=k), batches, reduce=dist.all_reduce_sum)
-    return GlobalPseudoLabeler.resume(k=k, totals=totals).selection
+    selection = GlobalPseudoLabeler.resume(k=k, totals=totals).selection
+    if selection is None:
+        raise RuntimeError("the selection is not complete: run the remaining passes")
+    return selection
 
 
 def gather_table(spool: ScoreSpool, selection: GlobalSelection, metadata: dict[str, Any]) -> PseudoLabelTable:
@@ -182,6 +185,7 @@ class OfflinePseudoLabels:
             self._table = table or self._compute(parts, refresh)
             self._table_epoch = refresh
         table, num_classes = self._table, parts.num_classes
+        assert table is not None  # set above for this refresh
         return lambda idx_B: table.targets(idx_B, num_classes=num_classes)
 
     def _saved_table(self, refresh: int, parts: Parts) -> PseudoLabelTable | None:
