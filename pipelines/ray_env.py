@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any, TypedDict
 
 import ray
 
@@ -38,7 +39,8 @@ def _free_port(preferred: int) -> int:
                 pass
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _quiet_console() -> None:
@@ -46,7 +48,7 @@ def _quiet_console() -> None:
     ray_private.filter_worker_output(lambda line: not console.NOISE.search(line))
 
 
-def connect(*, num_cpus: float | None = None, quiet: bool | None = None) -> None:
+def connect(*, num_cpus: int | None = None, quiet: bool | None = None) -> None:
     """Join RAY_ADDRESS when set, else start (or reuse) a local Ray bound to loopback."""
     if ray.is_initialized():
         return
@@ -66,7 +68,15 @@ def _keeping_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, handler)
 
 
-def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
+class _InitOptions(TypedDict):
+    """What ray.init gets whether it joins RAY_ADDRESS or starts a local cluster."""
+
+    runtime_env: dict[str, Any]
+    logging_level: int
+    log_to_driver: bool
+
+
+def _init(*, num_cpus: int | None, quiet: bool | None) -> None:
     quiet = not console.verbose() if quiet is None else quiet
     if quiet:  # Ray's notice that token authentication is on: it is, by design
         logging.getLogger(ray_private.TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
@@ -77,12 +87,11 @@ def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
         env_vars["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     else:
         env_vars[console.VERBOSE_ENV] = "1"
-    runtime_env = {"env_vars": env_vars}
-    common = dict(
-        runtime_env=runtime_env,
-        logging_level=logging.WARNING if quiet else logging.INFO,
-        log_to_driver=True,
-    )
+    common: _InitOptions = {
+        "runtime_env": {"env_vars": env_vars},
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+        "log_to_driver": True,
+    }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
         if quiet:

@@ -20,11 +20,15 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # at run time, __getattr__ below imports it on first use
-    from ray.train.torch.config import _TorchBackend as TorchBackend
+if TYPE_CHECKING:
+    # BaseWorkerGroup: what Ray's Backend.on_start/on_shutdown receive (ray.train.backend.Backend, a
+    # DeveloperAPI, names it in its signatures), for annotations only; no public module exports it.
+    from ray.train._internal.base_worker_group import BaseWorkerGroup
+    from ray.train.torch.config import _TorchBackend as TorchBackend  # at run time: __getattr__ below
 
 __all__ = [
     "TOKEN_SETUP_LOGGER",
+    "BaseWorkerGroup",
     "TorchBackend",
     "filter_worker_output",
     "is_v1_worker_group",
@@ -145,8 +149,8 @@ def filter_worker_output(keep_line: Callable[[str], bool]) -> None:
     """
     try:
         from ray._private import worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-        dispatcher = worker.global_worker_stdstream_dispatcher
         ignore_prefix = worker._should_ignore_worker_log_prefix(worker.global_worker)
     except (ImportError, AttributeError):
         return
