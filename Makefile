@@ -13,9 +13,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/avgk demo
 
-# The layer contracts (import-linter): avgk's layers import only downwards, avgk never imports ray or pipelines.
+# ruff (style and bug patterns), the layer contracts (import-linter: avgk's layers import only downwards,
+# avgk never imports ray or pipelines), then mypy --strict over avgk and pipelines (what it checks and how:
+# [tool.ruff], [tool.importlinter] and [tool.mypy] in pyproject.toml).
 lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy
 
 # The checks, then two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one
 # process; tests/conftest.py groups the files that share a trained run).

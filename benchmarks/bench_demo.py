@@ -191,7 +191,8 @@ def main() -> None:
     shown = "python benchmarks/bench_demo.py " + shlex.join(sys.argv[1:])
     print(f"`{shown.strip()}` — {date.today().isoformat()}, nproc {cpus}, {cpu_model()}, "
           f"Python {platform.python_version()}.")
-    print(f"ran: {shlex.join(['.venv/bin/avgk', 'demo', 'run.storage=<tmp>/runs', 'data.shards=<tmp>/synthetic', *args.overrides])}"
+    shown_command = ['.venv/bin/avgk', 'demo', 'run.storage=<tmp>/runs', 'data.shards=<tmp>/synthetic', *args.overrides]
+    print(f"ran: {shlex.join(shown_command)}"
           f" (fresh data and runs), memory sampled every {args.interval} s ({sampler.samples} samples)")
     print()
     print("| measure | value |")

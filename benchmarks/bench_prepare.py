@@ -105,7 +105,7 @@ def main() -> None:
             for workers in (1, 2):
                 overrides = [f"data.resize_shorter={resize}", f"data.prepare_workers={workers}"]
                 times = []
-                for repeat in range(args.repeats):
+                for _ in range(args.repeats):
                     shards = work / f"shards-r{resize}-w{workers}"
                     shutil.rmtree(shards, ignore_errors=True)
                     times.append(run_prepare(config, shards, overrides))

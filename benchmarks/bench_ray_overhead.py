@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -178,7 +179,7 @@ def run_ray(config, stamps_file: Path) -> dict:
 
 def epoch_figures(run: dict, num_samples: int) -> dict:
     train_s = [num_samples / h["samples_per_second"] for h in run["history"]]
-    full_s = [b - a for a, b in zip(run["stamps"], run["stamps"][1:])]
+    full_s = [b - a for a, b in itertools.pairwise(run["stamps"])]
     return {
         "train_s": train_s,
         "full_s": full_s,

@@ -138,7 +138,7 @@ def main() -> None:
 
     for runs in figures.values():  # what a full epoch adds to its training pass: val, checkpoint, report
         for run in runs:
-            run["rest_s"] = [full - train for full, train in zip(run["full_s"], run["train_s"][1:])]
+            run["rest_s"] = [full - train for full, train in zip(run["full_s"], run["train_s"][1:], strict=True)]
 
     def mean(side: str, key: str) -> float:
         return statistics.mean(s for run in figures[side] for s in run[key])

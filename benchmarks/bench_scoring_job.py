@@ -210,7 +210,8 @@ def streamed_table(*, stream_rows: int, block_rows: int, num_actors: int) -> lis
         "",
         "| memory | peak |",
         "|---|---:|",
-        f"| driver RSS while scoring (Ray client, torch, imports) | {driver_scoring.peak / MIB:.0f} MiB (start {driver_scoring.start / MIB:.0f}) |",
+        f"| driver RSS while scoring (Ray client, torch, imports) | {driver_scoring.peak / MIB:.0f} MiB "
+        f"(start {driver_scoring.start / MIB:.0f}) |",
         f"| driver RSS during the reductions | {driver_reduce.peak / MIB:.0f} MiB (start {driver_reduce.start / MIB:.0f}) |",
         f"| driver Python/numpy heap during the reductions (tracemalloc) | {traced_peak / MIB:.1f} MiB |",
         f"| scoring actor RSS (process peak) | {actor_peak / MIB:.0f} MiB |",
@@ -265,7 +266,7 @@ def main() -> None:
     lines = [f"command: `{shlex.join([sys.executable, *sys.argv])}`", ""]
     # The streamed part first, so the driver's peak memory is not the in-memory part's.
     lines += streamed_table(stream_rows=args.stream_rows, block_rows=args.block_rows, num_actors=args.num_actors)
-    lines += [""] + in_memory_table(args.repeats, args.seed)
+    lines += ["", *in_memory_table(args.repeats, args.seed)]
     print("\n".join(lines))
     ray.shutdown()
 

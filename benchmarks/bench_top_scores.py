@@ -69,15 +69,12 @@ class StoreSampler:
 
     def __init__(self, period: float = 0.1) -> None:
         import ray
-        from ray._private import internal_api
 
-        self._internal = internal_api
+        from pipelines import ray_private
+
         # This benchmark's own cluster: other local clusters may be running on the machine.
-        self._state = internal_api.get_state_from_address(ray.get_runtime_context().gcs_address)
+        self.stats = ray_private.object_store_stats_reader(ray.get_runtime_context().gcs_address)
         self.period = period
-
-    def stats(self):
-        return self._internal.get_memory_info_reply(self._state).store_stats
 
     def __enter__(self) -> StoreSampler:
         first = self.stats()
@@ -203,7 +200,8 @@ def evaluate_job(run: JobRun, *, num_rows: int, num_classes: int, block_rows: in
         return on(scored(num_rows=num_rows, num_classes=num_classes, block_rows=block_rows, top_t=None,
                          with_classes=False, seed=seed), False)
 
-    run.result = exact_or_full(lambda: on(ds, top), full, log=run.notes.append, what="evaluate") if top else on(ds, False)
+    # ds as a default: the lambda is gone after this line, and `del ds` then frees the dataset
+    run.result = exact_or_full(lambda ds=ds: on(ds, top), full, log=run.notes.append, what="evaluate") if top else on(ds, False)
     del ds
     run.reductions = time.perf_counter() - reductions
     run.wall = time.perf_counter() - start
@@ -325,13 +323,13 @@ def main() -> None:
                 # Alternate which way runs first: a shared machine's speed drifts.
                 for way, t in (ways if round_ % 2 == 0 else ways[::-1]):
                     run = JobRun(job, way, t)
+                    shape = {"num_rows": num_rows, "num_classes": num_classes, "block_rows": block_rows, "seed": args.seed}
                     if job == "evaluate":
-                        body = lambda run=run: evaluate_job(run, num_rows=num_rows, num_classes=num_classes,  # noqa: E731
-                                                            block_rows=block_rows, seed=args.seed)
+                        body = lambda run=run, shape=shape: evaluate_job(run, **shape)  # noqa: E731
                     else:
-                        body = lambda run=run, t=t: pseudolabel_job(  # noqa: E731
-                            run, num_rows=num_rows, num_classes=num_classes, block_rows=block_rows, seed=args.seed,
-                            out_dir=f"{out}/{size}-{'full' if t is None else 'top'}")
+                        out_dir = f"{out}/{size}-{'full' if t is None else 'top'}"
+                        body = lambda run=run, shape=shape, out_dir=out_dir: pseudolabel_job(  # noqa: E731
+                            run, **shape, out_dir=out_dir)
                     pair.append(measured(sampler, run, body))
                     print(f"# {size} {job} {way}: {run.wall:.1f} s, peak {fmt_bytes(run.peak_used)}, "
                           f"spilled {fmt_bytes(run.spilled)}, materialised {fmt_bytes(run.materialised)}"
@@ -353,7 +351,8 @@ def main() -> None:
         num_rows, num_classes = sizes[size]
         label = f"{num_rows:,} x {num_classes:,}"
         for run in (old, new):
-            ratio = f"{old.peak_used / max(new.peak_used, 1):.1f}x peak, {old.materialised / max(new.materialised, 1):.1f}x materialised" if run is new else ""
+            ratio = (f"{old.peak_used / max(new.peak_used, 1):.1f}x peak, "
+                     f"{old.materialised / max(new.materialised, 1):.1f}x materialised") if run is new else ""
             speed = f"{new.wall / old.wall:.2f}" if run is new else ""
             print(f"| {label} | {run.job} | {run.way} | {fmt_bytes(run.materialised)} | {fmt_bytes(run.peak_used)} | "
                   f"{fmt_bytes(run.spilled)} / {fmt_bytes(run.restored)} | {run.wall:.1f} | {run.reductions:.1f} | "

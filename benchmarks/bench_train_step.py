@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
 from bench_prepare import cpu_model
 
 __test__ = False
@@ -96,7 +98,7 @@ def run_block(parts, batch: dict, num_steps: int) -> tuple[list[float], list[flo
     stamps: list[tuple[float, float]] = []
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train_epoch(parts, epoch=0, batches=timed_batches(batch, num_steps, stamps), scaler=scaler, log=lambda _: None)
-    pairs = list(zip(stamps, stamps[1:]))
+    pairs = list(itertools.pairwise(stamps))
     return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
 
 
@@ -135,7 +137,7 @@ def head_costs(parts: dict, batch: dict) -> list[tuple[str, float, float]]:
         model, loss = parts[v].model, parts[v].loss
         features = torch.randn(len(labels), next(iter(model.heads.values())).in_features, requires_grad=True)
 
-        def heads_and_loss():
+        def heads_and_loss(loss=loss, features=features, model=model):
             out = loss(logits={n: h(features) for n, h in model.heads.items()}, labels=labels, idx=idx, epoch=0)
             out.total_sum.backward()
 
@@ -185,7 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_step-") as tmp:
         shards = Path(tmp) / "shards"
         fake_manifest(shards, num_classes=args.num_classes, num_train=args.batch_size * 1000)
-        for (backbone, side), num_steps in zip(specs, steps):
+        for (backbone, side), num_steps in zip(specs, steps, strict=True):
             generator = torch.Generator().manual_seed(0)
             batch = {
                 "image": torch.randn(args.batch_size, 3, side, side, generator=generator),
@@ -202,7 +204,7 @@ def main() -> None:
                 order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
                 medians: dict[str, dict[str, float]] = {c: {} for c in CLOCKS}
                 for v in order:
-                    for c, block in zip(CLOCKS, run_block(parts[v], batch, num_steps)):
+                    for c, block in zip(CLOCKS, run_block(parts[v], batch, num_steps), strict=True):
                         medians[c][v] = statistics.median(block)
                         if r > 0:
                             times[c][v].extend(block)

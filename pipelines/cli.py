@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 from avgk.config import Config, ConfigError, load_config
 from avgk.runtime import console, guardian
@@ -276,7 +277,7 @@ class _Terminated(KeyboardInterrupt):
     a run on Ctrl-C (tracking.lifecycle: KILLED) treats it the same."""
 
 
-def _terminate(signum, frame) -> None:
+def _terminate(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         with guardian.watching():  # what a kill -9 of this command would leave: its watcher ends it
-            return args.func(args)
+            code: int = args.func(args)
+            return code
     except _Terminated:
         print("avgk: terminated", file=sys.stderr)
         return 143

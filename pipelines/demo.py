@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from avgk.config import Config, load_config
+from avgk.evaluation.passes import Evaluation
 from avgk.experiments.summary import format_summary, verdict
 from avgk.records import tracking
 from avgk.records.runs import with_absolute_paths
@@ -39,7 +41,7 @@ def _mark_killed(configs: dict[str, Config]) -> None:
             tracking.end_run(tracking.tracking_uri(config), storage.read_bytes(id_file).decode().strip(), status="KILLED")
 
 
-def run_demo(overrides: list[str] | None = None) -> dict[str, dict]:
+def run_demo(overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     base = load_config(None, overrides)
     configs = method_configs(base)
     start = time.perf_counter()
@@ -49,7 +51,7 @@ def run_demo(overrides: list[str] | None = None) -> dict[str, dict]:
     job.start(configs[METHODS[0]], cpus=needed, resume=None)
     print(f"\n=== training {' and '.join(METHODS)} side by side ({base.train.epochs} epochs, "
           f"{base.train.num_workers} Ray worker(s) each; lines start with the run's name) ===", flush=True)
-    results: dict[str, object] = {}
+    results: dict[str, Evaluation | BaseException | None] = {}
 
     def train(method: str) -> None:
         try:
@@ -67,7 +69,7 @@ def run_demo(overrides: list[str] | None = None) -> dict[str, dict]:
     except BaseException:
         _mark_killed(configs)
         raise
-    documents: dict[str, dict] = {}
+    documents: dict[str, dict[str, Any]] = {}
     for method in METHODS:
         result = results.get(method)
         if isinstance(result, BaseException):

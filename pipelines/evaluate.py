@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from avgk.config import Config
 from avgk.evaluation import passes, top_scores
 from avgk.evaluation.accounting import account_samples, shortfall_warning
+from avgk.evaluation.passes import Evaluation
 from avgk.method.losses import score_head_for
 from avgk.records import tracking
 from avgk.runtime import storage
@@ -29,8 +31,13 @@ from pipelines.reduction import ray_runner
 from pipelines.scoring import quiet_ray_data, score_dataset, top_t_for
 from pipelines.scoring_inputs import load_job_inputs
 
+if TYPE_CHECKING:
+    import ray.data
 
-def log_to_run(config: Config, run_dir: str, result: evaluation.Evaluation, *, checkpoint: str, log: Callable[[str], None]) -> None:
+
+def log_to_run(
+    config: Config, run_dir: str, result: Evaluation, *, checkpoint: str, log: Callable[[str], None]
+) -> None:
     """Test metrics and result files into the run's MLflow run (RUN_DIR/mlflow_run_id.txt), unless tracking is off."""
     if not config.tracking.enabled:
         return
@@ -54,7 +61,7 @@ def run_evaluate(
     checkpoint: str | None = None,
     num_actors: int | None = None,
     log: Callable[[str], None] = say,
-) -> evaluation.Evaluation:
+) -> Evaluation:
     """Scores val and test with a run's checkpoint, writes thresholds.json, metrics.json, per_class.parquet.
 
     `config` gives the data location, eval.ks, eval.freq_bins, the device (train.use_gpu)
@@ -68,8 +75,9 @@ def run_evaluate(
     with_posterior = manifest.source == "synthetic"
     log(f"evaluating {scoring.uri} ({head} head) on {config.data.shards}")
 
-    def score_splits(top_t: int | None) -> tuple[dict, dict[str, int]]:
-        splits, read = {}, {}
+    def score_splits(top_t: int | None) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
+        splits: dict[str, ray.data.Dataset] = {}
+        read: dict[str, int] = {}
         for split in ("val", "test"):
             start = time.perf_counter()
             splits[split] = score_dataset(
@@ -82,7 +90,7 @@ def run_evaluate(
             log(f"scored {split}: {read[split]} samples in {time.perf_counter() - start:.1f} s ({rows})")
         return splits, read
 
-    def evaluate(splits: dict, *, top: bool) -> evaluation.Evaluation:
+    def evaluate(splits: dict[str, ray.data.Dataset], *, top: bool) -> Evaluation:
         return passes.evaluate(
             ray_runner(splits, log=log), ks=config.eval.ks, num_classes=manifest.num_classes,
             train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
@@ -95,7 +103,7 @@ def run_evaluate(
                               strict=config.eval.strict, shards=config.data.shards)
     start = time.perf_counter()
 
-    def full_rows() -> evaluation.Evaluation:
+    def full_rows() -> Evaluation:
         splits.clear()  # the top-T blocks leave the object store before the full ones arrive
         return evaluate(score_splits(None)[0], top=False)
 

@@ -15,15 +15,21 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
 
 import ray
-from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
-from ray.train.torch.config import (
-    TorchConfig,
-    _set_torch_distributed_env_vars,
-    _setup_torch_process_group,
-    _TorchBackend,
+from ray.train.backend import BackendConfig
+from ray.train.torch.config import TorchConfig
+
+from pipelines.ray_private import (
+    TorchBackend,
+    is_v1_worker_group,
+    set_torch_distributed_env_vars,
+    setup_torch_process_group,
 )
+
+if TYPE_CHECKING:
+    from pipelines.ray_private import BaseWorkerGroup
 
 _SERVED: dict[str, object] = {}
 """The rank-0 worker's store server and its socket: alive as long as the worker group."""
@@ -55,22 +61,23 @@ def _stop_store() -> None:
     _SERVED.clear()
 
 
-class _OwnAddressBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+class _OwnAddressBackend(TorchBackend):
+    def on_start(self, worker_group: BaseWorkerGroup, backend_config: BackendConfig) -> None:
+        torch_config = cast(TorchConfig, backend_config)  # OwnAddressTorchConfig's: backend_cls is this class
         world_size = len(worker_group)
         address, port = worker_group.execute_single(0, _serve_store, world_size=world_size,
-                                                    timeout_s=backend_config.timeout_s)
+                                                    timeout_s=torch_config.timeout_s)
         worker_group.execute(_join_store, address=address, port=port)
-        if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own backend: LOCAL_RANK and the rest
-            worker_group.execute(_set_torch_distributed_env_vars)
-        ray.get([
-            worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+        if not is_v1_worker_group(worker_group):  # as Ray's own backend: LOCAL_RANK and the rest
+            worker_group.execute(set_torch_distributed_env_vars)
+        ray.get([  # type: ignore[arg-type]  # ray.types.ObjectRef, Ray's typing stand-in, is not ray.get's ObjectRef
+            worker_group.execute_single_async(i, setup_torch_process_group, backend=torch_config.backend,
                                               world_rank=i, world_size=world_size, init_method="env://",
-                                              timeout_s=backend_config.timeout_s)
+                                              timeout_s=torch_config.timeout_s)
             for i in range(world_size)
         ])
 
-    def on_shutdown(self, worker_group, backend_config) -> None:
+    def on_shutdown(self, worker_group: BaseWorkerGroup, backend_config: BackendConfig) -> None:
         super().on_shutdown(worker_group, backend_config)
         worker_group.execute_single(0, _stop_store)
 
@@ -80,5 +87,5 @@ class OwnAddressTorchConfig(TorchConfig):
     """TorchConfig whose rendezvous store listens on the node's address (127.0.0.1 locally)."""
 
     @property
-    def backend_cls(self):
+    def backend_cls(self) -> type[_OwnAddressBackend]:
         return _OwnAddressBackend

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -47,12 +47,15 @@ from pipelines.reduction import block_groups, run_passes
 from pipelines.scoring import quiet_ray_data, score_dataset, top_t_for
 from pipelines.scoring_inputs import load_job_inputs
 
+if TYPE_CHECKING:
+    from pipelines.reduction import BlockRef
+
 # ====================================================================== the Ray job
 
 
 @ray.remote
 def _write_part(
-    selection: GlobalSelection, metadata: dict[str, Any], block_refs: list[ray.ObjectRef], uri: str, top: bool
+    selection: GlobalSelection, metadata: dict[str, Any], block_refs: list[BlockRef], uri: str, top: bool
 ) -> tuple[int, int]:
     """One task's rows of the table as one parquet part; returns (rows, positives)."""
     from ray.data.block import BlockAccessor
@@ -81,7 +84,7 @@ def _write_part(
 
 
 def select_dataset(
-    ds: ray.data.Dataset, *, k: float, num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None,
+    ds: ray.data.Dataset, *, k: float, num_tasks: int | None = None, groups: list[list[BlockRef]] | None = None,
     log: Callable[[str], None] | None = None, top: bool = False, num_classes: int | None = None,
 ) -> GlobalSelection:
     """The exact global selection over a Dataset of softmax score rows (idx, label, scores), in parallel tasks.
@@ -96,7 +99,7 @@ def select_dataset(
 
 def write_table_dataset(
     ds: ray.data.Dataset, selection: GlobalSelection, *, run_dir: str, metadata: dict[str, Any],
-    num_tasks: int | None = None, groups: list[list[ray.ObjectRef]] | None = None, top: bool = False,
+    num_tasks: int | None = None, groups: list[list[BlockRef]] | None = None, top: bool = False,
 ) -> str:
     """<run_dir>/pseudo_labels/part-*.parquet written by parallel tasks, published once complete."""
     groups = groups or block_groups(ds, num_tasks)
@@ -107,7 +110,7 @@ def write_table_dataset(
             _write_part.remote(selection, metadata, group, storage.join(tmp, f"part-{i:05d}.parquet"), top)
             for i, group in enumerate(groups)
         ])
-        num_rows, num_positives = (sum(column) for column in zip(*written))
+        num_rows, num_positives = (sum(column) for column in zip(*written, strict=True))
         if (num_rows, num_positives) != (selection.num_samples, selection.num_positives):
             raise RuntimeError(
                 f"pseudo-label parts hold {num_rows} rows / {num_positives} positives, the selection "

@@ -9,10 +9,12 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any, TypedDict
 
 import ray
 
 from avgk.runtime import console, guardian
+from pipelines import ray_private
 
 DASHBOARD_PORT_ENV = "AVGK_DASHBOARD_PORT"
 """The local cluster's dashboard port (default 8265, Ray's; 0: any free port). The test suite sets 0:
@@ -37,29 +39,16 @@ def _free_port(preferred: int) -> int:
                 pass
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _quiet_console() -> None:
     """Drop console.NOISE lines from what Ray forwards to the driver's console (they stay in Ray's log files)."""
-    try:  # a private hook: a Ray that moved it prints everything rather than failing
-        from ray._private import worker
-
-        dispatcher = worker.global_worker_stdstream_dispatcher
-        ignore_prefix = worker._should_ignore_worker_log_prefix(worker.global_worker)
-    except (ImportError, AttributeError):
-        return
-
-    def print_filtered(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not console.NOISE.search(line)]
-        if lines:
-            worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
-
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", print_filtered)
+    ray_private.filter_worker_output(lambda line: not console.NOISE.search(line))
 
 
-def connect(*, num_cpus: float | None = None, quiet: bool | None = None) -> None:
+def connect(*, num_cpus: int | None = None, quiet: bool | None = None) -> None:
     """Join RAY_ADDRESS when set, else start (or reuse) a local Ray bound to loopback."""
     if ray.is_initialized():
         return
@@ -79,10 +68,18 @@ def _keeping_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, handler)
 
 
-def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
+class _InitOptions(TypedDict):
+    """What ray.init gets whether it joins RAY_ADDRESS or starts a local cluster."""
+
+    runtime_env: dict[str, Any]
+    logging_level: int
+    log_to_driver: bool
+
+
+def _init(*, num_cpus: int | None, quiet: bool | None) -> None:
     quiet = not console.verbose() if quiet is None else quiet
     if quiet:  # Ray's notice that token authentication is on: it is, by design
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        logging.getLogger(ray_private.TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
     # Workers must import avgk and pipelines the same way the driver does.
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
@@ -90,12 +87,11 @@ def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
         env_vars["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     else:
         env_vars[console.VERBOSE_ENV] = "1"
-    runtime_env = {"env_vars": env_vars}
-    common = dict(
-        runtime_env=runtime_env,
-        logging_level=logging.WARNING if quiet else logging.INFO,
-        log_to_driver=True,
-    )
+    common: _InitOptions = {
+        "runtime_env": {"env_vars": env_vars},
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+        "log_to_driver": True,
+    }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
         if quiet:
@@ -117,6 +113,7 @@ def _init(*, num_cpus: float | None, quiet: bool | None) -> None:
         **common,
     )
     # This command started the cluster: should it be killed outright, its watcher stops the cluster.
-    guardian.cluster_started(ray._private.worker._global_node.get_session_dir_path())
+    context = ray.get_runtime_context()  # the session folder, as Ray's node names it: <temp dir>/<session name>
+    guardian.cluster_started(os.path.join(context.get_temp_dir(), context.get_session_name()))
     if quiet:
         _quiet_console()

@@ -14,7 +14,7 @@ import resource
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import ray
@@ -22,6 +22,14 @@ import ray.data
 
 from avgk.evaluation import passes
 from avgk.evaluation.passes import PassSpec, RunPasses, ThresholdsPass
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ray.data.block import Block
+
+    BlockRef: TypeAlias = ray.ObjectRef[Block]
+    """A Ray Data block in the object store."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +53,18 @@ class PassesResult:
     """One list per pass, one report per task."""
 
 
-def _blocks(block_refs: list[ray.ObjectRef], counter: list[int]) -> Iterator[dict[str, np.ndarray]]:
+def _blocks(block_refs: list[BlockRef], counter: list[int]) -> Iterator[dict[str, np.ndarray]]:
     from ray.data.block import BlockAccessor
 
     for ref in block_refs:
-        batch = BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy")
+        batch = cast(dict[str, np.ndarray], BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy"))
         counter[0] += len(next(iter(batch.values()))) if batch else 0
         yield batch
 
 
 @ray.remote
 def _pass_task(
-    spec: PassSpec, totals: list[Any], block_refs: list[ray.ObjectRef], trace_memory: bool
+    spec: PassSpec, totals: list[Any], block_refs: list[BlockRef], trace_memory: bool
 ) -> tuple[Any, TaskReport]:
     if trace_memory:
         tracemalloc.start()
@@ -82,7 +90,7 @@ def _sum_states(compacted: list[Any]) -> Any:
     return np.sum(states, axis=0)
 
 
-def block_groups(ds: ray.data.Dataset, num_tasks: int | None) -> list[list[ray.ObjectRef]]:
+def block_groups(ds: ray.data.Dataset, num_tasks: int | None) -> list[list[BlockRef]]:
     """The dataset's block references dealt round-robin into at most `num_tasks` groups.
 
     Executes a lazy dataset once and keeps its blocks in the object store (a materialised
@@ -97,7 +105,7 @@ def block_groups(ds: ray.data.Dataset, num_tasks: int | None) -> list[list[ray.O
 
 def run_passes(
     ds: ray.data.Dataset, spec: PassSpec, *, num_tasks: int | None = None, task_cpus: float = 1.0,
-    groups: list[list[ray.ObjectRef]] | None = None, trace_memory: bool = False,
+    groups: list[list[BlockRef]] | None = None, trace_memory: bool = False,
     log: Callable[[str], None] | None = None, label: str = "pass",
 ) -> PassesResult:
     """Runs `spec` pass after pass; each pass is `num_tasks` parallel tasks whose states the driver sums.

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -43,7 +43,7 @@ class ScoringPlan:
     read_cpus: float
 
 
-def wait_for_gpus(*, count: int, timeout_s: float, poll_s: float = 5.0, log=print) -> int:
+def wait_for_gpus(*, count: int, timeout_s: float, poll_s: float = 5.0, log: Callable[[str], None] = print) -> int:
     """GPUs in the cluster, after asking the autoscaler for `count` and waiting up to timeout_s.
 
     A cluster whose GPU workers scaled down to zero after training has no GPU when a scoring job
@@ -162,7 +162,7 @@ class ScoringActor:
         if model_config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if model_config.compile:
-            model = torch.compile(model)
+            model = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule
         self.model = model
         self.head = head
         self.top_t = top_t
@@ -171,8 +171,8 @@ class ScoringActor:
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs: dict[str, list[np.ndarray]] = {}
         for i in range(len(rows["idx"])):
-            batch = {"image": torch.from_numpy(np.asarray(rows["image"][i])),
-                     "label": torch.from_numpy(np.asarray(rows["label"][i]))}
+            batch: dict[str, Any] = {"image": torch.from_numpy(np.asarray(rows["image"][i])),
+                                     "label": torch.from_numpy(np.asarray(rows["label"][i]))}
             if "posterior" in rows:
                 batch["posterior"] = np.asarray(rows["posterior"][i])
             chunk = next(evaluation.score_batches(self.model, [batch], head=self.head, device=self.device, config=self.config))
@@ -180,6 +180,7 @@ class ScoringActor:
             columns.update(score_columns(chunk.scores_NL, labels_N=columns["label"], column="scores",
                                          top_t=self.top_t, with_classes=self.with_classes))
             if "posterior" in rows:
+                assert chunk.posterior_NL is not None  # the batch had one
                 columns.update(score_columns(chunk.posterior_NL, labels_N=columns["label"], column="posterior",
                                              top_t=self.top_t, with_classes=False))
             for name, values in columns.items():
@@ -236,7 +237,7 @@ def score_dataset(
     plan = plan_scoring(use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus, gpu_wait_seconds=gpu_wait_seconds)
     streams = ray.data.from_items([{"stream": s} for s in range(num_streams)], override_num_blocks=num_streams)
     batches = streams.map_batches(
-        _read_stream,
+        _read_stream,  # type: ignore[arg-type]  # Ray types a UDF over every batch format; batch_format="numpy" passes dicts
         batch_size=1,
         num_cpus=plan.read_cpus,
         fn_kwargs=dict(

@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ class StudyResult:
     parent_run_id: str | None
 
 
-def _train_cell(config_tree: dict[str, Any], *, uri: str | None, parent_run_id: str | None,
+def _train_cell(config_tree: dict[str, Any], uri: str | None, parent_run_id: str | None,
                 tags: dict[str, str], threads: int) -> dict[str, Any]:
     """One cell, inside a Ray task: engine.fit with a local reporter, progress into <run_dir>/train.log."""
     import torch
@@ -78,13 +79,14 @@ def _train_cell(config_tree: dict[str, Any], *, uri: str | None, parent_run_id: 
             log_file.flush()
 
         def on_epoch_end(metrics: dict[str, float], epoch: int) -> None:
-            if run_id:
+            if uri and run_id:
                 tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
 
         with tracking.lifecycle(uri, run_id):
             result = engine.fit(config, reporter=checkpoints.LocalReporter(run_dir), on_epoch_end=on_epoch_end, log=log)
             seconds = time.perf_counter() - start
-            if run_id:
+            if uri and run_id:
+                assert result.evaluation is not None  # a fit in one process evaluates
                 tracking.log_evaluation(uri, run_id, metrics=result.evaluation.metrics, run_dir=run_dir)
                 tracking.log_metrics(uri, run_id, {"cell_seconds": seconds}, step=0)
     record = {"seconds": seconds, "history": result.history}
@@ -95,7 +97,8 @@ def _train_cell(config_tree: dict[str, Any], *, uri: str | None, parent_run_id: 
 def finished_record(cell: Cell) -> dict[str, Any] | None:
     path = Path(cell.config.run_dir) / CELL_FILE
     if path.is_file() and (Path(cell.config.run_dir) / "metrics.json").is_file():
-        return json.loads(path.read_text())
+        record: dict[str, Any] = json.loads(path.read_text())
+        return record
     return None
 
 
@@ -109,7 +112,9 @@ def _claim_folder(root: Path, study: StudyConfig, base: Config) -> None:
     marker = root / "study.yaml"
     if marker.is_file():
         saved = yaml.safe_load(marker.read_text()) or {}
-        grid = lambda tree: {k: v for k, v in (tree.get("study") or {}).items() if k in GRID_KEYS}  # noqa: E731
+        def grid(tree: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in (tree.get("study") or {}).items() if k in GRID_KEYS}
+
         if grid(saved) != grid(resolved) or saved.get("base") != resolved["base"]:
             raise ConfigError(
                 f"{root} holds a study with a different configuration: give this one another name "
@@ -120,7 +125,9 @@ def _claim_folder(root: Path, study: StudyConfig, base: Config) -> None:
     marker.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
-def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print) -> StudyResult:
+def run_study(
+    study: StudyConfig, base: Config, cells: list[Cell], *, log: Callable[[str], None] = print
+) -> StudyResult:
     import ray
 
     from avgk.data.prepare import prepare
@@ -152,7 +159,7 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
         f"{study.max_concurrent} at a time -> {root}")
     with job.tracked(parent_config, tags={"avgk.kind": "study", "avgk.study": study.name}) as run:
         uri, parent_run_id, outcome = run.uri, run.run_id, run.outcome
-        if parent_run_id:
+        if uri and parent_run_id:
             tracking.log_params(uri, parent_run_id, study.flat())
         if todo:
             job.join_cluster(cpus=study.max_concurrent * study.cpus_per_cell)
@@ -166,8 +173,8 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
                     cell = queue.pop(0)
                     tags = {"avgk.study": study.name, "avgk.method": cell.method,
                             "avgk.ambiguity": format_k(cell.ambiguity), "avgk.seed": str(cell.seed)}
-                    ref = task.remote(cell.config.to_dict(), uri=uri, parent_run_id=parent_run_id,
-                                      tags=tags, threads=threads)
+                    # positional: Ray's typed .remote() of a function takes its arguments in order
+                    ref = task.remote(cell.config.to_dict(), uri, parent_run_id, tags, threads)
                     pending[ref] = cell
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 cell = pending.pop(ready[0])
@@ -187,7 +194,7 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell], *, log=print)
                     f"({records[cell.name]['seconds']:.0f} s; {elapsed / done * (len(todo) - done) / 60:.0f} min left)")
         rows, per_class = collect(cells, records)
         write_summary(study, base, root, rows, per_class, failed=failed)
-        if parent_run_id:
+        if uri and parent_run_id:
             for name in ("summary.md", "results.csv", "study.yaml"):
                 tracking.log_artifact(uri, parent_run_id, root / name)
             if (root / "plots").is_dir():
@@ -247,8 +254,10 @@ def write_summary(study: StudyConfig, base: Config, root: Path, rows: pd.DataFra
         columns = [f"{name}@{key}" for name in ("avg_k_accuracy", "macro_avg_k_accuracy", "gap_to_oracle",
                                                   "avg_set_size", "oracle_avg_k_accuracy") if f"{name}@{key}" in rows]
         summary = summarize(rows, columns=columns)
-        parts += ["", f"## K = {key}", "", f"### avg-{key} accuracy", "", metric_table(summary, column=f"avg_k_accuracy@{key}", methods=methods),
-                  "", f"### macro avg-{key} accuracy", "", metric_table(summary, column=f"macro_avg_k_accuracy@{key}", methods=methods)]
+        parts += ["", f"## K = {key}", "", f"### avg-{key} accuracy", "",
+                  metric_table(summary, column=f"avg_k_accuracy@{key}", methods=methods),
+                  "", f"### macro avg-{key} accuracy", "",
+                  metric_table(summary, column=f"macro_avg_k_accuracy@{key}", methods=methods)]
         if f"gap_to_oracle@{key}" in rows:
             parts += ["", f"### gap to the Bayes oracle (oracle minus method, avg-{key})", "",
                       metric_table(summary, column=f"gap_to_oracle@{key}", methods=methods)]
@@ -279,10 +288,10 @@ def write_summary(study: StudyConfig, base: Config, root: Path, rows: pd.DataFra
                         plots / f"gain_vs_frequency_{method}_k{k}.png")
             parts += ["", f"### {method}", "", frequency_table(freq)]
     if "best_epoch" in rows:
-        epochs = rows.groupby("method")[["best_epoch", "epochs"]].mean()
+        epochs = rows.groupby("method")[["best_epoch", "epochs"]].mean().to_dict("index")  # {method: {column: mean}}
         parts += ["", "## Model selection (val avg-K): mean best epoch / epochs trained", "",
                   "| method | best epoch | epochs |", "|---|---:|---:|"]
-        parts += [f"| {m} | {epochs.loc[m, 'best_epoch']:.1f} | {epochs.loc[m, 'epochs']:.0f} |" for m in methods]
+        parts += [f"| {m} | {epochs[m]['best_epoch']:.1f} | {epochs[m]['epochs']:.0f} |" for m in methods]
     text = "\n".join(parts) + "\n"
     (root / "summary.md").write_text(text)
     return text

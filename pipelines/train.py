@@ -9,17 +9,18 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from avgk.config import Config
+from avgk.evaluation.passes import Evaluation
 from avgk.inference.serving import log_pyfunc_model
 from avgk.records import tracking
 from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint
 from avgk.runtime import provenance, storage
 from avgk.runtime.console import say
-from avgk.training import checkpoints, engine, evaluation, preflight
-from pipelines import job
+from avgk.training import checkpoints, engine, preflight
+from pipelines import job, ray_private
 from pipelines.process_group import OwnAddressTorchConfig
 
 
@@ -30,7 +31,7 @@ class RayReporter:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    def latest_checkpoint_state(self) -> dict | None:
+    def latest_checkpoint_state(self) -> dict[str, Any] | None:
         # Each rank downloads into its own folder and removes it: Checkpoint.to_directory()
         # without a path shares one folder per checkpoint between the ranks of a node, where one
         # rank's download overwrote the file another was reading after a driver kill.
@@ -47,23 +48,19 @@ class RayReporter:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Ray Train logs every report at INFO on the workers; the engine prints its own progress.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # this one is named by its file path, outside the ray.train hierarchy (ray 2.60)
-        from ray.train.v2._internal.execution import context as _train_context
-
-        _train_context.logger.setLevel(logging.WARNING)
-    except (ImportError, AttributeError):
-        pass
+    ray_private.set_train_context_log_level(logging.WARNING)  # outside the ray.train hierarchy (ray 2.60)
     if loop_config.get("code_fingerprint"):
         provenance.check_same_code(loop_config["code_fingerprint"],
                                    where=f"Ray Train worker rank {ray.train.get_context().get_world_rank()}")
     config = Config.model_validate(loop_config["config"])
-    run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
+    run_id: str | None = loop_config.get("mlflow_run_id")
+    uri: str | None = loop_config.get("tracking_uri")  # set whenever run_id is
     prefix = loop_config.get("log_prefix")
     log = (lambda line: say(f"[{prefix}] {line}")) if prefix else say
     rank = ray.train.get_context().get_world_rank()
 
     def on_epoch_end(metrics: dict[str, float], epoch: int) -> None:
-        if run_id:
+        if uri and run_id:
             tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
 
     result = engine.fit(
@@ -76,12 +73,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     if rank == 0 and result.evaluation is not None:
         run_dir = storage.absolute(config.run_dir)
-        if run_id:
+        if uri and run_id:
             tracking.log_evaluation(uri, run_id, metrics=result.evaluation.metrics, run_dir=run_dir)
         from avgk.experiments.report import log_run_plots  # matplotlib: only once there is a finished run
 
         log_run_plots(uri, run_id, run_dir)  # <run_dir>/plots/, and the MLflow run's plots/
-        if run_id and config.tracking.log_model:
+        if uri and run_id and config.tracking.log_model:
             # The checkpoint the final evaluation used, so the model matches thresholds.json.
             checkpoint = resolve_checkpoint(run_dir, None, default=config.eval.checkpoint)
             model_uri = log_pyfunc_model(
@@ -102,7 +99,7 @@ def build_trainer(
     *,
     mlflow_run_id: str | None,
     tracking_uri: str | None,
-    callbacks: list | None = None,
+    callbacks: list[UserCallback] | None = None,
     log_prefix: str | None = None,
 ) -> TorchTrainer:
     storage_path = storage.absolute(config.run.storage)
@@ -122,21 +119,24 @@ def build_trainer(
                 **config.train.extra_resources,
             },
         ),
-        run_config=RunConfig(
+        # The two ignores: ray.train hands out Train v2's RunConfig (ray 2.60's default, which takes
+        # logging_config and Train callbacks), or v1's under RAY_TRAIN_V2_ENABLED=0; mypy reads v1's.
+        run_config=RunConfig(  # type: ignore[call-arg]  # v2's logging_config (see above)
             name=config.run.name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             # The last checkpoint is what resumes; the best model is kept apart in <run_dir>/best.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # the engine prints its own progress
-            callbacks=callbacks or [],  # e.g. Tune's TuneReportCallback when a sweep runs this trainer
+            # e.g. Tune's TuneReportCallback when a sweep runs this trainer
+            callbacks=callbacks or [],  # type: ignore[arg-type]  # v2's UserCallback list (see above)
         ),
     )
 
 
 def run_training(
     config: Config, *, parent_run_id: str | None = None, log_prefix: str | None = None
-) -> evaluation.Evaluation | None:
+) -> Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory).
 
     log_prefix starts every progress line of the workers (`avgk demo` runs two trainings at once).
@@ -148,4 +148,4 @@ def run_training(
     metrics_file = storage.join(storage.absolute(config.run_dir), "metrics.json")
     if not storage.exists(metrics_file):
         return None
-    return evaluation.Evaluation(metrics=storage.read_json(metrics_file), per_class={}, thresholds={})
+    return Evaluation(metrics=storage.read_json(metrics_file), per_class={}, thresholds={})

@@ -23,16 +23,23 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from avgk.config import Config
 from avgk.evaluation.metrics import format_k
-from avgk.experiments.sweep_config import SweepConfig, SweepConfigError, config_for
+from avgk.experiments.sweep_config import Domain, SweepConfig, SweepConfigError, config_for
 from avgk.records import tracking
 from avgk.runtime import storage
 from avgk.runtime.console import say
+from pipelines import ray_private
+
+if TYPE_CHECKING:  # for annotations: this module imports Ray inside the functions that use it
+    import pandas as pd
+    from ray.tune import ResultGrid
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search.sample import Domain as TuneDomain
 
 SWEEP_FILE = "sweep.yaml"
 
@@ -78,11 +85,10 @@ def _let_train_find_this_cluster() -> None:
     in its ENV_VARS_TO_PROPAGATE to the controller, whose child actors (the cleaner) inherit them.
     """
     import ray
-    from ray.train.v2._internal import constants as train_constants
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    train_constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    ray_private.propagate_env_var_to_train("RAY_ADDRESS")
 
 
 def run_trial(
@@ -142,11 +148,12 @@ class SweepResult:
     best: TrialRow | None = None
 
 
-def _tune_domain(domain):
+def _tune_domain(domain: Domain) -> TuneDomain | dict[str, Any]:
+    """The Tune search-space entry of a sweep's space entry (grid_search gives a dict)."""
     from ray import tune
 
     v = domain.values
-    return {
+    makers: dict[str, Callable[[], TuneDomain | dict[str, Any]]] = {
         "choice": lambda: tune.choice(v),
         "grid": lambda: tune.grid_search(v),
         "uniform": lambda: tune.uniform(v[0], v[1]),
@@ -155,7 +162,8 @@ def _tune_domain(domain):
         "qloguniform": lambda: tune.qloguniform(v[0], v[1], v[2]),
         "randint": lambda: tune.randint(int(v[0]), int(v[1])),
         "lograndint": lambda: tune.lograndint(int(v[0]), int(v[1])),
-    }[domain.kind]()
+    }
+    return makers[domain.kind]()
 
 
 def _check_resume(paths: SweepPaths, document: dict[str, Any], *, log: Callable[[str], None]) -> None:
@@ -179,7 +187,7 @@ def _concurrency(sweep: SweepConfig, base: Config, *, log: Callable[[str], None]
 
     workers = base.train.num_workers
     per_trial_cpus = sweep.trial_cpus + workers * base.train.cpus_per_worker
-    total = ray.cluster_resources()
+    total: dict[str, float] = ray.cluster_resources()
     fits = math.floor(total.get("CPU", 0) / per_trial_cpus + 1e-9)
     if base.train.use_gpu:
         fits = min(fits, math.floor(total.get("GPU", 0) / workers + 1e-9))
@@ -197,7 +205,7 @@ def _concurrency(sweep: SweepConfig, base: Config, *, log: Callable[[str], None]
     return min(wanted, fits)
 
 
-def _best_of(frame, metric: str, mode: str) -> tuple[float | None, int]:
+def _best_of(frame: pd.DataFrame | None, metric: str, mode: str) -> tuple[float | None, int]:
     if frame is None or metric not in getattr(frame, "columns", []) or frame[metric].dropna().empty:
         return None, 0
     values = frame[metric].dropna()
@@ -210,16 +218,20 @@ def _test_avg_k(run_dir: str, k: float) -> float | None:
     path = storage.join(run_dir, "metrics.json")
     if not storage.exists(path):
         return None
-    return storage.read_json(path)["test"]["avg_k_accuracy"].get(format_k(k))
+    accuracy: float | None = storage.read_json(path)["test"]["avg_k_accuracy"].get(format_k(k))
+    return accuracy
 
 
-def _collect_rows(results, sweep: SweepConfig, base_tree: dict[str, Any], paths: SweepPaths) -> list[TrialRow]:
+def _collect_rows(results: ResultGrid, sweep: SweepConfig, base_tree: dict[str, Any], paths: SweepPaths) -> list[TrialRow]:
     rows = []
-    for result in results:
+    for index in range(len(results)):  # ResultGrid iterates through __getitem__, which mypy does not count
+        result = results[index]
         trial_id = (result.metrics or {}).get("trial_id")
         if trial_id is None:  # a trial that failed before its first report: its own finally marked it FAILED
             continue
-        params = {key: _plain(result.config[key]) for key in sweep.space if key in result.config}
+        trial_space = result.config
+        assert trial_space is not None  # every trial's result holds its sampled config
+        params = {key: _plain(trial_space[key]) for key in sweep.space if key in trial_space}
         config = trial_config(base_tree, params, trials_dir=paths.trials, trial_id=trial_id)
         run_dir = paths.trial(trial_id)
         best_val, epochs = _best_of(result.metrics_dataframe, sweep.scheduler.metric, sweep.scheduler.mode)
@@ -269,8 +281,8 @@ def format_table(rows: list[TrialRow], sweep: SweepConfig, *, markdown: bool = F
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
     return "\n".join(lines)
 
 
@@ -315,7 +327,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
     resumed = storage.exists(storage.join(paths.root, tracking.RUN_ID_FILE))
     with job.tracked(parent_config, tags={"avgk.sweep": sweep.name, "avgk.kind": "sweep"}) as run:
         uri, parent_run_id = run.uri, run.run_id
-        if parent_run_id is not None:
+        if uri and parent_run_id is not None:
             if not resumed:  # MLflow params are write-once; a resume may change evaluate_best or the concurrency
                 tracking.log_params(uri, parent_run_id, sweep.flat())
             base_tree["tracking"]["uri"] = uri  # every trial logs where the parent is, whatever its run.storage
@@ -331,6 +343,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
             tuner = tune.Tuner.restore(paths.tune, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, restart_errored=False)
         else:
+            scheduler: TrialScheduler
             if scheduler_cfg.name == "asha":
                 # stop_last_trials=False: a trial that reaches max_t ends by returning, after its
                 # final test evaluation, instead of being killed at its last report.
@@ -352,7 +365,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
             )
         results = tuner.fit()
         rows = _collect_rows(results, sweep, base_tree, paths)
-        if parent_run_id:
+        if uri and parent_run_id:
             _settle_children(uri, parent_run_id, rows)
         outcome = SweepResult(root=paths.root, parent_run_id=parent_run_id, rows=rows)
         candidates = [r for r in rows if r.best_val is not None and r.status != "FAILED"]
@@ -379,7 +392,7 @@ def _write_summary(outcome: SweepResult, sweep: SweepConfig, *, uri: str | None,
     lines += [format_table(outcome.rows, sweep, markdown=True), ""]
     storage.write_bytes(storage.join(outcome.root, "summary.md"), "\n".join(lines).encode())
     storage.write_bytes(storage.join(outcome.root, "summary.csv"), _summary_csv(outcome.rows, sweep).encode())
-    if outcome.parent_run_id is None:
+    if outcome.parent_run_id is None or uri is None:  # tracking off (a parent run comes with its uri)
         return
     import tempfile
     from pathlib import Path
@@ -399,6 +412,7 @@ def _write_summary(outcome: SweepResult, sweep: SweepConfig, *, uri: str | None,
         if best.test_avg_k is not None:
             tags["avgk.best_test_avg_k_accuracy"] = f"{best.test_avg_k:.6f}"
         tracking.set_tags(uri, run_id, tags)
+        assert best.best_val is not None  # the best trial is one with a value
         best_metrics = {f"best_{sweep.scheduler.metric}": best.best_val}
         if best.test_avg_k is not None:
             best_metrics["best_test_avg_k_accuracy"] = best.test_avg_k

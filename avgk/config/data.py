@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from avgk.config.base import Section
 from avgk.config.registry import SOURCES
@@ -112,7 +112,7 @@ class DataConfig(Section):
 
     @field_validator("mean", "std", mode="before")
     @classmethod
-    def _rgb(cls, value: Any, info) -> Any:
+    def _rgb(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3):
             raise ValueError(f"data.{info.field_name} must be 3 numbers (R, G, B), got {value!r}")
         return value

@@ -9,11 +9,14 @@ from pydantic import Field, field_validator
 
 from avgk.config.base import Section
 
+_DEFAULT_KS: list[float] = [1, 2, 3, 5, 10]
+"""eval.ks by default (ints: the config shows and saves them as written)."""
+
 
 class EvalConfig(Section):
     """Which K are evaluated, and the class-frequency bins."""
 
-    ks: list[float] = Field(default_factory=lambda: [1, 2, 3, 5, 10], min_length=1)
+    ks: list[float] = Field(default_factory=lambda: _DEFAULT_KS.copy(), min_length=1)
     freq_bins: tuple[int, int] = Field((20, 100), description="few < a <= medium <= b < many (train counts)")
     batch_size: int = Field(256, ge=1)
     strict: bool = Field(

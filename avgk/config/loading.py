@@ -113,12 +113,13 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def config_keys(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(dotted key, type, default, description) of every config key, in declaration order."""
     model = model or Config
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        assert annotation is not None  # every field of a config section is annotated
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += config_keys(annotation, f"{prefix}{name}.")
             continue

@@ -78,7 +78,9 @@ class LossConfig(Section):
     alpha: float = Field(0.1, ge=0, description="em/em_apl: entropy weight")
     beta: float = Field(1.0, ge=0, description="em_apl: weight of the negative pseudo-labels")
     apl_warmup_epochs: int = Field(1, ge=0, description="em_apl: epochs before pseudo-labelling starts")
-    apl_neg_proportion: float = Field(0.01, gt=0, le=1, description="em_apl: share of unobserved entries pseudo-labelled negative per class")
+    apl_neg_proportion: float = Field(
+        0.01, gt=0, le=1, description="em_apl: share of unobserved entries pseudo-labelled negative per class"
+    )
     role_lr: float = Field(
         1.0,
         gt=0,

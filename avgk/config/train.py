@@ -36,16 +36,16 @@ class TrainConfig(Section):
 
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1, description="GLOBAL batch size, split evenly over num_workers")
-    lr: float = Field(
-        None, gt=0, description="peak learning rate; default by optimizer: adamw 2e-3, sgd 0.05"  # type: ignore[arg-type]
+    lr: float = Field(  # type: ignore[assignment]  # None only until _optimizer_defaults (mode="before") fills it
+        None, gt=0, description="peak learning rate; default by optimizer: adamw 2e-3, sgd 0.05"
     )
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="AdamW (decoupled decay), or SGD with momentum")
     lr_scale: LrScaleConfig = Field(default_factory=LrScaleConfig)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw: moment decay rates, each in [0, 1)")
     nesterov: bool = False
-    weight_decay: float = Field(
-        None, ge=0, description="default by optimizer: adamw 0.05, sgd 5e-4 (never on biases and norms)"  # type: ignore[arg-type]
+    weight_decay: float = Field(  # type: ignore[assignment]  # None only until _optimizer_defaults fills it
+        None, ge=0, description="default by optimizer: adamw 0.05, sgd 5e-4 (never on biases and norms)"
     )
     schedule: Literal["constant", "step", "cosine"] = Field("cosine", description="per-step lr schedule")
     milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr *= gamma")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from avgk.data.manifest import IMAGE_EXTENSIONS, decode_posterior
-from avgk.data.transforms import ImageTransform
+from avgk.data.transforms import ImageTransform, Transform
 
 
 class DataSetupError(ValueError):
@@ -26,14 +26,16 @@ class DataSetupError(ValueError):
 def _image_bytes(sample: Mapping[str, Any]) -> bytes:
     for ext in (*IMAGE_EXTENSIONS, "jpeg"):
         if ext in sample:
-            return sample[ext]
+            data: bytes = sample[ext]
+            return data
     raise ValueError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
 
 
 def decode_sample_image(sample: Mapping[str, Any]) -> Image.Image:
     """The RGB PIL image of a shard sample (its jpg/png/... entry), for transforms that take PIL images."""
     with Image.open(io.BytesIO(_image_bytes(sample))) as image:
-        return image.convert("RGB")
+        rgb: Image.Image = image.convert("RGB")
+        return rgb
 
 
 try:
@@ -57,7 +59,7 @@ def decode_sample_image_uint8(sample: Mapping[str, Any]) -> torch.Tensor:
     if decode_image is not None:
         try:
             # bytearray: a writable copy (~30 us for 100 KB) that torch wraps without a warning
-            image_CHW = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            image_CHW: torch.Tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             if image_CHW.dtype == torch.uint8:
                 return image_CHW
         except RuntimeError:
@@ -68,11 +70,11 @@ def decode_sample_image_uint8(sample: Mapping[str, Any]) -> torch.Tensor:
 
 @dataclass
 class SampleDecoder:
-    transform: Callable | None
-    num_classes: int | None
+    transform: Transform | None
+    num_classes: int
     with_posterior: bool
 
-    def __call__(self, sample: Mapping[str, Any]) -> dict:
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(self.transform, ImageTransform):
             # its geometry takes tensors; uint8 out, the batch is normalised in Collate or later
             image_CHW = self.transform.geometry(decode_sample_image_uint8(sample))
@@ -113,10 +115,10 @@ class Collate:
     """Samples -> one batch dict. uint8 images from an ImageTransform's geometry are normalised here
     in one pass over the batch, or, with normalize=False, left uint8 for the consumer."""
 
-    transform: Callable | None
+    transform: Transform | None
     normalize: bool = True
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = [s["image"] for s in samples]
         if isinstance(self.transform, ImageTransform) and self.normalize:
             uint8_BCHW = torch.stack(images)

@@ -11,6 +11,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from webdataset import tariterators
 
 from avgk.data.decoding import Collate, DataSetupError, SampleDecoder
 from avgk.data.manifest import Manifest, read_manifest
-from avgk.data.transforms import ImageTransform
+from avgk.data.transforms import ImageTransform, Transform
 from avgk.runtime import storage
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class _SkipAndCount:
         return True
 
 
-def _check_normalize(transform: Callable | None, normalize: bool) -> None:
+def _check_normalize(transform: Transform | None, normalize: bool) -> None:
     if not normalize and not isinstance(transform, ImageTransform):
         raise ValueError(
             f"normalize=False needs an ImageTransform (avgk.data.transforms.build_transform) to leave uint8 "
@@ -80,7 +81,7 @@ def _check_normalize(transform: Callable | None, normalize: bool) -> None:
         )
 
 
-def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """{"url", "stream"} per shard, as webdataset's url_opener, through avgk.runtime.storage: a local file, or
     a remote object (s3://...) streamed with read-ahead, never copied to disk. A shard that cannot be
     opened goes to `handler` (skipped and counted), except a storage setup error (credentials,
@@ -91,14 +92,14 @@ def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -
         except storage.StorageError as err:
             raise DataSetupError(str(err)) from None
         except Exception as exn:
-            exn.args = exn.args + (url,)
+            exn.args = (*exn.args, url)
             if handler(exn):
                 continue
             break
         yield {"url": url, "stream": stream}
 
 
-class _ShardStream(torch.utils.data.IterableDataset):
+class _ShardStream(torch.utils.data.IterableDataset[dict[str, Any]]):
     """Batches from the shards one (rank, worker) owns; the worker index comes from torch, never from env vars."""
 
     def __init__(
@@ -151,6 +152,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 num_workers=num_workers,
             )
             return
+        draw: Callable[[list[str]], list[str]]  # the next pass's shard order from this one's
         if self.resampled:
             mine = self.shard_urls
             rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker, 1))
@@ -186,14 +188,14 @@ class _ShardStream(torch.utils.data.IterableDataset):
             f"{len(mine)} shards (e.g. {mine[:3]}); {self.num_skipped} broken samples or shards skipped"
         )
 
-    def _read(self, urls: Iterator[str]) -> Iterator[dict]:
+    def _read(self, urls: Iterator[str]) -> Iterator[dict[str, Any]]:
         streams = _open_shards(urls, handler=self.handler)
         files = tariterators.tar_file_expander(streams, handler=self.handler)
         for sample in tariterators.group_by_keys(files, handler=self.handler):
             self._num_read += 1
             yield sample
 
-    def _decoded(self, samples: Iterator[dict], worker: int) -> Iterator[dict]:
+    def _decoded(self, samples: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
         failures = 0  # consecutive samples that did not decode
         for sample in samples:
             try:
@@ -209,7 +211,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
             failures = 0
             yield decoded
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._num_read = self._pass_size = 0
@@ -254,7 +256,7 @@ def _loader(dataset: _ShardStream, *, num_workers: int, seed: int, pin_memory: b
 
 def train_loader(
     *,
-    shards_dir: str | os.PathLike | Manifest,
+    shards_dir: str | os.PathLike[str] | Manifest,
     split: str = "train",
     batch_size: int,
     rank: int,
@@ -262,7 +264,7 @@ def train_loader(
     num_workers: int,
     epoch: int,
     seed: int,
-    transform: Callable | None,
+    transform: Transform | None,
     num_batches: int,
     shuffle_buffer: int = 1000,
     resampled: bool = False,
@@ -329,13 +331,13 @@ def train_loader(
 
 def eval_loader(
     *,
-    shards_dir: str | os.PathLike | Manifest,
+    shards_dir: str | os.PathLike[str] | Manifest,
     split: str,
     batch_size: int,
     rank: int,
     world_size: int,
     num_workers: int,
-    transform: Callable | None,
+    transform: Transform | None,
     num_classes: int | None = None,
     with_posterior: bool = False,
     pin_memory: bool = False,

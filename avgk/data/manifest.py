@@ -57,7 +57,7 @@ class SplitInfo:
     """Size of each shard file in bytes, in the order of `shards` (empty as above): what
     shard_problems checks on an object store, where hashing means downloading every shard."""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "shards": list(self.shards),
             "num_samples": self.num_samples,
@@ -89,7 +89,7 @@ class Manifest:
     """The shards folder: an absolute local path or a filesystem URI (s3://bucket/prefix)."""
     format_version: int
     source: str
-    settings: dict
+    settings: dict[str, Any]
     num_classes: int
     classes: dict[int, str]
     splits: dict[str, SplitInfo] = field(default_factory=dict)
@@ -115,7 +115,7 @@ class Manifest:
         """Absolute paths (or URIs, for a remote data set) of the split's shards, in manifest order."""
         return [storage.join(self.root, rel) for rel in self.split(split).shards]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "source": self.source,
@@ -130,7 +130,7 @@ def _missing_data_message(where: str) -> str:
     return f"{storage.display(where)} does not exist: no complete shards there; run `avgk prepare CONFIG` first"
 
 
-def read_manifest(shards_dir: str | os.PathLike) -> Manifest:
+def read_manifest(shards_dir: str | os.PathLike[str]) -> Manifest:
     """Read `<shards_dir>/manifest.json` (a local folder or a URI); FileNotFoundError if the folder or
     the manifest is missing, avgk.runtime.storage.StorageError (an OSError) if the location cannot be read."""
     root = storage.absolute(str(shards_dir))
@@ -183,7 +183,7 @@ def _normalise_classes(classes: Mapping[int, str] | Sequence[str]) -> dict[int, 
 
 def write_manifest(
     *,
-    shards_dir: str | os.PathLike,
+    shards_dir: str | os.PathLike[str],
     source: str,
     settings: Mapping[str, Any],
     classes: Mapping[int, str] | Sequence[str],
@@ -250,7 +250,7 @@ def decode_posterior(*, post_2M: np.ndarray, num_classes: int) -> np.ndarray:
     return dense_L
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

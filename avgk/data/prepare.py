@@ -36,7 +36,7 @@ def prepare(config: Config, *, progress: bool = True) -> Manifest:
     skipped files are listed in the manifest and summarised on stderr.
     """
     data = config.data
-    manifest = SOURCES.get(data.source)(data, convert_options(config, progress=progress))
+    manifest: Manifest = SOURCES.get(data.source)(data, convert_options(config, progress=progress))
     if "train" in manifest.splits:
         empty = [manifest.classes[c] for c, n in enumerate(manifest.split("train").class_counts) if n == 0]
         if empty:

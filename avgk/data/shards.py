@@ -45,7 +45,7 @@ def _check_split_name(split: str) -> None:
         raise ValueError(f"split must be a plain folder name (no '/', not starting with '.'), got {split!r}")
 
 
-def _to_record(sample: Mapping[str, Any], num_classes: int) -> dict:
+def _to_record(sample: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
     key = sample.get("key")
     if not isinstance(key, str) or not key or "." in key or "/" in key:
         # webdataset splits a tar member name at its first '.' to find the sample key
@@ -62,13 +62,13 @@ def _to_record(sample: Mapping[str, Any], num_classes: int) -> dict:
     idx = sample.get("idx")
     if isinstance(idx, (bool, np.bool_)) or not isinstance(idx, (int, np.integer)) or idx < 0:
         raise ValueError(f"sample {key!r}: idx must be a non-negative integer, got {idx!r}")
-    record = {"__key__": key, ext: bytes(image), "cls": str(int(cls)), "idx": str(int(idx))}
+    record: dict[str, Any] = {"__key__": key, ext: bytes(image), "cls": str(int(cls)), "idx": str(int(idx))}
     post = sample.get("post")
     if post is not None:
-        post = np.asarray(post, dtype=np.float32)
-        if post.ndim != 2 or post.shape[0] != 2:
-            raise ValueError(f"sample {key!r}: post must be a 2 x M array [class ids; probs], got shape {post.shape}")
-        record["post.npy"] = post
+        post_2M = np.asarray(post, dtype=np.float32)
+        if post_2M.ndim != 2 or post_2M.shape[0] != 2:
+            raise ValueError(f"sample {key!r}: post must be a 2 x M array [class ids; probs], got shape {post_2M.shape}")
+        record["post.npy"] = post_2M
     return record
 
 
@@ -86,13 +86,13 @@ def _replace_dir(*, src: Path, dst: Path) -> None:
 def write_split(
     *,
     samples: Iterable[Mapping[str, Any]],
-    shards_dir: str | os.PathLike,
+    shards_dir: str | os.PathLike[str],
     split: str,
     num_classes: int,
     maxcount: int = 1000,
     maxsize_bytes: int | None = None,
     skipped: Sequence[Any] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Write one split's samples as tar shards and return its manifest entry.
 
     Each sample is {"key", "image" (encoded bytes), "ext" ("png" | "jpg"), "cls", "idx",
@@ -229,7 +229,7 @@ def encode_png(image_HWC: np.ndarray) -> bytes:
 WRITING_MARKER = ".avgk-synthetic-writing"
 
 
-def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: Manifest | None) -> None:
+def refuse_foreign_folder(shards_dir: str | os.PathLike[str], existing: Manifest | None) -> None:
     """Synthetic data is written only into a missing or empty folder (or prefix), or over avgk's own
     synthetic data set: anything else (a prepared real data set, a user's files) is never overwritten."""
     if not storage.is_remote(str(shards_dir)):
@@ -258,7 +258,7 @@ def refuse_foreign_folder(shards_dir: str | os.PathLike, existing: Manifest | No
 
 def write_synthetic_shards(
     *,
-    shards_dir: str | os.PathLike,
+    shards_dir: str | os.PathLike[str],
     num_classes: int,
     num_train: int,
     num_val: int,

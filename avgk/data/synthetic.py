@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "BLOCK_SIZE",
@@ -83,11 +84,12 @@ def posterior_dense(indices: np.ndarray, probs: np.ndarray, num_classes: int) ->
     return dense_NL
 
 
-def zipf_prior(*, num_classes: int, zipf_exponent: float) -> np.ndarray:
+def zipf_prior(*, num_classes: int, zipf_exponent: float) -> npt.NDArray[np.float64]:
     """Class prior proportional to 1 / (class_id + 1) ** zipf_exponent (0 gives a balanced prior)."""
     ranks = np.arange(1, num_classes + 1, dtype=np.float64)
-    weights = ranks ** (-float(zipf_exponent))
-    return weights / weights.sum()
+    weights: npt.NDArray[np.float64] = ranks ** (-float(zipf_exponent))
+    prior: npt.NDArray[np.float64] = weights / weights.sum()
+    return prior
 
 
 def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:

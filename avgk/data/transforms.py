@@ -6,10 +6,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_CROP", "ImageTransform", "build_transform", "normalize_batch"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_CROP", "ImageTransform", "Transform", "build_transform", "normalize_batch",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -17,6 +20,9 @@ SMALL_IMAGE_CROP = 64
 AUTO_AUGMENT = {"none": None, "randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
 """Below this crop size (CIFAR-like images) training uses pad + random crop instead of RandomResizedCrop."""
 
+
+Transform = Callable[[Image.Image], torch.Tensor]
+"""What the loaders take as `transform`: a PIL image to a 3 x H x W tensor (an ImageTransform is one)."""
 
 CPU_CHUNK_BYTES = 1 << 20
 """normalize_batch on the CPU works through a batch in chunks of about this many float32 bytes,
@@ -69,7 +75,7 @@ class ImageTransform:
     in BENCHMARKS.md).
     """
 
-    geometry: Callable
+    geometry: Callable[[Image.Image | torch.Tensor], torch.Tensor]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -82,7 +88,7 @@ class ImageTransform:
     ) -> torch.Tensor:
         return normalize_batch(images_BCHW, mean=self.mean, std=self.std, memory_format=memory_format, out=out)
 
-    def __call__(self, image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.finish(self.geometry(image).unsqueeze(0))[0]
 
 
@@ -130,6 +136,6 @@ def build_transform(
         geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
     return ImageTransform(
         geometry=v2.Compose([v2.ToImage(), *geometry, v2.ToPureTensor()]),
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
+        mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+        std=(float(std[0]), float(std[1]), float(std[2])),
     )

@@ -26,10 +26,7 @@ def format_k(k: float) -> str:
 
 
 def _as_labels(labels: Any, *, num_samples: int, num_classes: int) -> np.ndarray:
-    if isinstance(labels, torch.Tensor):
-        labels_N = labels.detach().cpu().numpy()
-    else:
-        labels_N = np.asarray(labels)
+    labels_N = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if labels_N.shape != (num_samples,):
         raise ValueError(f"labels must have shape ({num_samples},) to match the scores, got {labels_N.shape}")
     if num_samples and not np.issubdtype(labels_N.dtype, np.integer):
@@ -43,7 +40,8 @@ def _as_labels(labels: Any, *, num_samples: int, num_classes: int) -> np.ndarray
 
 
 def _true_scores(scores_NL: np.ndarray, labels_N: np.ndarray) -> np.ndarray:
-    return scores_NL[np.arange(labels_N.size), labels_N]
+    true_N: np.ndarray = scores_NL[np.arange(labels_N.size), labels_N]
+    return true_N
 
 
 def average_k_accuracy(*, scores: Any, labels: Any, threshold: float) -> float:
@@ -57,7 +55,7 @@ def average_k_accuracy(*, scores: Any, labels: Any, threshold: float) -> float:
         raise ValueError("average_k_accuracy needs at least one sample, got N=0")
     labels_N = _as_labels(labels, num_samples=num_samples, num_classes=num_classes)
     in_set_N = _true_scores(scores_NL, labels_N) >= np.float32(threshold)
-    return int(np.count_nonzero(in_set_N)) / num_samples
+    return int(np.count_nonzero(in_set_N)) / int(num_samples)
 
 
 def _ratio(numerator: int, denominator: int) -> float:
@@ -176,6 +174,7 @@ class SetMetrics:
             self._state[f"num_in_set_L@{format_k(k)}"] += np.bincount(labels[in_set_N], minlength=L)
             self._state[f"num_sets_by_size_S@{format_k(k)}"] += np.bincount(size_N, minlength=L + 1)
         if self._integer_ks:
+            assert num_greater_N is not None  # counted whenever there are integer Ks
             for k in self._integer_ks:
                 correct_N = num_greater_N < k
                 self._state[f"num_top_k_correct_L@{format_k(k)}"] += np.bincount(

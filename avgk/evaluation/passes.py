@@ -68,7 +68,9 @@ class ThresholdsPass:
         _check_top(self)
 
     def calibrator(self, totals: list[Any]) -> StreamingThresholds | TopThresholds:
+        calibrator: StreamingThresholds | TopThresholds
         if self.top:
+            assert self.num_classes is not None  # __post_init__'s _check_top
             calibrator = TopThresholds(ks=self.ks, num_classes=self.num_classes)
         else:
             calibrator = StreamingThresholds(ks=self.ks)
@@ -81,11 +83,11 @@ class ThresholdsPass:
     def done(self, totals: list[Any]) -> bool:
         return len(totals) == 2
 
-    def run(self, totals: list[Any], batches: Iterable[Batch]) -> np.ndarray:
+    def run(self, totals: list[Any], batches: Iterable[Batch]) -> np.ndarray | dict[str, np.ndarray]:
         calibrator = self.calibrator(totals)
         names = top_scores.columns(self.column)
         for batch in batches:
-            if self.top:
+            if isinstance(calibrator, TopThresholds):  # self.top
                 calibrator.update(top_NT=batch[names[top_scores.TOP]], cut_N=batch[names[top_scores.CUT]])
             else:
                 calibrator.update(batch[self.column])
@@ -116,7 +118,7 @@ class MetricsPass:
             state = dict(totals[0])
             if self.top:
                 unproven_K = np.asarray(state.pop("unproven_K"))
-                for k, count in zip(self.ks, unproven_K.tolist()):
+                for k, count in zip(self.ks, unproven_K.tolist(), strict=True):
                     if count:
                         raise NotExact(
                             f"K={k}: {count} row(s) of {self.column!r} keep a score not below lambda_K="
@@ -159,6 +161,7 @@ class PseudoLabelPass:
 
     def labeler(self, totals: list[Any]) -> GlobalPseudoLabeler | TopPseudoLabeler:
         if self.top:
+            assert self.num_classes is not None  # __post_init__'s _check_top
             return TopPseudoLabeler.resume(k=self.k, num_classes=self.num_classes, totals=totals)
         return GlobalPseudoLabeler.resume(k=self.k, totals=totals)
 
@@ -169,7 +172,7 @@ class PseudoLabelPass:
         labeler = self.labeler(totals)
         names = top_scores.columns("scores")
         for batch in batches:
-            if self.top:
+            if isinstance(labeler, TopPseudoLabeler):  # self.top
                 labeler.update(top_NT=batch[names[top_scores.TOP]], classes_NT=batch[names[top_scores.CLASSES]],
                                cut_N=batch[names[top_scores.CUT]], labels_N=batch["label"], idx_N=batch["idx"])
             else:
@@ -178,7 +181,10 @@ class PseudoLabelPass:
 
     def selection(self, totals: list[Any]) -> GlobalSelection:
         """The selection of the summed states of every pass; NotExact when top-T rows cannot prove it."""
-        return self.labeler(totals).selection
+        selection = self.labeler(totals).selection
+        if selection is None:
+            raise RuntimeError("the selection is not complete: run the remaining passes")
+        return selection
 
 
 def reduce_state(state: Any, reduce: Reduce) -> Any:

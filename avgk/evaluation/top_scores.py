@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from avgk.method.thresholds import (
     rank_for_k,
     validate_ks,
 )
+
+if TYPE_CHECKING:
+    from avgk.method.pseudo_labels import GlobalSelection
 
 __all__ = [
     "NotExact",
@@ -321,16 +324,19 @@ class TopPseudoLabeler:
                 )
 
     @property
-    def selection(self):
+    def selection(self) -> GlobalSelection:
         """The GlobalSelection, equal to the full rows'; raises NotExact when unproven."""
         if self._failure is not None:
             raise NotExact(self._failure)
-        if not self._labeler.done:
+        selection = self._labeler.selection
+        if not self._labeler.done or selection is None:
             raise RuntimeError("the selection is not complete: run the remaining passes")
-        return self._labeler.selection
+        return selection
 
 
-def select_top_rows(selection, *, forced_NT: Any, classes_NT: Any, cut_N: Any, idx_N: Any) -> tuple[np.ndarray, np.ndarray]:
+def select_top_rows(
+    selection: GlobalSelection, *, forced_NT: Any, classes_NT: Any, cut_N: Any, idx_N: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """(counts_N int64, labels_P int32) of forced top-T rows under `selection`: the same positives as
     GlobalSelection.select on the full rows followed by positives_as_rows (class ids ascending per row).
 

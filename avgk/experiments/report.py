@@ -216,13 +216,14 @@ def run_report(run_dirs: Sequence[str], *, out: str) -> str:
     """report.md (the markdown table) and the overlaid figures of several runs into `out`; returns the table."""
     if not run_dirs:
         raise ValueError("avgk report needs at least one RUN_DIR")
-    runs = {name: load_run(d) for name, d in zip(run_names(run_dirs), run_dirs)}
+    runs = {name: load_run(d) for name, d in zip(run_names(run_dirs), run_dirs, strict=True)}
     from avgk.experiments.summary import format_markdown
 
     table = format_markdown({name: run.metrics for name, run in runs.items()})
     text = (
         "# avgk comparison\n\n"
-        + "\n".join(f"- `{name}`: {storage.absolute(d)}" for name, d in zip(runs, run_dirs))
+        # strict=False: a folder named twice is one run (one key of `runs`), listed once
+        + "\n".join(f"- `{name}`: {storage.absolute(d)}" for name, d in zip(runs, run_dirs, strict=False))
         + "\n\n" + table + "\n\naccuracies in % on test; 'oracle' thresholds the true posterior (synthetic data only)\n"
     )
     out = storage.absolute(out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -58,7 +58,8 @@ def summarize(rows: pd.DataFrame, *, columns: Sequence[str]) -> pd.DataFrame:
     mean = grouped.mean().add_suffix(":mean")
     std = grouped.std(ddof=1).fillna(0.0).add_suffix(":std")
     count = grouped.size().rename("seeds")
-    return pd.concat([mean, std, count], axis=1).reset_index()
+    summary: pd.DataFrame = pd.concat([mean, std, count], axis=1).reset_index()
+    return summary
 
 
 def paired_gains(rows: pd.DataFrame, *, reference: str, column: str) -> pd.DataFrame:
@@ -72,8 +73,8 @@ def paired_gains(rows: pd.DataFrame, *, reference: str, column: str) -> pd.DataF
     joined = rows[["method", "ambiguity", "seed", column]].merge(ref, on=["ambiguity", "seed"], how="inner")
     joined["gain"] = joined[column] - joined["reference"]
     grouped = joined.groupby(["ambiguity", "method"], sort=True)["gain"]
-    out = pd.DataFrame({"gain:mean": grouped.mean(), "gain:std": grouped.std(ddof=1).fillna(0.0),
-                        "pairs": grouped.size()}).reset_index()
+    out: pd.DataFrame = pd.DataFrame({"gain:mean": grouped.mean(), "gain:std": grouped.std(ddof=1).fillna(0.0),
+                                      "pairs": grouped.size()}).reset_index()
     return out
 
 
@@ -109,7 +110,8 @@ def frequency_gains(per_class: pd.DataFrame, *, reference: str, method: str, k: 
                          "train_count_min": int(members["train_count"].min()),
                          "train_count_max": int(members["train_count"].max()),
                          "classes": len(members), "gain:mean": float(gains.mean()), "gain:sem": sem})
-    return pd.DataFrame(rows)
+    gains_by_bin: pd.DataFrame = pd.DataFrame(rows)
+    return gains_by_bin
 
 
 # ---------------------------------------------------------------- tables
@@ -184,7 +186,7 @@ def plot_gain_vs_frequency(freq: pd.DataFrame, *, title: str) -> Figure:
     for ambiguity, group in freq.groupby("ambiguity", sort=True):
         centre = np.sqrt(group["train_count_min"].clip(lower=1) * group["train_count_max"].clip(lower=1))
         ax.errorbar(centre, 100 * group["gain:mean"], yerr=100 * group["gain:sem"], marker="o", capsize=3,
-                    label=f"ambiguity {format_k(ambiguity)}")
+                    label=f"ambiguity {format_k(cast(float, ambiguity))}")  # the ambiguity column holds floats
     ax.set_xscale("log")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("training images of the class (bin geometric centre)")
@@ -204,7 +206,8 @@ def plot_gain_by_method(gains: pd.DataFrame, *, reference: str, title: str) -> F
     positions = np.arange(len(rows))
     colours = ["tab:green" if g >= 0 else "tab:red" for g in rows["gain:mean"]]
     ax.barh(positions, 100 * rows["gain:mean"], xerr=100 * rows["gain:std"], color=colours, capsize=3)
-    ax.set_yticks(positions, [f"{m} (a={format_k(a)})" for m, a in zip(rows["method"], rows["ambiguity"])])
+    labels = [f"{m} (a={format_k(a)})" for m, a in zip(rows["method"], rows["ambiguity"], strict=True)]
+    ax.set_yticks(positions, labels)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"gain over {reference} (points)")

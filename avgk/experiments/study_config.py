@@ -167,7 +167,9 @@ def build_cells(study: StudyConfig, base: Config) -> list[Cell]:
                 try:
                     config = config_for(tree, values)
                 except ConfigError as err:
-                    raise StudyConfigError(f"study config error: methods[{method!r}] {overrides}: {config_error_detail(err)}") from None
+                    raise StudyConfigError(
+                        f"study config error: methods[{method!r}] {overrides}: {config_error_detail(err)}"
+                    ) from None
                 cells.append(Cell(method=method, ambiguity=ambiguity, seed=seed, config=config))
     return cells
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ __all__ = [
     "ImageInput", "LabelSet", "SetPredictor", "decode_image", "iter_image_files", "model_only_checkpoint", "run_predict",
 ]
 
-ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray]
+ImageInput = Image.Image | str | os.PathLike[str] | bytes | bytearray
 THRESHOLDS_FILE = "thresholds.json"
 
 
@@ -66,10 +66,11 @@ def decode_image(image: ImageInput) -> Image.Image:
     else:
         raise TypeError(f"an image must be a PIL image, a file path or encoded bytes, got {type(image).__name__}")
     with Image.open(source) as opened:
-        return opened.convert("RGB")
+        rgb: Image.Image = opened.convert("RGB")
+        return rgb
 
 
-def model_only_checkpoint(state: dict) -> dict:
+def model_only_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     """The part of a training checkpoint that inference needs (no optimizer, RNG or loss tables)."""
     if not isinstance(state, dict) or not {"model", "config", "num_classes"} <= set(state):
         raise ValueError("not an avgk training checkpoint (a dict with 'model', 'config' and 'num_classes')")
@@ -82,7 +83,7 @@ class SetPredictor:
     def __init__(
         self,
         *,
-        checkpoint: dict,
+        checkpoint: dict[str, Any],
         thresholds: dict[str, Any],
         class_names: Sequence[str] | None = None,
         batch_size: int = 64,
@@ -216,7 +217,7 @@ class SetPredictor:
         return LabelSet(ids=ids, names=[self.class_names[i] for i in ids], scores=[float(scores_L[i]) for i in ids])
 
 
-def class_names_of(checkpoint: dict) -> list[str] | None:
+def class_names_of(checkpoint: dict[str, Any]) -> list[str] | None:
     """Class names by id from the checkpoint config's shard manifest, or None when it is not reachable."""
     shards = checkpoint["config"]["data"]["shards"]
     try:
@@ -278,7 +279,7 @@ def run_predict(
                 except Exception as err:  # a corrupt or non-image file is reported, not fatal
                     num_failed += 1
                     out.write(json.dumps({"path": str(path), "error": f"{type(err).__name__}: {err}"}) + "\n")
-            for path, label_set in zip(good, predictor.predict(images, k=k, top_k=top_k)):
+            for path, label_set in zip(good, predictor.predict(images, k=k, top_k=top_k), strict=True):
                 out.write(json.dumps({"path": str(path), **label_set.to_dict()}) + "\n")
             out.flush()
             bar.update(len(files[start : start + batch_size]))

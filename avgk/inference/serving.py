@@ -17,16 +17,27 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
-from PIL import UnidentifiedImageError
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
+from PIL import Image, UnidentifiedImageError
 
-from avgk.inference.predict import THRESHOLDS_FILE, SetPredictor, class_names_of, decode_image, model_only_checkpoint
+from avgk.inference.predict import (
+    THRESHOLDS_FILE,
+    LabelSet,
+    SetPredictor,
+    class_names_of,
+    decode_image,
+    model_only_checkpoint,
+)
 from avgk.records import runs
 from avgk.runtime import console, storage
 from avgk.training import checkpoints
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
 
 __all__ = ["PYFUNC_NAME", "AvgKSetModel", "code_paths", "log_pyfunc_model", "pip_requirements", "pyfunc_signature"]
 
@@ -35,7 +46,7 @@ IMAGE_COLUMN = "image"
 MAX_ERRORS_SHOWN = 5
 
 
-class AvgKSetModel(mlflow.pyfunc.PythonModel):
+class AvgKSetModel(PythonModel):
     """Image bytes (column "image") -> average-K label sets as JSON strings (column "label_set").
 
     params: k (a calibrated K, default the training's loss.k when calibrated) and top_k. A row that
@@ -44,14 +55,16 @@ class AvgKSetModel(mlflow.pyfunc.PythonModel):
     message instead of a stack trace.
     """
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self.predictor = SetPredictor.from_files(
             checkpoint=context.artifacts["checkpoint"],
             thresholds=context.artifacts["thresholds"],
             class_names=context.artifacts["class_names"],
         )
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext | None, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
 
         params = params or {}
@@ -63,7 +76,8 @@ class AvgKSetModel(mlflow.pyfunc.PythonModel):
         k = float(k) if k is not None else float(self.predictor.ks[0])
         top_k = bool(params.get("top_k", False))
         values = list(frame[column])
-        sets, errors = [], []
+        sets: list[LabelSet] = []
+        errors: list[str] = []
         # One batch of decoded images in memory at a time; after a bad row, the rest is only decoded
         # (to name every bad row), not scored.
         for start in range(0, len(values), self.predictor.batch_size):
@@ -80,10 +94,11 @@ class AvgKSetModel(mlflow.pyfunc.PythonModel):
                 f"column {str(column)!r} must hold encoded images (PNG, JPEG, ...; base64 in JSON requests), "
                 f"{len(errors)} of {len(values)} rows do not: {shown}"
             )
-        return pd.DataFrame({"label_set": [json.dumps(s.to_dict()) for s in sets]})
+        label_sets: pd.DataFrame = pd.DataFrame({"label_set": [json.dumps(s.to_dict()) for s in sets]})
+        return label_sets
 
 
-def decode_rows(values: Sequence[Any], *, first_row: int, errors: list[str]) -> list:
+def decode_rows(values: Sequence[Any], *, first_row: int, errors: list[str]) -> list[Image.Image]:
     """The RGB images of the rows that decode; each row that does not adds "row N: why" to `errors`."""
     images = []
     for row, value in enumerate(values, start=first_row):
@@ -96,7 +111,7 @@ def decode_rows(values: Sequence[Any], *, first_row: int, errors: list[str]) -> 
     return images
 
 
-def pyfunc_signature(*, default_k: float):
+def pyfunc_signature(*, default_k: float) -> ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -199,7 +214,8 @@ def log_pyfunc_model(
             mlflow.end_run()
             if status != "FINISHED":  # end_run closed it; the run's owner ends it with its real status
                 client.update_run(run_id, status=status)
-    return info.model_uri
+    model_uri: str = info.model_uri
+    return model_uri
 
 
 @contextlib.contextmanager
@@ -215,4 +231,4 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # typed str | Path, but None unsets it (as wanted)

@@ -13,12 +13,15 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from avgk.runtime import storage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 PSEUDO_LABELS_DIR = "pseudo_labels"
 """Folder of the global pseudo-label table inside a run directory."""
@@ -99,10 +102,11 @@ def concat_ranges(starts_R: np.ndarray, counts_R: np.ndarray) -> np.ndarray:
     if total == 0:
         return np.zeros(0, dtype=np.int64)
     ends_R = np.cumsum(counts_R)
-    return np.arange(total, dtype=np.int64) - np.repeat(ends_R - counts_R - starts_R, counts_R)
+    ranges: np.ndarray = np.arange(total, dtype=np.int64) - np.repeat(ends_R - counts_R - starts_R, counts_R)
+    return ranges
 
 
-def pseudo_label_arrow_table(*, idx_R: Any, counts_R: Any, labels_P: Any, metadata: Mapping[str, Any]):
+def pseudo_label_arrow_table(*, idx_R: Any, counts_R: Any, labels_P: Any, metadata: Mapping[str, Any]) -> pa.Table:
     """A pyarrow table (idx int64, labels list<int32>) with `metadata` as JSON in its schema metadata."""
     import pyarrow as pa
 
@@ -114,7 +118,7 @@ def pseudo_label_arrow_table(*, idx_R: Any, counts_R: Any, labels_P: Any, metada
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(dict(metadata)).encode()})
 
 
-def write_parquet(uri: str, table) -> None:
+def write_parquet(uri: str, table: pa.Table) -> None:
     """One parquet file on a local path or a pyarrow filesystem URI."""
     import pyarrow.parquet as pq
 

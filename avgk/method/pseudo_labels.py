@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from avgk.method.streamed_thresholds import RankedValue, StreamingSelector
@@ -109,7 +110,8 @@ def _checked_idx(idx_N: Any, *, num_rows: int, num_samples: int) -> np.ndarray:
 
 
 def _key(value: float) -> np.uint32:
-    return float_to_key(np.array([value], dtype=np.float32))[0]
+    key: np.uint32 = float_to_key(np.array([value], dtype=np.float32))[0]
+    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +195,8 @@ class GlobalPseudoLabeler:
         self._num_positives = 0
         self._phase = "pass1"
         self._tie_key = np.uint32(0)
-        self._tie_counts_N = np.zeros(0, dtype=np.int64)
-        self._ranked: Any = None
+        self._tie_counts_N: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._ranked: RankedValue | None = None
         self.selection: GlobalSelection | None = None
 
     @classmethod
@@ -254,7 +256,8 @@ class GlobalPseudoLabeler:
         if self._phase in ("pass1", "pass2"):
             return self._selector.state()
         if self._phase == "ties":
-            return self._tie_counts_N.copy()
+            tie_counts_N: npt.NDArray[np.int64] = self._tie_counts_N.copy()
+            return tie_counts_N
         raise RuntimeError("state after the selection is complete; read .selection")
 
     def load_state(self, total: Any) -> None:
@@ -278,30 +281,32 @@ class GlobalPseudoLabeler:
             raise RuntimeError("load_state after the selection is complete")
 
     def _load_ties(self, counts_N: np.ndarray) -> None:
+        ranked = self.ranked
         if counts_N.shape != self._tie_counts_N.shape or not np.issubdtype(counts_N.dtype, np.integer):
             raise ValueError(
                 f"tie-pass state must be an integer array of shape {self._tie_counts_N.shape}, "
                 f"got {counts_N.dtype} of shape {counts_N.shape}"
             )
-        if int(counts_N.sum()) != self._ranked.num_equal:
+        if int(counts_N.sum()) != ranked.num_equal:
             raise ValueError(
-                f"the tie pass counted {int(counts_N.sum())} ties, pass 2 counted {self._ranked.num_equal}: "
+                f"the tie pass counted {int(counts_N.sum())} ties, pass 2 counted {ranked.num_equal}: "
                 "every pass must stream the same chunks, each sample idx once"
             )
-        wanted = self._num_positives - self._ranked.num_greater
+        wanted = self._num_positives - ranked.num_greater
         cum_N = np.cumsum(counts_N)
         tie_idx = int(np.searchsorted(cum_N, wanted, side="left"))
         self._finish(tie_idx=tie_idx, tie_take=wanted - (int(cum_N[tie_idx - 1]) if tie_idx else 0))
 
     def _finish(self, *, tie_idx: int, tie_take: int) -> None:
+        ranked = self.ranked
         self.selection = GlobalSelection(
             k=self.k,
             num_samples=self._selector.num_rows,
             num_classes=self._num_classes or self._selector.num_cols,
             num_positives=self._num_positives,
-            threshold=self._ranked.value,
-            num_greater=self._ranked.num_greater,
-            num_equal=self._ranked.num_equal,
+            threshold=ranked.value,
+            num_greater=ranked.num_greater,
+            num_equal=ranked.num_equal,
             tie_idx=tie_idx,
             tie_take=tie_take,
         )

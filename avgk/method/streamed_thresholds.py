@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from avgk.method.thresholds import (
     as_float32_2d,
@@ -75,7 +76,7 @@ class StreamingSelector:
         self._ranks_fn = ranks_fn
         self._phase = "pass1"
         self._local_num_cols: int | None = None
-        self._local_state = np.zeros(_HEADER + _NUM_BUCKETS, dtype=np.int64)
+        self._local_state: npt.NDArray[np.int64] = np.zeros(_HEADER + _NUM_BUCKETS, dtype=np.int64)
         self._num_rows = 0
         self._num_cols = 0
         self._bucket_counts_B = np.zeros(0, dtype=np.int64)
@@ -140,7 +141,8 @@ class StreamingSelector:
 
     def state(self) -> np.ndarray:
         """Local state of the latest pass: flat int64 [num_rows, num_values, histograms...]."""
-        return self._local_state.copy()
+        state: npt.NDArray[np.int64] = self._local_state.copy()
+        return state
 
     def _load_totals(self, total: Any) -> np.ndarray:
         total = np.asarray(total)
@@ -150,7 +152,8 @@ class StreamingSelector:
                 f"load_state needs an integer array of shape {expected} (summed state() of this pass), "
                 f"got {total.dtype} array of shape {total.shape}"
             )
-        return total.astype(np.int64)
+        total_int64: npt.NDArray[np.int64] = total.astype(np.int64)
+        return total_int64
 
     def load_state(self, total: Any) -> None:
         """Loads the sum of every process's state() for the current pass (the same on all)."""
@@ -182,7 +185,7 @@ class StreamingSelector:
         hist_desc = hist_B[::-1]
         cum_desc = np.cumsum(hist_desc)
         idx_R = np.searchsorted(cum_desc, ranks_R, side="left")
-        self._rank_bucket = {r: _NUM_BUCKETS - 1 - int(i) for r, i in zip(ranks_R, idx_R)}
+        self._rank_bucket = {r: _NUM_BUCKETS - 1 - int(i) for r, i in zip(ranks_R, idx_R, strict=True)}
         self._above_bucket = {
             _NUM_BUCKETS - 1 - int(i): int(cum_desc[i] - hist_desc[i]) for i in idx_R
         }

@@ -127,7 +127,7 @@ def key_to_float(keys: Any) -> np.ndarray:
     return mask.view(np.float32)
 
 
-def float32_midpoint(upper: float, lower: float) -> float:
+def float32_midpoint(upper: float | np.float32, lower: float | np.float32) -> float:
     """0.5 * (upper + lower) computed by torch in float32, exactly as the reference does.
 
     Signed zeros tie in torch.sort, so which zero the reference picks is arbitrary; +0.0 is
@@ -228,11 +228,9 @@ def _select_descending(flat_V: np.ndarray, ranks: Iterable[int]) -> dict[int, np
         else:
             break
     positions = [cand_C.size - (r - num_above) for r in ranks_R]
-    if cand_C.size <= _SORT_MAX_VALUES:
-        ordered_C = np.sort(cand_C)
-    else:
-        ordered_C = np.partition(cand_C, sorted(set(positions)))
-    return {r: ordered_C[p] for r, p in zip(ranks_R, positions)}
+    # a full sort up to _SORT_MAX_VALUES, a multi-kth partition above
+    ordered_C = np.sort(cand_C) if cand_C.size <= _SORT_MAX_VALUES else np.partition(cand_C, sorted(set(positions)))
+    return {r: ordered_C[p] for r, p in zip(ranks_R, positions, strict=True)}
 
 
 def kth_largest(*, values: Any, ranks: Iterable[int]) -> dict[int, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from avgk.config import BACKBONES, ModelConfig
 
@@ -92,7 +92,7 @@ def _build_timm(arch: str, config: ModelConfig) -> tuple[Any, int]:
 
     # pretrained=False: timm would download; local weights (model.pretrained) are loaded by avgk.models.networks.
     net = timm.create_model(arch, pretrained=False, num_classes=0)
-    return net, net.num_features
+    return net, cast(int, net.num_features)  # timm's feature width, an int attribute of every model
 
 
 def _check_torchvision(arch: str) -> None:

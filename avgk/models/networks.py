@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from typing import Any
 
 import pyarrow.fs as pafs
 import torch
@@ -96,12 +97,13 @@ class TwoHeadNet(nn.Module):
         self.backbone = backbone
         # Heads trained on detached features: their loss never reaches the backbone (loss.ml_stop_gradient).
         self.detached_heads = tuple(detached_heads)
-        self.heads = nn.ModuleDict({h: nn.Linear(num_features, num_classes) for h in heads})
-        if "multilabel" in self.heads:
+        linear_heads = {h: nn.Linear(num_features, num_classes) for h in heads}
+        self.heads = nn.ModuleDict(linear_heads)
+        if "multilabel" in linear_heads:
             # Start every sigmoid at the prior 1/L instead of 1/2: with a zero bias the summed BCE
             # opens at ~L*log(2) per sample and its gradient swamps the shared backbone for the
             # first epochs (it held val avg-2 back for 3 epochs on the demo data, commit e2a2056).
-            nn.init.constant_(self.heads["multilabel"].bias, -math.log(max(num_classes - 1, 1)))
+            nn.init.constant_(linear_heads["multilabel"].bias, -math.log(max(num_classes - 1, 1)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)
@@ -134,7 +136,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP
 
 
-def autocast(config: Config, device: torch.device):
+def autocast(config: Config, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if config.train.amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if config.train.amp == "bf16" else torch.float16

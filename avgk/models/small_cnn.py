@@ -28,4 +28,5 @@ class SmallCNN(nn.Module):
         self.num_features = 4 * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x)).flatten(1)
+        pooled: torch.Tensor = self.pool(self.features(x))
+        return pooled.flatten(1)

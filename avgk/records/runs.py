@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow.fs as pafs
 import yaml
 
@@ -24,7 +26,7 @@ def _free(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_FREE_KEYS)
 
 
-def config_changes(saved: dict, wanted: dict) -> list[str]:
+def config_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """'key: old -> new' for every differing key of two config trees, except RESUME_FREE_KEYS."""
     old, new = flatten(saved), flatten(wanted)
     keys = sorted(k for k in set(old) | set(new) if not _free(k) and old.get(k) != new.get(k))

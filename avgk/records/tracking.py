@@ -12,10 +12,13 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from avgk.config import Config
 from avgk.runtime import guardian, storage
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 # MLflow rejects param values longer than this.
@@ -36,7 +39,7 @@ def tracking_uri(config: Config) -> str:
     return f"sqlite:///{Path(storage_dir).resolve() / 'mlflow.db'}"
 
 
-def _client(uri: str):
+def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):  # made when first opened, not when named: a failed check writes nothing
@@ -64,10 +67,10 @@ def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=config.run.name, tags=all_tags)
-    run_id = run.info.run_id
-    log_params(uri, run_id, config.flat())
-    storage.write_bytes(id_file, run_id.encode())
-    return run_id
+    new_run_id: str = run.info.run_id
+    log_params(uri, new_run_id, config.flat())
+    storage.write_bytes(id_file, new_run_id.encode())
+    return new_run_id
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
@@ -122,18 +125,19 @@ def lifecycle(uri: str | None, run_id: str | None) -> Iterator[Outcome]:
     KILLED on Ctrl-C or SIGTERM (the CLI turns SIGTERM into a KeyboardInterrupt), FAILED on any other
     error. Without a run id (tracking off) it only runs the block."""
     outcome = Outcome()
-    if run_id:  # a command killed outright (kill -9) cannot end the run: its watcher will
-        guardian.run_started(uri, run_id)
+    if not run_id:
+        yield outcome
+        return
+    assert uri is not None  # a run id comes with the URI of its tracking store
+    guardian.run_started(uri, run_id)  # a command killed outright (kill -9) cannot end the run: its watcher will
     try:
         yield outcome
     except BaseException as err:
-        if run_id:
-            end_run(uri, run_id, status="KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
-            guardian.run_ended(run_id)
-        raise
-    if run_id:
-        end_run(uri, run_id, status=outcome.status)
+        end_run(uri, run_id, status="KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         guardian.run_ended(run_id)
+        raise
+    end_run(uri, run_id, status=outcome.status)
+    guardian.run_ended(run_id)
 
 
 TEST_METRICS = ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -43,7 +47,7 @@ def all_reduce_sum(array: np.ndarray) -> np.ndarray:
     return tensor.cpu().numpy().astype(array.dtype, copy=False)
 
 
-def broadcast_object(obj: object) -> object:
+def broadcast_object(obj: T) -> T:
     """Rank 0's `obj` on every rank."""
     if not is_distributed():
         return obj

@@ -22,16 +22,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import IO, Any
 
 from avgk.runtime import procfs
 
 _DONE = "done"
 _watch_enabled = False
-_proc: subprocess.Popen | None = None
+_proc: subprocess.Popen[str] | None = None
 """The watcher, started by the first message while `watching()` is active in this process."""
 
 
-def _send(message: dict) -> None:
+def _send(message: dict[str, Any]) -> None:
     global _proc
     if not _watch_enabled:
         return
@@ -39,6 +40,7 @@ def _send(message: dict) -> None:
         _proc = subprocess.Popen([sys.executable, "-m", "avgk.runtime.guardian", str(os.getpid())], stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
                                  start_new_session=True)
+    assert _proc.stdin is not None  # stdin=PIPE
     try:
         _proc.stdin.write(json.dumps(message) + "\n")
         _proc.stdin.flush()
@@ -74,6 +76,7 @@ def watching() -> Iterator[None]:
     finally:
         _watch_enabled, proc, _proc = False, _proc, None
         if proc is not None:
+            assert proc.stdin is not None  # stdin=PIPE
             try:
                 proc.stdin.write(_DONE + "\n")
                 proc.stdin.close()
@@ -137,7 +140,7 @@ def end_runs_killed(runs: dict[str, str]) -> None:
                 pending.extend(child.info.run_id for child in children)
 
 
-def _watch(stream, *, refresh_s: float = 2.0) -> int:
+def _watch(stream: IO[str], *, refresh_s: float = 2.0) -> int:
     """Reads the command's messages; returns 0 on its "done", else cleans up after it and returns 1.
 
     The cluster's processes are recorded while the command lives, every refresh_s: once it dies,

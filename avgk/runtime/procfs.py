@@ -38,7 +38,9 @@ def started(pid: int) -> int | None:
 def running(pid: int) -> bool:
     """Alive and not a zombie."""
     fields = _stat_fields(pid)
-    return bool(fields) and fields[0] not in ("Z", "X")
+    if not fields:
+        return False
+    return fields[0] not in ("Z", "X")
 
 
 def cmdline(pid: int) -> str:

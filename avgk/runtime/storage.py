@@ -14,10 +14,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+    from pyarrow import NativeFile
 
 READ_BUFFER_BYTES = 4 << 20
 """Bytes fetched per request from a streamed remote file: S3 answers each read with one ranged GET,
@@ -32,7 +36,7 @@ _SECRET_OPTIONS = ("access_key", "secret_key", "session_token", "credential_toke
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
 """Schemes whose pyarrow path is bucket/key: their filesystems are cached per bucket."""
 
-_FILESYSTEMS: dict[tuple, pafs.FileSystem] = {}
+_FILESYSTEMS: dict[tuple[int, str, tuple[tuple[str, str], ...]], pafs.FileSystem] = {}
 """One filesystem per (process, scheme://bucket?query, AWS_*/GOOGLE_* environment): an S3 client costs ~0.1 s to build."""
 
 
@@ -41,7 +45,7 @@ class StorageError(OSError):
     bucket, endpoint unreachable): a setup error to report in one line, never a broken shard to skip."""
 
 
-def is_remote(uri: str | os.PathLike) -> bool:
+def is_remote(uri: str | os.PathLike[str]) -> bool:
     """True for a filesystem URI (s3://..., gs://...), False for a local path or file:// URI."""
     text = str(uri)
     return "://" in text and not text.startswith("file://")
@@ -60,7 +64,7 @@ def check_uri(uri: str) -> None:
     secrets = sorted(k for k in parse_qs(parts.query) if k in _SECRET_OPTIONS)
     if parts.username or parts.password or secrets:
         given = f"query option(s) {secrets}" if secrets else "user:password@ credentials"
-        raise ValueError(f"{display(uri) if secrets else parts.scheme + '://...@' + parts.hostname}: the URI carries "
+        raise ValueError(f"{display(uri) if secrets else parts.scheme + '://...@' + (parts.hostname or '')}: the URI carries "
                          f"{given}; {CREDENTIALS_RULE}")
     if parts.scheme == "s3" and not _S3_BUCKET.fullmatch(parts.netloc):
         raise ValueError(
@@ -69,7 +73,7 @@ def check_uri(uri: str) -> None:
         )
 
 
-def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI; local paths are made absolute."""
     uri = str(uri)
     if not is_remote(uri):
@@ -81,7 +85,8 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     parts = urlsplit(base)
     if parts.scheme not in _BUCKET_SCHEMES:  # e.g. hdfs://host:port/path: the authority is no part of the path
         try:
-            return pafs.FileSystem.from_uri(uri)
+            fs_and_path: tuple[pafs.FileSystem, str] = pafs.FileSystem.from_uri(uri)
+            return fs_and_path
         except (OSError, ValueError) as err:
             raise describe_error(err, uri) from None
     # the environment is part of the key: credentials or an endpoint set later give a new client
@@ -173,7 +178,8 @@ def check_bucket(uri: str) -> None:
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        found: bool = fs.get_file_info(path).type != pafs.FileType.NotFound
+        return found
     except OSError as err:
         raise describe_error(err, uri) from None
 
@@ -218,7 +224,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise describe_error(err, uri) from None
 
 
-def upload_file(local_path: str | os.PathLike, uri: str) -> None:
+def upload_file(local_path: str | os.PathLike[str], uri: str) -> None:
     """Copy one local file to `uri` (streamed: pyarrow uploads large files in parts)."""
     fs, path = resolve(uri)
     try:
@@ -246,19 +252,21 @@ class _RawReader(io.RawIOBase):
     """A pyarrow input file as a raw stream for io.BufferedReader, whose buffer serves the many small
     reads of a tar parser in Python: 4-5x faster than pyarrow's own buffered stream there."""
 
-    def __init__(self, native):
+    def __init__(self, native: NativeFile) -> None:
         self._native = native
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
-        data = self._native.read(len(buffer))
-        buffer[: len(data)] = data
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        with memoryview(buffer) as view:
+            data = self._native.read(len(view))
+            view[: len(data)] = data
         return len(data)
 
     def readall(self) -> bytes:  # one request for the rest, not RawIOBase's 8 KiB reads
-        return self._native.read()
+        data: bytes = self._native.read()
+        return data
 
     def close(self) -> None:
         if not self.closed:
@@ -286,7 +294,8 @@ def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            data: bytes = f.read()
+            return data
     except FileNotFoundError:
         _check_bucket(fs, path, uri)
         raise

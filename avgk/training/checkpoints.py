@@ -28,7 +28,7 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
-    def latest_checkpoint_state(self) -> dict | None:
+    def latest_checkpoint_state(self) -> dict[str, Any] | None:
         """The newest reported checkpoint's state (load_checkpoint_file), None on a fresh run."""
         ...
 
@@ -59,7 +59,7 @@ class LocalReporter:
     def latest_checkpoint_dir(self) -> str | None:
         return str(self.dir) if (self.dir / CHECKPOINT_FILE).is_file() else None
 
-    def latest_checkpoint_state(self) -> dict | None:
+    def latest_checkpoint_state(self) -> dict[str, Any] | None:
         latest = self.latest_checkpoint_dir()
         return load_checkpoint_file(Path(latest) / CHECKPOINT_FILE) if latest else None
 
@@ -67,7 +67,9 @@ class LocalReporter:
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_state(parts: Parts, *, epoch: int, best: float, history: list[dict[str, float]], scaler) -> dict:
+def checkpoint_state(
+    parts: Parts, *, epoch: int, best: float, history: list[dict[str, float]], scaler: torch.amp.GradScaler
+) -> dict[str, Any]:
     return {
         "epoch": epoch,
         "best": best,
@@ -93,7 +95,9 @@ def checkpoint_state(parts: Parts, *, epoch: int, best: float, history: list[dic
 
 def numpy_rng_state() -> dict[str, Any]:
     """numpy's global RNG state as tensors and plain values, so checkpoints load with weights_only=True."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state(legacy=True)  # legacy=True is the default (numpy's stub types the call without it as a dict)
+    assert isinstance(state, tuple)  # the global RandomState is MT19937's
+    name, keys, pos, has_gauss, cached = state
     return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
@@ -103,7 +107,7 @@ def set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
-def load_checkpoint_bytes(source: str | Path | io.BytesIO, *, name: str) -> dict:
+def load_checkpoint_bytes(source: str | Path | io.BytesIO, *, name: str) -> dict[str, Any]:
     """An avgk checkpoint, loaded with weights_only=True: tensors and plain data only, so a crafted
     file cannot run code. Anything else fails in one line naming the file."""
     try:
@@ -116,16 +120,16 @@ def load_checkpoint_bytes(source: str | Path | io.BytesIO, *, name: str) -> dict
     return state
 
 
-def load_checkpoint_file(path: str | Path) -> dict:
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return load_checkpoint_bytes(Path(path), name=str(path))
 
 
-def load_checkpoint_file_uri(uri: str) -> dict:
+def load_checkpoint_file_uri(uri: str) -> dict[str, Any]:
     """load_checkpoint_file for a run-directory URI (local path or pyarrow filesystem)."""
     return load_checkpoint_bytes(io.BytesIO(storage.read_bytes(uri)), name=uri)
 
 
-def restore(parts: Parts, state: dict, scaler) -> None:
+def restore(parts: Parts, state: dict[str, Any], scaler: torch.amp.GradScaler) -> None:
     if parts.ema is not None:
         if "train_model" not in state:
             raise ValueError("this checkpoint was trained without train.ema_decay; resume it with train.ema_decay=0")
@@ -143,7 +147,7 @@ def restore(parts: Parts, state: dict, scaler) -> None:
     random.setstate(state["rng"]["python"])
 
 
-def build_trained_model(config: Config, *, num_classes: int, model_state: dict) -> torch.nn.Module:
+def build_trained_model(config: Config, *, num_classes: int, model_state: dict[str, Any]) -> torch.nn.Module:
     """The trained network of a checkpoint, on the CPU: the one builder used by training's best-model
     reload, the scoring actors and SetPredictor. model.pretrained is ignored: the checkpoint holds
     every weight, and the pretrained file may not exist where the model is loaded."""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,21 +28,22 @@ from avgk.data.loaders import num_train_batches, train_loader
 from avgk.data.manifest import read_manifest
 from avgk.evaluation.accounting import shortfall_warning
 from avgk.evaluation.metrics import format_k
+from avgk.evaluation.passes import Evaluation
 from avgk.method.losses import build_loss, score_head_for
 from avgk.models.inputs import image_transform, model_input, normalize_in_loader
-from avgk.models.networks import autocast, build_model, unwrap
+from avgk.models.networks import TwoHeadNet, autocast, build_model, unwrap
 from avgk.records.runs import CHECKPOINT_FILE
 from avgk.runtime import distributed as dist
 from avgk.runtime import storage
 from avgk.training.checkpoints import Reporter, checkpoint_state, load_checkpoint_file_uri, restore
-from avgk.training.evaluation import Evaluation, final_evaluation, validate, write_evaluation
-from avgk.training.parts import Parts
+from avgk.training.evaluation import final_evaluation, validate, write_evaluation
+from avgk.training.parts import Mix, Parts
 from avgk.training.pseudo_refresh import OfflinePseudoLabels
 
 # ---------------------------------------------------------------- building blocks
 
 
-def build_mix(config: Config, *, num_classes: int):
+def build_mix(config: Config, *, num_classes: int) -> Mix | None:
     """train.mixup_alpha / cutmix_alpha as one torchvision v2 batch transform (None when both are 0)."""
     from torchvision.transforms import v2
 
@@ -51,11 +52,12 @@ def build_mix(config: Config, *, num_classes: int):
     choices += [v2.CutMix(alpha=t.cutmix_alpha, num_classes=num_classes)] if t.cutmix_alpha else []
     if not choices:
         return None
-    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+    mix: Mix = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+    return mix
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -87,7 +89,7 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     its train.lr_scale multiplier; the schedule then scales every group alike."""
     t = config.train
     groups = []
-    for name, params in unwrap(model).parameter_groups().items():
+    for name, params in cast(TwoHeadNet, unwrap(model)).parameter_groups().items():
         lr = t.lr * (config.multilabel_lr_scale if name == "multilabel" else getattr(t.lr_scale, name))
         # No weight decay on norms and biases (the usual recipe; decaying BN scales hurts small nets).
         decay = [p for p in params if p.ndim > 1]
@@ -122,13 +124,13 @@ def build_parts(
     )
     score_head = score_head_for(config.loss)
     detached = ("multilabel",) if config.loss.ml_stop_gradient else ()
-    model = build_model(config.model, num_classes=num_classes, heads=loss.heads, detached_heads=detached).to(device)
+    model: nn.Module = build_model(config.model, num_classes=num_classes, heads=loss.heads, detached_heads=detached).to(device)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss = loss.to(device)
     model = wrap_model(model)
     if config.model.compile:
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))  # an OptimizedModule
     batches = num_train_batches(
         num_samples=train_info.num_samples, batch_size=config.train.batch_size, world_size=1
     )  # global batch: the same step count whatever the number of ranks
@@ -254,7 +256,7 @@ def train_epoch(
     sums = np.array([float(local_loss), stats.num_samples, *[stats.parts_sum[n] for n in names]], dtype=np.float64)
     sums = dist.all_reduce_sum(sums)
     stats.loss_sum, stats.num_samples = float(sums[0]), int(sums[1])
-    stats.parts_sum = dict(zip(names, sums[2:].tolist()))
+    stats.parts_sum = dict(zip(names, sums[2:].tolist(), strict=True))
     return stats
 
 
@@ -329,7 +331,7 @@ def fit(
         metrics = {
             "epoch": epoch + 1,
             "train_loss": stats.loss_sum / max(1, stats.num_samples),
-            "lr": parts.scheduler.get_last_lr()[0],
+            "lr": float(parts.scheduler.get_last_lr()[0]),
             "samples_per_second": stats.num_samples / max(stats.seconds, 1e-9),
             **{f"train_{n}": v / max(1, stats.num_samples) for n, v in stats.parts_sum.items()},
             **validate(parts),

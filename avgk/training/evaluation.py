@@ -78,7 +78,7 @@ def local_runner(scored: dict[str, list[ScoredChunk]], *, reduce: passes.Reduce)
 
 def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[dict[str, Any]]:
     cfg = parts.config
-    return eval_loader(
+    loader: Iterable[dict[str, Any]] = eval_loader(
         shards_dir=parts.manifest,
         split=split,
         batch_size=cfg.eval.batch_size,
@@ -90,6 +90,7 @@ def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[
         with_posterior=with_posterior,
         normalize=normalize_in_loader(parts.device),
     )
+    return loader
 
 
 def score_split(parts: Parts, split: str, *, with_posterior: bool = False) -> list[ScoredChunk]:
@@ -122,7 +123,8 @@ def final_evaluation(parts: Parts) -> Evaluation:
     scored = {split: score_split(parts, split, with_posterior=with_posterior) for split in ("val", "test")}
     counts = dist.all_reduce_sum(np.array([sum(len(c.labels_N) for c in scored[s]) for s in scored], dtype=np.int64))
     samples = account_samples(
-        read=dict(zip(scored, counts.tolist())), expected={s: parts.manifest.split(s).num_samples for s in scored},
+        read=dict(zip(scored, counts.tolist(), strict=True)),
+        expected={s: parts.manifest.split(s).num_samples for s in scored},
         strict=cfg.eval.strict, shards=str(cfg.data.shards),
     )
     # Every rank must take the same branch: posteriors are present on all ranks or none.

@@ -14,6 +14,9 @@ from avgk.config import Config
 from avgk.data.manifest import Manifest
 from avgk.method.losses import Loss
 
+Mix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""mixup / cutmix of a batch (images, class ids) -> (images, class probabilities)."""
+
 
 @dataclass
 class Parts:
@@ -35,7 +38,7 @@ class Parts:
     """Loader batches per epoch: steps_per_epoch x train.grad_accumulation."""
     ema: AveragedModel | None = None
     """The weights' moving average (train.ema_decay > 0): what is validated, checkpointed as `model` and evaluated."""
-    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    mix: Mix | None = None
     """mixup / cutmix of a batch (images, class ids) -> (images, class probabilities)."""
 
     @property

@@ -65,7 +65,7 @@ class ScoreSpool:
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self._file = tempfile.TemporaryFile()
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 -- the spool owns the file; close() closes it
         self._labels: list[np.ndarray] = []
         self._idx: list[np.ndarray] = []
 
@@ -76,7 +76,7 @@ class ScoreSpool:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         self._file.seek(0)
-        for labels_N, idx_N in zip(self._labels, self._idx):
+        for labels_N, idx_N in zip(self._labels, self._idx, strict=True):
             count = labels_N.size * self.num_classes
             probs = np.frombuffer(self._file.read(count * 4), dtype=np.float32).reshape(labels_N.size, self.num_classes)
             yield probs, labels_N, idx_N
@@ -109,7 +109,10 @@ def select_distributed(spool: ScoreSpool, *, k: float) -> GlobalSelection:
         return ({"scores": probs_NL, "label": labels_N, "idx": idx_N} for probs_NL, labels_N, idx_N in spool)
 
     totals = run_passes_local(PseudoLabelPass(k=k), batches, reduce=dist.all_reduce_sum)
-    return GlobalPseudoLabeler.resume(k=k, totals=totals).selection
+    selection = GlobalPseudoLabeler.resume(k=k, totals=totals).selection
+    if selection is None:
+        raise RuntimeError("the selection is not complete: run the remaining passes")
+    return selection
 
 
 def gather_table(spool: ScoreSpool, selection: GlobalSelection, metadata: dict[str, Any]) -> PseudoLabelTable:
@@ -182,6 +185,7 @@ class OfflinePseudoLabels:
             self._table = table or self._compute(parts, refresh)
             self._table_epoch = refresh
         table, num_classes = self._table, parts.num_classes
+        assert table is not None  # set above for this refresh
         return lambda idx_B: table.targets(idx_B, num_classes=num_classes)
 
     def _saved_table(self, refresh: int, parts: Parts) -> PseudoLabelTable | None:

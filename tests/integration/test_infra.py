@@ -106,10 +106,10 @@ def test_cluster_yaml_validates_against_the_schema_in_the_ray_package():
 
 def test_cluster_yaml_passes_ray_ups_own_validation():
     """What `ray up` does before touching the cloud: merge the provider's defaults, then validate."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from pipelines.ray_private import prepare_cluster_config, validate_cluster_config
 
-    config = prepare_config(copy.deepcopy(_cluster()))
-    validate_config(config)
+    config = prepare_cluster_config(copy.deepcopy(_cluster()))
+    validate_cluster_config(config)
     assert config["provider"]["type"] == "aws"
 
 

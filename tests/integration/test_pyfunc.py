@@ -59,7 +59,7 @@ def test_pyfunc_round_trip_through_a_registry(trained, tmp_path, monkeypatch):
         expected = [s.to_dict() for s in predictor.predict(images, k=k, top_k=top_k)]
         assert [s["labels"] for s in served] == [s["labels"] for s in expected], params
         assert [s["names"] for s in served] == [s["names"] for s in expected]
-        for a, b in zip(served, expected):
+        for a, b in zip(served, expected, strict=True):
             assert a["scores"] == pytest.approx(b["scores"], abs=1e-6)
     assert all(len(json.loads(x)["labels"]) == 3 for x in model.predict(frame, params={"k": 3, "top_k": True})["label_set"])
     with pytest.raises(Exception, match=r"k=1.5 was not calibrated"):

@@ -66,7 +66,7 @@ def expected_sets(run_dir: Path, images: list[bytes], *, k: float, top_k: bool =
 
 def assert_same_sets(served: list[dict], expected: list[dict]) -> None:
     assert len(served) == len(expected), f"{len(served)} label sets for {len(expected)} images"
-    for row, (a, b) in enumerate(zip(served, expected)):
+    for row, (a, b) in enumerate(zip(served, expected, strict=True)):
         assert (a["labels"], a["names"], a["set_size"]) == (b["labels"], b["names"], b["set_size"]), f"row {row}"
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-6), f"row {row}"
 

@@ -52,7 +52,8 @@ def test_tiny_study_trains_every_cell_summarises_and_resumes(tmp_path, mlflow_se
     assert "[4/4]" in proc.stdout and "gain over ce" in proc.stdout  # progress, then the summary
 
     rows = pd.read_csv(root / "results.csv")
-    assert sorted(zip(rows["method"], rows["ambiguity"])) == [("ce", 0.0), ("ce", 0.5), ("two_head", 0.0), ("two_head", 0.5)]
+    cells = sorted(zip(rows["method"], rows["ambiguity"], strict=True))
+    assert cells == [("ce", 0.0), ("ce", 0.5), ("two_head", 0.0), ("two_head", 0.5)]
     assert rows["epochs"].tolist() == [2] * 4 and (rows["avg_k_accuracy@2"].between(0, 1)).all()
     assert (rows["oracle_avg_k_accuracy@2"] >= rows["avg_k_accuracy@2"] - 0.1).all()
     per_class = pd.read_parquet(root / "per_class.parquet")

@@ -118,19 +118,18 @@ def test_killed_driver_leaves_nothing_running_and_the_same_command_resumes(smoke
     env = _env(mlflow_server)
     run_dir = tmp_path / "runs" / "driver-killed"
     cmd = _train_command(smoke_shards, tmp_path, "run.name=driver-killed", "tracking.log_model=false")
-    log = open(tmp_path / "killed.log", "w")
-    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until(lambda: run_dir.is_dir() and checkpoint_dirs(run_dir), timeout_s=300, what="the first checkpoint",
-                   interval_s=0.5)
-        # Ray names its session folder after the process that started the cluster: session_<time>_<pid>.
-        session = f"_{driver.pid}/"
-        cluster = wait_until(lambda: procfs.naming(session), timeout_s=30, what="the driver's Ray processes")
-        os.kill(driver.pid, signal.SIGKILL)
-    finally:
-        driver.kill()
-        driver.wait()
-        log.close()
+    with open(tmp_path / "killed.log", "w") as log:
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: run_dir.is_dir() and checkpoint_dirs(run_dir), timeout_s=300, what="the first checkpoint",
+                       interval_s=0.5)
+            # Ray names its session folder after the process that started the cluster: session_<time>_<pid>.
+            session = f"_{driver.pid}/"
+            cluster = wait_until(lambda: procfs.naming(session), timeout_s=30, what="the driver's Ray processes")
+            os.kill(driver.pid, signal.SIGKILL)
+        finally:
+            driver.kill()
+            driver.wait()
     assert cluster, "no Ray process of the killed driver was seen"
 
     client = MlflowClient(mlflow_server)

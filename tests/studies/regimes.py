@@ -242,7 +242,8 @@ def summary(rows: pd.DataFrame, tuned: pd.DataFrame) -> str:
               f"tuning: {tuned.seconds.sum() / 60:.0f} min of wall time; {os.cpu_count()} CPUs, {platform.machine()}.",
               "", "Tuned values (best val avg-2 of NUM_TRIALS trials each, from scratch at 10 epochs; every regime "
               "trains with them):", "",
-              "| regime | method | values | best val avg-2 % | trials | epochs trained | minutes |", "|---|---|---|---:|---:|---:|---:|"]
+              "| regime | method | values | best val avg-2 % | trials | epochs trained | minutes |",
+              "|---|---|---|---:|---:|---:|---:|"]
     for _, t in tuned.iterrows():
         values = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                            for k, v in t.params.items())

@@ -86,10 +86,12 @@ CASES = {
     "pretrained file not weights": (_train("model.pretrained={T}/notckpt.pt"), "is not a readable weights file"),
     "pretrained folder not a run": (_train("model.pretrained={T}/cfgdir"), "not an avgk run directory"),
     # where the run goes and what it needs
-    "run storage under a file": (["train", S, "data.shards={T}/shards", "run.storage={T}/afile/runs"], "a file: run.storage must be a folder"),
+    "run storage under a file": (["train", S, "data.shards={T}/shards", "run.storage={T}/afile/runs"],
+                                 "a file: run.storage must be a folder"),
     "tracking server unreachable": (["train", S, "data.shards={T}/shards", "run.storage={T}/runs",
                                      "tracking.uri=http://127.0.0.1:9"], "is not reachable"),
-    "GPU without a GPU": (_train("train.use_gpu=true"), "needs that many GPUs, RAY_ADDRESS names no cluster and this machine has 0"),
+    "GPU without a GPU": (_train("train.use_gpu=true"),
+                          "needs that many GPUs, RAY_ADDRESS names no cluster and this machine has 0"),
     # avgk prepare
     "one class": (["prepare", S, "data.shards={T}/new", "data.synthetic.num_classes=1"], "data.synthetic.num_classes=1"),
     "unknown source": (["prepare", S, "data.shards={T}/new", "data.source=bogus"], "data.source='bogus'"),
@@ -98,7 +100,8 @@ CASES = {
                            "data.root='{T}/noroot' does not exist"),
     "prepare over a file": (["prepare", S, "data.shards={T}/afile"], "is a file, not a folder"),
     # the other commands
-    "evaluate a missing run": (["evaluate", S, "data.shards={T}/shards", "--run", "{T}/runs/none"], "does not exist: train it first"),
+    "evaluate a missing run": (["evaluate", S, "data.shards={T}/shards", "--run", "{T}/runs/none"],
+                               "does not exist: train it first"),
     "predict with a missing run": (["predict", "--run", "{T}/runs/none", "--k", "2", "{T}"], "does not exist: train it first"),
     "sweep file missing": (["tune", "{T}/nope.yaml"], "sweep config file '{T}/nope.yaml' does not exist"),
     "study file missing": (["study", "{T}/nope.yaml"], "study config file '{T}/nope.yaml' does not exist"),

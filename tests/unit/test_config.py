@@ -34,7 +34,8 @@ def test_defaults_are_valid_and_flatten():
         (["eval.num_actors=0"], "eval.num_actors=0"),
         (["eval.top_t=1"], "eval.top_t"),
         (["eval.ks=[1,5]", "eval.top_t=5"], "eval.top_t must be > the largest K it serves (eval.ks and loss.pseudo_k: 5), got 5"),
-        (["eval.ks=[1]", "loss.pseudo_k=6", "eval.top_t=6"], "eval.top_t must be > the largest K it serves (eval.ks and loss.pseudo_k: 6), got 6"),
+        (["eval.ks=[1]", "loss.pseudo_k=6", "eval.top_t=6"],
+         "eval.top_t must be > the largest K it serves (eval.ks and loss.pseudo_k: 6), got 6"),
         (["eval.score_rows=some"], "eval.score_rows"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,7 @@ def test_a_rerun_resumes_only_the_same_config_unless_forced(tmp_path):
     forced = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "train.lr=0.01", "run.resume=force"])
     assert check_resume(forced) is True
     never = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "run.resume=never"])
-    with pytest.raises(ConfigError, match="already holds run 'r' and run.resume=never"):
+    with pytest.raises(ConfigError, match=re.escape("already holds run 'r' and run.resume=never")):
         check_resume(never)
 
 
@@ -309,7 +310,7 @@ def test_the_manifest_records_each_shards_count_and_checksum_and_reuse_checks_th
     manifest = write_synthetic_shards(**kwargs)
     train = manifest.split("train")
     assert train.shard_samples == (16, 16, 16, 2) and sum(train.shard_samples) == train.num_samples
-    for relative, count, digest in zip(train.shards, train.shard_samples, train.shard_sha256):
+    for relative, count, digest in zip(train.shards, train.shard_samples, train.shard_sha256, strict=True):
         with tarfile.open(shards / relative) as tar:
             assert sum(name.endswith(".cls") for name in tar.getnames()) == count
         assert file_sha256(shards / relative) == digest

@@ -112,7 +112,7 @@ def test_uint8_batches_normalised_by_the_engine_score_as_loader_normalised_ones(
     monkeypatch.setattr(evaluation, "normalize_in_loader", lambda device: False)
     uint8_chunks = evaluation.score_split(parts, "val")
     assert len(uint8_chunks) == len(float_chunks) > 0
-    for u, f in zip(uint8_chunks, float_chunks):
+    for u, f in zip(uint8_chunks, float_chunks, strict=True):
         np.testing.assert_array_equal(u.labels_N, f.labels_N)
         np.testing.assert_array_equal(u.scores_NL, f.scores_NL)
 

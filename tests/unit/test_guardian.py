@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,7 +82,7 @@ def test_kill_9_of_the_command_ends_its_open_run_and_its_child_runs_killed_and_s
 
 @pytest.mark.slow
 def test_a_normal_exit_leaves_runs_and_processes_to_the_command(tmp_path):
-    driver, uri, open_run, ended_run, child_run, cluster_pid, cluster_children = _start(tmp_path, "exit")
+    driver, uri, open_run, _ended_run, child_run, cluster_pid, cluster_children = _start(tmp_path, "exit")
     try:
         assert driver.wait(timeout=60) == 0
         time.sleep(2)  # a watcher that wrongly cleaned up would have done so by now
@@ -89,10 +90,8 @@ def test_a_normal_exit_leaves_runs_and_processes_to_the_command(tmp_path):
         assert _status(uri, open_run) == _status(uri, child_run) == "RUNNING"  # the command's own business
     finally:
         for pid in (*cluster_children, cluster_pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_no_watcher_process_without_watching_or_without_anything_to_watch():

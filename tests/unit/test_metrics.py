@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -179,7 +180,7 @@ def test_merged_partitions_equal_whole() -> None:
 
     bounds = [0, 100, 101, 640, 900]
     parts = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         part = SetMetrics(**config)
         # Batches inside a partition, one of them as torch tensors.
         part.update(scores_NL=torch.from_numpy(scores_NL[start:stop]), labels_N=torch.from_numpy(labels_N[start:stop]))

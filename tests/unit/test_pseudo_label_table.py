@@ -36,7 +36,7 @@ def streamed(probs_NL, labels_N, k, *, num_processes, seed=0):
     labelers = [GlobalPseudoLabeler(k=k) for _ in range(num_processes)]
     passes = 0
     while not labelers[0].done:
-        for labeler, mine in zip(labelers, chunks):
+        for labeler, mine in zip(labelers, chunks, strict=True):
             for rows in mine:
                 labeler.update(probs_NL=probs_NL[rows], labels_N=labels_N[rows], idx_N=rows)
         total = sum(labeler.state() for labeler in labelers)

@@ -50,7 +50,7 @@ def test_a_zero_backbone_multiplier_freezes_the_backbone():
     out = model(torch.randn(4, 3, 16, 16))
     (out["softmax"].sum() + out["multilabel"].sum()).backward()
     opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.backbone.parameters(), strict=True))
     assert not torch.equal(head_before, model.heads["softmax"].weight)
 
 

@@ -93,8 +93,9 @@ def test_missing_or_wrong_credentials_are_one_line_naming_the_rule(bucket, monke
     entry = _tiny_split(f"{bucket}/creds")
     write_manifest(shards_dir=f"{bucket}/creds", source="test", settings={}, classes=["a", "b"], splits={"train": entry})
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
-    with pytest.raises(storage.StorageError, match=r"^s3://avgk-unit/creds/manifest.json: access denied: the "
-                                                   r"credentials in effect may not read or write it.*never from the avgk config$"):
+    with pytest.raises(storage.StorageError,
+                       match=r"^s3://avgk-unit/creds/manifest.json: access denied: the "
+                             r"credentials in effect may not read or write it.*never from the avgk config$"):
         read_manifest(f"{bucket}/creds")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)

@@ -32,7 +32,7 @@ def test_rows_in_batches_give_the_predictors_sets(model, images, predict_smoke_r
     served = [json.loads(s) for s in out["label_set"]]
     assert [s["labels"] for s in served] == [s.ids for s in expected]
     assert [s["names"] for s in served] == [s.names for s in expected]
-    for row, (a, b) in enumerate(zip(served, expected)):
+    for row, (a, b) in enumerate(zip(served, expected, strict=True)):
         assert a["scores"] == pytest.approx(b.scores, abs=1e-6), f"row {row}"
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,7 @@ def test_too_few_shards_raises_unless_resampled(shards):
 
 def test_num_train_batches():
     assert num_train_batches(num_samples=1000, batch_size=32, world_size=2) == 15
-    with pytest.raises(ValueError, match="num_samples=10.*32 x 2 = 64"):
+    with pytest.raises(ValueError, match=r"num_samples=10.*32 x 2 = 64"):
         num_train_batches(num_samples=10, batch_size=32, world_size=2)
 
 
@@ -213,7 +214,7 @@ def test_num_train_batches():
 
 
 def test_label_outside_range_raises_naming_key_and_value(tmp_path):
-    bad = list(_samples(5)) + [{"key": "x-00000005", "image": _png(), "ext": "png", "cls": 3, "idx": 5}]
+    bad = [*_samples(5), {"key": "x-00000005", "image": _png(), "ext": "png", "cls": 3, "idx": 5}]
     with pytest.raises(ValueError, match=r"'x-00000005'.*\[0, 3\).*got 3"):
         write_split(samples=bad, shards_dir=tmp_path, split="x", num_classes=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -244,7 +245,7 @@ def test_write_split_checks_idx_and_keys(tmp_path):
     with pytest.raises(ValueError, match=r"idx values must be exactly 0\.\.3"):
         write_split(samples=gap, shards_dir=tmp_path, split="x", num_classes=3)
     dotted = [dict(s, key="a.b") for s in _samples(1)]
-    with pytest.raises(ValueError, match="'a.b'"):
+    with pytest.raises(ValueError, match=re.escape("'a.b'")):
         write_split(samples=dotted, shards_dir=tmp_path, split="x", num_classes=3)
     assert not (tmp_path / "x").exists()
 
@@ -261,7 +262,7 @@ def test_read_manifest_errors(tmp_path, shards):
 def test_write_manifest_checks_class_counts(tmp_path):
     entry = write_split(samples=_samples(6), shards_dir=tmp_path, split="x", num_classes=3)
     assert entry["class_counts"] == [2, 2, 2] and entry["num_samples"] == 6
-    with pytest.raises(ValueError, match="one entry per class.*4.*got 3"):
+    with pytest.raises(ValueError, match=r"one entry per class.*4.*got 3"):
         write_manifest(shards_dir=tmp_path, source="t", settings={}, classes=list("abcd"), splits={"x": entry})
     manifest = write_manifest(
         shards_dir=tmp_path, source="t", settings={"k": 1}, classes={0: "a", 1: "b", 2: "c"}, splits={"x": entry}
@@ -310,7 +311,7 @@ def test_missing_posterior_is_an_error_not_a_skip(tmp_path):
     write_manifest(shards_dir=tmp_path, source="t", settings={}, classes=list("abc"), splits={"x": entry})
     loader = eval_loader(shards_dir=tmp_path, split="x", batch_size=4, rank=0, world_size=1, num_workers=0,
                          transform=None, with_posterior=True)
-    with pytest.raises(ValueError, match="with_posterior=True.*'x-00000000'.*post.npy"):
+    with pytest.raises(ValueError, match=r"with_posterior=True.*'x-00000000'.*post\.npy"):
         _read_all(loader)
 
 
@@ -341,7 +342,7 @@ def test_transforms_output_normalised_tensors(train, resize, crop, size):
 
 
 def test_transform_rejects_crop_larger_than_resize():
-    with pytest.raises(ValueError, match="crop must be <= resize.*crop=40 > resize=32"):
+    with pytest.raises(ValueError, match=r"crop must be <= resize.*crop=40 > resize=32"):
         build_transform(train=False, resize=32, crop=40)
 
 
@@ -407,7 +408,7 @@ def test_uint8_batches_normalised_later_equal_the_loader_normalised_ones(shards,
                   transform=transform)
     floats, uint8s = list(eval_loader(**common)), list(eval_loader(**common, normalize=False))
     assert len(floats) == len(uint8s) == 4
-    for f, u in zip(floats, uint8s):
+    for f, u in zip(floats, uint8s, strict=True):
         assert u["image"].dtype == torch.uint8 and torch.equal(u["idx"], f["idx"])
         assert torch.equal(transform.finish(u["image"]), f["image"])
 
@@ -424,7 +425,7 @@ def test_normalize_batch_chunks_and_memory_formats_give_the_same_values(monkeypa
 
 
 def test_normalize_false_needs_an_image_transform(shards):
-    with pytest.raises(ValueError, match="normalize=False needs an ImageTransform.*got transform=None"):
+    with pytest.raises(ValueError, match=r"normalize=False needs an ImageTransform.*got transform=None"):
         eval_loader(shards_dir=shards, split="test", batch_size=8, rank=0, world_size=1, num_workers=0,
                     transform=None, normalize=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -21,7 +22,7 @@ def write_study(tmp_path, text: str):
 
 
 def test_committed_study_has_every_cell_validated():
-    study, base, cells = load_study(STUDY)
+    _study, _base, cells = load_study(STUDY)
     assert len(cells) == 8 * 4 * 3
     assert len({c.name for c in cells}) == len(cells)
     assert {c.config.loss.name for c in cells} == {"ce", "two_head", "an", "wan", "epr", "role", "em", "em_apl"}
@@ -161,7 +162,7 @@ def test_headline_k_must_be_evaluated():
 
 
 def test_study_needs_local_storage():
-    with pytest.raises(StudyConfigError, match="run.storage='s3://b/runs'"):
+    with pytest.raises(StudyConfigError, match=re.escape("run.storage='s3://b/runs'")):
         load_study(STUDY, ["run.storage=s3://b/runs"])
 
 

@@ -282,14 +282,14 @@ def test_property_calibrate_equals_reference(patches, case) -> None:
 
 def run_processes(calibrators, chunks_per_process) -> None:
     """Drives calibrators standing for separate processes, summing states like an all-reduce."""
-    for calibrator, chunks in zip(calibrators, chunks_per_process):
+    for calibrator, chunks in zip(calibrators, chunks_per_process, strict=True):
         for chunk in chunks:
             calibrator.update(chunk)
     total = sum(c.state() for c in calibrators)
     for calibrator in calibrators:
         calibrator.load_state(total)
         calibrator.next_pass()
-    for calibrator, chunks in zip(calibrators, chunks_per_process):
+    for calibrator, chunks in zip(calibrators, chunks_per_process, strict=True):
         for chunk in chunks:
             calibrator.update(chunk)
     total = sum(c.state() for c in calibrators)
@@ -304,7 +304,7 @@ def test_three_processes_equal_in_memory_and_reference(name: str) -> None:
     parts = np.array_split(scores_NL, [7, scores_NL.shape[0] // 2])
     chunks_per_process = [
         [torch.from_numpy(parts[0])],  # a torch chunk on one process
-        np.array_split(parts[1], 3) + [parts[1][:0]],  # with an empty chunk
+        [*np.array_split(parts[1], 3), parts[1][:0]],  # with an empty chunk
         np.array_split(parts[2], 2),
     ]
     calibrators = [StreamingThresholds(ks=ks) for _ in range(3)]
@@ -320,7 +320,7 @@ def test_selector_ranks_and_tie_counts() -> None:
     rng = np.random.default_rng(7)
     scores_NL = rng.integers(-2, 3, (300, 40)).astype(np.float32)
     scores_NL[0, :5] = [np.inf, -np.inf, 1e-45, -1e-45, 3.0]
-    selectors = [StreamingSelector(ranks_fn=lambda n, l: [1, round(2.5 * n), n * l]) for _ in range(2)]
+    selectors = [StreamingSelector(ranks_fn=lambda n, num_cols: [1, round(2.5 * n), n * num_cols]) for _ in range(2)]
     run_processes(selectors, [[scores_NL[:100]], [scores_NL[100:200], scores_NL[200:]]])
     flat = np.sort(scores_NL.reshape(-1))[::-1]
     for selector in selectors:
@@ -405,5 +405,5 @@ def test_processes_with_different_widths_raise() -> None:
 def test_k_out_of_range_raises_after_pass_one() -> None:
     cal = StreamingThresholds(ks=[1, 5])
     cal.update(np.random.default_rng(11).random((10, 5), dtype=np.float32))
-    with pytest.raises(ValueError, match="K=5.0 gives rank"):
+    with pytest.raises(ValueError, match=re.escape("K=5.0 gives rank")):
         cal.load_state(cal.state())

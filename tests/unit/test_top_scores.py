@@ -8,6 +8,7 @@ compares. Cases marked "fallback" are built so that the top-T rows cannot prove 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -20,8 +21,8 @@ from avgk.method.pseudo_label_table import positives_as_rows
 KS = (1.0, 1.5, 2.0, 3.0)
 
 
-def softmax(rng, n, l, scale=3.0):
-    logits = rng.standard_normal((n, l)).astype(np.float32) * scale
+def softmax(rng, n, num_classes, scale=3.0):
+    logits = rng.standard_normal((n, num_classes)).astype(np.float32) * scale
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -81,7 +82,7 @@ def chunks(columns: dict[str, np.ndarray], num_chunks: int = 4):
     """Rows in `num_chunks` uneven chunks, chunk order reversed (the passes must not depend on order)."""
     n = len(columns["label"])
     bounds = np.linspace(0, n, num_chunks + 1).astype(int)
-    parts = [{key: value[a:b] for key, value in columns.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [{key: value[a:b] for key, value in columns.items()} for a, b in itertools.pairwise(bounds)]
     return lambda: iter(parts[::-1])
 
 
@@ -89,9 +90,9 @@ def data(name: str, seed: int = 0):
     make, top_t, exact = CASES[name]
     rng = np.random.default_rng(seed)
     scores = make(rng)
-    n, l = scores.shape
-    labels = rng.integers(0, l, n)
-    full = {"idx": np.arange(n), "label": labels, "scores": scores, "posterior": softmax(rng, n, l)}
+    n, num_classes = scores.shape
+    labels = rng.integers(0, num_classes, n)
+    full = {"idx": np.arange(n), "label": labels, "scores": scores, "posterior": softmax(rng, n, num_classes)}
     top = {"idx": full["idx"], "label": labels}
     top.update(top_rows(scores_NL=scores, labels_N=labels, top_t=top_t, with_classes=True))
     top.update(top_rows(scores_NL=full["posterior"], labels_N=labels, top_t=16, column="posterior"))
@@ -259,7 +260,7 @@ def test_select_top_rows_refuses_rows_it_cannot_answer():
 
 
 def test_thresholds_beyond_the_kept_values_raise():
-    full, top, _ = data("distinct")
+    _full, top, _ = data("distinct")
     narrow = {key: value[:, :1] if key == "scores_top" else value for key, value in top.items()}
     with pytest.raises(NotExact, match=r"K=1.0: lambda_K needs rank m\+1=301 but top-1 rows keep only 300 x 1 values"):
         passes.calibrate(runner({"val": narrow}), "val", ks=(1.0,), top=True, num_classes=40)

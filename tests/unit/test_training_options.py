@@ -180,7 +180,7 @@ def test_gradient_accumulation_steps_like_one_batch_of_the_total(smoke_shards, t
     whole = _linear_parts(smoke_shards, tmp_path)
     engine.train_epoch(whole, epoch=0, batches=_batches([16, 16]), scaler=scaler, log=lambda _: None)
     assert accumulated.scheduler.last_epoch == whole.scheduler.last_epoch == 2  # two optimizer steps each
-    for a, b in zip(accumulated.model.parameters(), whole.model.parameters()):
+    for a, b in zip(accumulated.model.parameters(), whole.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # The schedule counts optimizer steps, the loader batches.
     config_parts = engine.build_parts(smoke(smoke_shards, tmp_path, "train.grad_accumulation=3"), device=torch.device("cpu"))
@@ -202,19 +202,19 @@ def test_ema_averages_the_weights_and_is_what_is_evaluated_and_checkpointed(smok
     for epoch, batch in enumerate(_batches([8, 8])):
         engine.train_epoch(parts, epoch=epoch, batches=[batch], scaler=scaler, log=lambda _: None)
         after.append([p.detach().clone() for p in parts.model.parameters()])
-    for ema, first, second in zip(parts.ema.module.parameters(), *after):
+    for ema, first, second in zip(parts.ema.module.parameters(), *after, strict=True):
         torch.testing.assert_close(ema, decay * first + (1 - decay) * second)
     assert parts.eval_model is parts.ema.module
 
     state = checkpoints.checkpoint_state(parts, epoch=1, best=0.0, history=[], scaler=scaler)
-    for ema, saved in zip(parts.ema.module.state_dict().values(), state["model"].values()):
+    for ema, saved in zip(parts.ema.module.state_dict().values(), state["model"].values(), strict=True):
         torch.testing.assert_close(ema, saved)  # scoring, predict and fine-tuning read `model`: the average
-    for raw, saved in zip(parts.model.state_dict().values(), state["train_model"].values()):
+    for raw, saved in zip(parts.model.state_dict().values(), state["train_model"].values(), strict=True):
         torch.testing.assert_close(raw, saved)
     resumed = _linear_parts(smoke_shards, tmp_path, f"train.ema_decay={decay}")
     checkpoints.restore(resumed, state, scaler)
     assert int(resumed.ema.n_averaged) == 2
-    for a, b in zip(resumed.model.parameters(), parts.model.parameters()):
+    for a, b in zip(resumed.model.parameters(), parts.model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
-    for a, b in zip(resumed.ema.module.parameters(), parts.ema.module.parameters()):
+    for a, b in zip(resumed.ema.module.parameters(), parts.ema.module.parameters(), strict=True):
         torch.testing.assert_close(a, b)

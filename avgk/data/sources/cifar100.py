@@ -24,7 +24,7 @@ import numpy as np
 
 from avgk.config import DataConfig
 from avgk.data.manifest import Manifest
-from avgk.data.sources.common import ConvertOptions, SplitPlan, encode_array, file_digest, write_image_dataset
+from avgk.data.sources.common import ConvertOptions, Item, SplitPlan, encode_array, file_digest, write_image_dataset
 from avgk.data.sources.imagefolder import check_root
 
 __all__ = [
@@ -60,7 +60,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path) -> dict[bytes, Any]:
     try:
         with path.open("rb") as f:
             obj = _ArrayUnpickler(f, encoding="bytes").load()
@@ -84,14 +84,14 @@ def find_cifar_dir(root: Path) -> Path:
     )
 
 
-def _class_names(meta: dict, path: Path) -> list[str]:
+def _class_names(meta: dict[bytes, Any], path: Path) -> list[str]:
     names = meta.get(b"fine_label_names")
     if not isinstance(names, list) or not names:
         raise ValueError(f"{path} must hold b'fine_label_names', a non-empty list of names")
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _images_and_labels(batch: dict, path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _images_and_labels(batch: dict[bytes, Any], path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if b"data" not in batch or b"fine_labels" not in batch:
         raise ValueError(f"{path} must hold b'data' and b'fine_labels', got keys {sorted(batch)[:6]}")
     data_NX = np.asarray(batch[b"data"])
@@ -145,8 +145,8 @@ def block_label_noise(
 
 def prepare_cifar100(
     *,
-    root: str | os.PathLike,
-    shards_dir: str | os.PathLike,
+    root: str | os.PathLike[str],
+    shards_dir: str | os.PathLike[str],
     options: ConvertOptions,
     val_fraction: float = 0.1,
     split_seed: int = 0,
@@ -168,8 +168,9 @@ def prepare_cifar100(
     clean = train_labels[train_rows]
     noisy, redrawn = block_label_noise(clean, p=noise_p, seed=noise_seed, num_classes=len(classes))
 
-    def items(file: str, rows: np.ndarray, labels: np.ndarray, images: np.ndarray, names: list[str]) -> list:
-        return [(f"{file}[{r}] {names[r]}", int(y), images[r]) for r, y in zip(rows.tolist(), labels.tolist())]
+    def items(file: str, rows: np.ndarray, labels: np.ndarray, images: np.ndarray, names: list[str]) -> list[Item]:
+        pairs = zip(rows.tolist(), labels.tolist(), strict=True)
+        return [(f"{file}[{r}] {names[r]}", int(y), images[r]) for r, y in pairs]
 
     plans = {
         "train": SplitPlan(items(f"{folder.name}/train", train_rows, noisy, train_images, train_names)),
@@ -207,5 +208,6 @@ def prepare_cifar100(
 
 
 def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
+    assert data.root is not None  # DataConfig requires data.root for every source but synthetic
     return prepare_cifar100(root=data.root, shards_dir=data.shards, options=options, val_fraction=data.cifar_val_fraction,
                             split_seed=data.split_seed, noise_p=data.cifar_noise_p, noise_seed=data.cifar_noise_seed)

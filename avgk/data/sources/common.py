@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -37,7 +37,10 @@ __all__ = [
     "HIDDEN_REASON",
     "IMAGE_SUFFIXES",
     "ClassTree",
+    "Convert",
     "ConvertOptions",
+    "Converted",
+    "Item",
     "SplitPlan",
     "available_cpus",
     "convert_file",
@@ -60,6 +63,10 @@ _CHUNK = 16
 """Items per process-pool task: amortises pickling without starving the ordered writer."""
 
 Item = tuple[str, int, Any]
+Converted = tuple[bytes | None, str]
+"""(encoded bytes, "jpg" | "png"), or (None, the reason) for an unreadable input."""
+Convert = Callable[[Any, int, int], Converted]
+"""convert(payload, resize_shorter, jpeg_quality) of a source's items."""
 
 
 @dataclass(frozen=True)
@@ -178,13 +185,13 @@ def encode_array(image_HWC: np.ndarray, resize_shorter: int, jpeg_quality: int) 
     return buffer.getvalue(), "png"
 
 
-def _convert_chunk(convert: Callable, payloads: list, resize_shorter: int, jpeg_quality: int) -> list:
+def _convert_chunk(convert: Convert, payloads: list[Any], resize_shorter: int, jpeg_quality: int) -> list[Converted]:
     return [convert(payload, resize_shorter, jpeg_quality) for payload in payloads]
 
 
 def _ordered_map(
-    convert: Callable, payloads: Sequence, *, resize_shorter: int, jpeg_quality: int, workers: int
-) -> Iterator[tuple[bytes | None, str]]:
+    convert: Convert, payloads: Sequence[Any], *, resize_shorter: int, jpeg_quality: int, workers: int
+) -> Generator[Converted, None, None]:
     """convert(payload, ...) for every payload, in input order; at most 4 chunks per worker in flight.
 
     The bound keeps memory flat on 300k-image sets: the writer consumes in order, so
@@ -198,7 +205,7 @@ def _ordered_map(
     # the platform's default start method: fork on Linux (workers up in milliseconds, nothing re-imported)
     pool = ProcessPoolExecutor(max_workers=workers)
     try:
-        pending: deque[Future] = deque(
+        pending: deque[Future[list[Converted]]] = deque(
             pool.submit(_convert_chunk, convert, chunk, resize_shorter, jpeg_quality)
             for chunk in islice(chunks, 4 * workers)
         )
@@ -222,7 +229,7 @@ class ClassTree:
 
     files: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     """class folder name -> sorted [(relative path, absolute path)] of candidate images, per parent."""
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     """{"path", "reason"} of files that are not candidate images (sorted by path)."""
     stats: list[tuple[str, int, int]] = field(default_factory=list)
     """(relative path, size, mtime_ns) of every file seen, images or not: the input fingerprint."""
@@ -290,7 +297,7 @@ class SplitPlan:
     """One split to write: items in idx order (readable ones get idx 0, 1, ...) and already-known skips."""
 
     items: Sequence[Item]
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _fatal(entry: Mapping[str, Any]) -> bool:
@@ -308,7 +315,7 @@ def _fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _reusable(shards_dir: str | os.PathLike, source: str, fingerprint: str) -> Manifest | None:
+def _reusable(shards_dir: str | os.PathLike[str], source: str, fingerprint: str) -> Manifest | None:
     try:
         existing = read_manifest(shards_dir)
     except (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError):
@@ -324,11 +331,11 @@ def _samples(
     *,
     split: str,
     plan: SplitPlan,
-    convert: Callable,
+    convert: Convert,
     options: ConvertOptions,
-    skipped: list[dict],
+    skipped: list[dict[str, Any]],
     root: str,
-) -> Iterator[dict]:
+) -> Iterator[dict[str, Any]]:
     num_written = 0
     converted = _ordered_map(
         convert,
@@ -357,7 +364,7 @@ def _samples(
 
 def write_image_dataset(
     *,
-    shards_dir: str | os.PathLike,
+    shards_dir: str | os.PathLike[str],
     source: str,
     root: str,
     classes: Sequence[str],

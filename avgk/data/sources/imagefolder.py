@@ -15,6 +15,7 @@ import os
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from avgk.data.manifest import Manifest
 from avgk.data.sources.common import (
     ClassTree,
     ConvertOptions,
+    Item,
     SplitPlan,
     convert_file,
     file_digest,
@@ -35,7 +37,7 @@ __all__ = ["SPLITS", "check_root", "detect_layout", "plan_class_splits", "prepar
 SPLITS = ("train", "val", "test")
 
 
-def check_root(root: str | os.PathLike, *, what: str = "data.root") -> Path:
+def check_root(root: str | os.PathLike[str], *, what: str = "data.root") -> Path:
     path = Path(root).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{what}={str(root)!r} does not exist")
@@ -99,8 +101,8 @@ def ratio_split(num_items: int, *, ratios: Sequence[float], seed: list[int]) -> 
 
 def prepare_imagefolder(
     *,
-    root: str | os.PathLike,
-    shards_dir: str | os.PathLike,
+    root: str | os.PathLike[str],
+    shards_dir: str | os.PathLike[str],
     options: ConvertOptions,
     split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
     split_seed: int = 0,
@@ -108,7 +110,7 @@ def prepare_imagefolder(
     """Convert an image-folder tree to shards + manifest (idempotent: see write_image_dataset)."""
     base = check_root(root)
     layout = detect_layout(base)
-    settings: dict = {"root": str(base), "layout": layout}
+    settings: dict[str, Any] = {"root": str(base), "layout": layout}
     if layout == "splits":
         trees = {s: scan_class_folders(base / s, root=base) for s in SPLITS if (base / s).is_dir()}
         classes, plans = plan_class_splits(trees=trees, root=str(base))
@@ -120,13 +122,13 @@ def prepare_imagefolder(
         tree = scan_class_folders(base, root=base)
         classes = sorted(tree.files)
         _require_classes(classes, str(base))
-        split_items: dict[str, list] = {s: [] for s in SPLITS}
+        split_items: dict[str, list[Item]] = {s: [] for s in SPLITS}
         for cls, name in enumerate(classes):
             files = tree.files[name]
             assignment = ratio_split(len(files), ratios=ratios, seed=_stable_seed(split_seed, name))
-            for (rel, path), split in zip(files, assignment):
+            for (rel, path), split in zip(files, assignment, strict=True):
                 split_items[SPLITS[split]].append((rel, cls, path))
-        kept = [s for s, ratio in zip(SPLITS, ratios) if ratio > 0]
+        kept = [s for s, ratio in zip(SPLITS, ratios, strict=True) if ratio > 0]
         # files that are not images belong to no split: they are listed with train
         plans = {s: SplitPlan(items=sorted(split_items[s]), skipped=list(tree.skipped) if s == "train" else [])
                  for s in kept}
@@ -147,5 +149,6 @@ def prepare_imagefolder(
 
 
 def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
+    assert data.root is not None  # DataConfig requires data.root for every source but synthetic
     return prepare_imagefolder(root=data.root, shards_dir=data.shards, options=options,
                                split_ratios=data.split_ratios, split_seed=data.split_seed)

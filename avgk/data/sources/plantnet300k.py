@@ -35,7 +35,7 @@ def read_species_names(path: Path) -> dict[str, str]:
     return {str(k): v for k, v in raw.items()}
 
 
-def _metadata_path(root: Path, metadata: str | os.PathLike | None) -> Path | None:
+def _metadata_path(root: Path, metadata: str | os.PathLike[str] | None) -> Path | None:
     if metadata is None:
         default = root / SPECIES_NAMES_FILE
         return default if default.is_file() else None
@@ -48,10 +48,10 @@ def _metadata_path(root: Path, metadata: str | os.PathLike | None) -> Path | Non
 
 def prepare_plantnet300k(
     *,
-    root: str | os.PathLike,
-    shards_dir: str | os.PathLike,
+    root: str | os.PathLike[str],
+    shards_dir: str | os.PathLike[str],
     options: ConvertOptions,
-    metadata: str | os.PathLike | None = None,
+    metadata: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Convert the Pl@ntNet-300K release to shards + manifest (idempotent: see write_image_dataset)."""
     base = check_root(root)
@@ -97,4 +97,5 @@ def prepare_plantnet300k(
 
 
 def from_config(data: DataConfig, options: ConvertOptions) -> Manifest:
+    assert data.root is not None  # DataConfig requires data.root for every source but synthetic
     return prepare_plantnet300k(root=data.root, shards_dir=data.shards, options=options, metadata=data.plantnet_metadata)

@@ -44,6 +44,21 @@ class Loss(nn.Module):
     ) -> LossOutput:
         raise NotImplementedError
 
+    def read_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """A `stateful` loss's rows `idx` of its per-sample table: what a rank sends to the others."""
+        raise NotImplementedError
+
+    def write_rows(self, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        """A `stateful` loss takes the other ranks' rows `idx` of its per-sample table."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> Loss:
+        """The loss for `config`, its knobs validated against L (num_classes) and N (num_train)."""
+        raise NotImplementedError
+
 
 def loss_class(name: str) -> type[Loss]:
     """The loss class registered as `name` (avgk.config.registry.LOSSES); ValueError naming the known ones."""
@@ -59,7 +74,7 @@ def build_loss(
     `class_counts` are the training split's per-class counts (the manifest's), for losses that
     use the class prior; a loss that needs them and gets none raises.
     """
-    return loss_class(config.name).from_config(  # type: ignore[attr-defined]
+    return loss_class(config.name).from_config(
         config, num_classes=num_classes, num_train=num_train, class_counts=class_counts
     )
 

@@ -20,6 +20,7 @@ Legend: B batch size, L classes, N training samples; z logits, p = sigmoid(z).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -116,20 +117,20 @@ def epr_regulariser(*, probs_BL: torch.Tensor, k: float) -> torch.Tensor:
 # ---------------------------------------------------------------- losses as sums of named parts
 
 
-def _an_parts(*, z_BL, pos_BL, reduction) -> Parts:
+def _an_parts(*, z_BL: torch.Tensor, pos_BL: torch.Tensor, reduction: str) -> Parts:
     return {
         "pos": reduce_entries(terms_BL=pos_BL * neg_log_p(z_BL), reduction=reduction),
         "neg": reduce_entries(terms_BL=(1 - pos_BL) * _neg_log_1mp(z_BL), reduction=reduction),
     }
 
 
-def _an_ls_parts(*, z_BL, pos_BL, reduction, eps) -> Parts:
+def _an_ls_parts(*, z_BL: torch.Tensor, pos_BL: torch.Tensor, reduction: str, eps: float) -> Parts:
     targets_BL = (1 - eps) * pos_BL + eps * (1 - pos_BL)
     bce_BL = F.binary_cross_entropy_with_logits(z_BL, targets_BL, reduction="none")
     return {"bce": reduce_entries(terms_BL=bce_BL, reduction=reduction)}
 
 
-def _wan_parts(*, z_BL, pos_BL, reduction) -> Parts:
+def _wan_parts(*, z_BL: torch.Tensor, pos_BL: torch.Tensor, reduction: str) -> Parts:
     num_classes = z_BL.shape[1]
     return {
         "pos": reduce_entries(terms_BL=pos_BL * neg_log_p(z_BL), reduction=reduction),
@@ -137,14 +138,22 @@ def _wan_parts(*, z_BL, pos_BL, reduction) -> Parts:
     }
 
 
-def _epr_parts(*, z_BL, pos_BL, reduction, k) -> Parts:
+def _epr_parts(*, z_BL: torch.Tensor, pos_BL: torch.Tensor, reduction: str, k: float) -> Parts:
     return {
         "pos": reduce_entries(terms_BL=pos_BL * neg_log_p(z_BL), reduction=reduction),
         "reg": z_BL.shape[0] * epr_regulariser(probs_BL=torch.sigmoid(z_BL), k=k),
     }
 
 
-def _em_parts(*, z_BL, pos_BL, reduction, alpha, apl_neg_BL=None, beta=0.0) -> Parts:
+def _em_parts(
+    *,
+    z_BL: torch.Tensor,
+    pos_BL: torch.Tensor,
+    reduction: str,
+    alpha: float,
+    apl_neg_BL: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> Parts:
     """EM; with `apl_neg_BL`, those entries take beta * -log(1 - p) INSTEAD of the entropy term."""
     neg_BL = torch.zeros_like(pos_BL) if apl_neg_BL is None else apl_neg_BL.to(pos_BL.dtype)
     unknown_BL = 1 - pos_BL - neg_BL
@@ -157,9 +166,17 @@ def _em_parts(*, z_BL, pos_BL, reduction, alpha, apl_neg_BL=None, beta=0.0) -> P
     return parts
 
 
+def parts_total(parts: Parts) -> torch.Tensor:
+    """The sum of the named parts, in their order (what `sum(parts.values())` adds, as a tensor)."""
+    first, *rest = parts.values()
+    for value in rest:
+        first = first + value
+    return first
+
+
 def batch_mean(parts: Parts, batch_size: int) -> torch.Tensor:
     """The sum of the named parts (sums over the batch) divided by the batch size."""
-    return sum(parts.values()) / batch_size
+    return parts_total(parts) / batch_size
 
 
 # ---------------------------------------------------------------- pure functions (batch means)
@@ -254,27 +271,37 @@ class SinglePositiveLoss(Loss):
     heads = ("multilabel",)
     default_score_head = "multilabel"
 
-    def __init__(self, *, reduction: str):
+    def __init__(self, *, reduction: str) -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
 
     def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         raise NotImplementedError
 
-    def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
+    def forward(
+        self,
+        *,
+        logits: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        idx: torch.Tensor,
+        epoch: int,
+        pseudo_targets: torch.Tensor | None = None,
+    ) -> LossOutput:
         z_BL, pos_BL = logits_and_positives(logits=logits["multilabel"], labels=labels)
         parts = self.parts(z_BL=z_BL, pos_BL=pos_BL, epoch=epoch)
-        return LossOutput(total_sum=sum(parts.values()), parts_sum={n: v.detach() for n, v in parts.items()})
+        return LossOutput(total_sum=parts_total(parts), parts_sum={n: v.detach() for n, v in parts.items()})
 
 
 class AnLoss(SinglePositiveLoss):
     """Assume negative (Cole et al. 2021)."""
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> AnLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> AnLoss:
         return cls(reduction=config.reduction)
 
-    def parts(self, *, z_BL, pos_BL, epoch):
+    def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         return _an_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=self.reduction)
 
 
@@ -286,10 +313,12 @@ class AnLsLoss(SinglePositiveLoss):
         self.eps = _check_eps(eps)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> AnLsLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> AnLsLoss:
         return cls(reduction=config.reduction, eps=config.eps)
 
-    def parts(self, *, z_BL, pos_BL, epoch):
+    def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         return _an_ls_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=self.reduction, eps=self.eps)
 
 
@@ -301,10 +330,12 @@ class WanLoss(SinglePositiveLoss):
         check_num_classes(num_classes)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> WanLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> WanLoss:
         return cls(reduction=config.reduction, num_classes=num_classes)
 
-    def parts(self, *, z_BL, pos_BL, epoch):
+    def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         return _wan_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=self.reduction)
 
 
@@ -319,10 +350,12 @@ class EprLoss(SinglePositiveLoss):
         self.k = check_k(k, check_num_classes(num_classes))
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> EprLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> EprLoss:
         return cls(reduction=config.reduction, k=config.k, num_classes=num_classes)
 
-    def parts(self, *, z_BL, pos_BL, epoch):
+    def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         return _epr_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=self.reduction, k=self.k)
 
 
@@ -334,10 +367,12 @@ class EmLoss(SinglePositiveLoss):
         self.alpha = _check_nonnegative("alpha", alpha)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> EmLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> EmLoss:
         return cls(reduction=config.reduction, alpha=config.alpha)
 
-    def parts(self, *, z_BL, pos_BL, epoch):
+    def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         return _em_parts(z_BL=z_BL, pos_BL=pos_BL, reduction=self.reduction, alpha=self.alpha)
 
 
@@ -364,7 +399,9 @@ class EmAplLoss(SinglePositiveLoss):
         self.neg_proportion = _check_proportion(neg_proportion)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> EmAplLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> EmAplLoss:
         return cls(
             reduction=config.reduction,
             alpha=config.alpha,
@@ -373,7 +410,7 @@ class EmAplLoss(SinglePositiveLoss):
             neg_proportion=config.apl_neg_proportion,
         )
 
-    def parts(self, *, z_BL, pos_BL, epoch):
+    def parts(self, *, z_BL: torch.Tensor, pos_BL: torch.Tensor, epoch: int) -> Parts:
         if epoch < self.warmup_epochs:
             neg_BL = torch.zeros_like(pos_BL, dtype=torch.bool)  # "apl" stays in the parts (as 0): same keys every epoch
         else:

@@ -8,11 +8,13 @@ Legend: B batch size, L classes, N training samples; z logits, u estimate logits
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from avgk.config import LossConfig
 from avgk.method.losses.base import LossOutput
@@ -30,7 +32,9 @@ from avgk.method.losses.baselines import (
 from avgk.method.losses.two_head import reduce_entries
 
 
-def _role_parts(*, z_BL, u_BL, pos_BL, reduction, k) -> Parts:
+def _role_parts(
+    *, z_BL: torch.Tensor, u_BL: torch.Tensor, pos_BL: torch.Tensor, reduction: str, k: float
+) -> Parts:
     """Classifier (logits z) and estimator (table logits u), each trained on the other's detached output.
 
     "classifier" depends on z only and "estimator" on u only, each weighted one half.
@@ -38,7 +42,7 @@ def _role_parts(*, z_BL, u_BL, pos_BL, reduction, k) -> Parts:
     batch_size = z_BL.shape[0]
     p_BL, q_BL = torch.sigmoid(z_BL), torch.sigmoid(u_BL)
 
-    def side(own_BL, own_probs_BL, other_probs_BL):
+    def side(own_BL: torch.Tensor, own_probs_BL: torch.Tensor, other_probs_BL: torch.Tensor) -> torch.Tensor:
         cross_BL = F.binary_cross_entropy_with_logits(own_BL, other_probs_BL.detach(), reduction="none")
         entries = reduce_entries(terms_BL=pos_BL * neg_log_p(own_BL) + cross_BL, reduction=reduction)
         return 0.5 * (entries + batch_size * epr_regulariser(probs_BL=own_probs_BL, k=k))
@@ -101,6 +105,8 @@ class RoleLoss(SinglePositiveLoss):
     """
 
     stateful = True
+    table_NL: torch.Tensor  # buffers (register_buffer below)
+    seen_N: torch.Tensor
 
     def __init__(
         self,
@@ -112,7 +118,7 @@ class RoleLoss(SinglePositiveLoss):
         num_train: int,
         table_device: str = "model",
         table_path: str | None = None,
-    ):
+    ) -> None:
         super().__init__(reduction=reduction)
         self.k = check_k(k, check_num_classes(num_classes))
         if not (lr > 0 and math.isfinite(lr)):
@@ -135,7 +141,9 @@ class RoleLoss(SinglePositiveLoss):
         self.register_buffer("seen_N", torch.zeros(num_train, dtype=torch.bool), persistent=True)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> RoleLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> RoleLoss:
         return cls(
             reduction=config.reduction,
             k=config.k,
@@ -149,6 +157,7 @@ class RoleLoss(SinglePositiveLoss):
     def _initial_table(self) -> torch.Tensor:
         shape = (self.num_train, self.num_classes)
         if self.table_device == "memmap":
+            assert self.table_path is not None  # checked in __init__
             path = Path(self.table_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._memmap = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
@@ -162,13 +171,17 @@ class RoleLoss(SinglePositiveLoss):
             table_NL[start : start + rows] = _ROLE_INIT_HALF_WIDTH * (2 * uniform - 1)
         return table_NL
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RoleLoss:
         # 'cpu' and 'memmap' tables stay where they are (and float32) whatever `.to()`/`.cuda()` does.
+        # nn.Module._apply by name: mypy's untyped_calls_exclude covers torch's unannotated methods
+        # called that way, not through super() (no class between RoleLoss and nn.Module defines it)
         if self.table_device == "model":
-            return super()._apply(fn, recurse)
+            moved: RoleLoss = nn.Module._apply(self, fn, recurse)
+            return moved
         kept = {name: self._buffers.pop(name) for name in ("table_NL", "seen_N")}
         try:
-            return super()._apply(fn, recurse)
+            moved = nn.Module._apply(self, fn, recurse)
+            return moved
         finally:
             self._buffers.update(kept)
 
@@ -198,7 +211,15 @@ class RoleLoss(SinglePositiveLoss):
         self.table_NL[idx_B] = rows.to(self.table_NL.device, torch.float32)
         self.seen_N[idx_B] = True
 
-    def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
+    def forward(
+        self,
+        *,
+        logits: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        idx: torch.Tensor,
+        epoch: int,
+        pseudo_targets: torch.Tensor | None = None,
+    ) -> LossOutput:
         z_BL, pos_BL = logits_and_positives(logits=logits["multilabel"], labels=labels)
         batch_size, num_classes = z_BL.shape
         assert num_classes == self.num_classes, (num_classes, self.num_classes)

@@ -46,15 +46,25 @@ class CrossEntropyLoss(Loss):
     heads = ("softmax",)
     default_score_head = "softmax"
 
-    def __init__(self, *, label_smoothing: float = 0.0):
+    def __init__(self, *, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = float(label_smoothing)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> CrossEntropyLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> CrossEntropyLoss:
         return cls(label_smoothing=config.label_smoothing)
 
-    def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
+    def forward(
+        self,
+        *,
+        logits: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        idx: torch.Tensor,
+        epoch: int,
+        pseudo_targets: torch.Tensor | None = None,
+    ) -> LossOutput:
         # labels: class ids (B), or class probabilities (B x L) from mixup / cutmix.
         ce = F.cross_entropy(logits["softmax"].float(), labels, reduction="sum", label_smoothing=self.label_smoothing)
         return LossOutput(total_sum=ce, parts_sum={"ce": ce.detach()})
@@ -65,6 +75,7 @@ class TwoHeadLoss(Loss):
 
     heads = ("softmax", "multilabel")
     default_score_head = "multilabel"
+    selection_scale_L: torch.Tensor | None  # a buffer (register_buffer below)
 
     def __init__(
         self,
@@ -77,7 +88,7 @@ class TwoHeadLoss(Loss):
         prior_tau: float = 0.0,
         class_counts: Sequence[int] | None = None,
         label_smoothing: float = 0.0,
-    ):
+    ) -> None:
         super().__init__()
         self.label_smoothing = float(label_smoothing)
         # Validate K_pl once against L here, not at the first batch of a long job.
@@ -93,7 +104,9 @@ class TwoHeadLoss(Loss):
                              persistent=False)
 
     @classmethod
-    def from_config(cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts=None) -> TwoHeadLoss:
+    def from_config(
+        cls, config: LossConfig, *, num_classes: int, num_train: int, class_counts: Sequence[int] | None = None
+    ) -> TwoHeadLoss:
         return cls(
             pseudo_k=config.effective_pseudo_k,
             ml_weight=config.ml_weight,
@@ -105,7 +118,15 @@ class TwoHeadLoss(Loss):
             label_smoothing=config.label_smoothing,
         )
 
-    def forward(self, *, logits, labels, idx, epoch, pseudo_targets=None) -> LossOutput:
+    def forward(
+        self,
+        *,
+        logits: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        idx: torch.Tensor,
+        epoch: int,
+        pseudo_targets: torch.Tensor | None = None,
+    ) -> LossOutput:
         z_s, z_m = logits["softmax"].float(), logits["multilabel"].float()
         ce = F.cross_entropy(z_s, labels, reduction="sum", label_smoothing=self.label_smoothing)
         if pseudo_targets is None:
