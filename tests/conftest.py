@@ -20,7 +20,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.helpers.runs import ROOT
 
-
 SHARED_GROUPS = {"predict_smoke_run": "predict_smoke_run"}
 """Session fixtures costly enough that every test using them should run in one process (a trained run)."""
 
