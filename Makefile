@@ -22,9 +22,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # The checks, then two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one
-# process; tests/conftest.py groups the files that share a trained run).
+# process; tests/conftest.py groups the files that share a trained run). Per-test seconds go to
+# .test-durations.xml: `python -m tests.helpers.durations` sums them per file (BENCHMARKS.md, "Test suite budget").
 test: lint
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=40
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=40 --junitxml=.test-durations.xml
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
