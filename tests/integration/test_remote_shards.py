@@ -73,7 +73,7 @@ def test_prepare_train_and_evaluate_from_s3_match_local_shards(cluster, smoke_sh
     # `avgk evaluate` of the remote run, scoring from the bucket with Ray Data, writes the documents anew
     for name in ("metrics.json", "thresholds.json"):
         storage.delete(storage.join(remote_run, name))
-    run_evaluate(s3_config, run=remote_run, num_actors=2, log=lambda _: None)
+    run_evaluate(s3_config, run=remote_run, num_actors=1, log=lambda _: None)
     assert storage.exists(storage.join(remote_run, "thresholds.json"))
     evaluated = storage.read_json(storage.join(remote_run, "metrics.json"))
     _same(evaluated, local_metrics)

@@ -190,7 +190,7 @@ def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
 
     scoring = load_scoring_model(str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt"))
     val = score_dataset(scoring, manifest=read_manifest(trained.config.data.shards), split="val", head="multilabel",
-                        with_posterior=True, num_actors=2).materialize()
+                        with_posterior=True, num_actors=2).materialize()  # two actors: every row scored once
     thresholds = calibrate_dataset(val, ks=[1, 1.5, 2, 3], num_tasks=2)
     rows = collect(val, "idx", "scores", "posterior")
     assert rows["idx"].tolist() == list(range(400))  # every val sample scored exactly once
@@ -203,7 +203,7 @@ def test_pseudolabel_job_equals_brute_force(trained):
     from pipelines.scoring import score_dataset
     from pipelines.scoring_inputs import load_scoring_model
 
-    selection, uri = run_pseudolabel(trained.config, run=str(trained.run_dir), checkpoint="last", num_actors=2)
+    selection, uri = run_pseudolabel(trained.config, run=str(trained.run_dir), checkpoint="last", num_actors=1)
     table = read_pseudo_label_table(uri)
     num_samples, k = 1000, trained.config.loss.effective_pseudo_k
     assert table.num_samples == num_samples and table.num_positives == round_count(n=num_samples, k=k)
@@ -213,7 +213,7 @@ def test_pseudolabel_job_equals_brute_force(trained):
 
     scoring = load_scoring_model(meta["checkpoint"])
     train = collect(score_dataset(scoring, manifest=read_manifest(trained.config.data.shards), split="train", head="softmax",
-                                  with_posterior=False), "idx", "label", "scores")
+                                  with_posterior=False, num_actors=1), "idx", "label", "scores")
     expected_NL = batch_pseudo_labels(probs=torch.from_numpy(train["scores"]),
                                       labels=torch.from_numpy(train["label"]), k=k).numpy() > 0
     actual_NL = table.targets(np.arange(num_samples), num_classes=20).numpy() > 0
@@ -243,7 +243,7 @@ def test_evaluate_on_few_kept_scores_falls_back_and_says_so(trained):
     assert largest_set > 4  # what makes top_t=4 unprovable on this model
     for top_t, must_fall_back in ((4, True),):
         lines: list[str] = []
-        evaluation = run_evaluate(with_eval(trained.config, top_t=top_t), run=str(trained.run_dir), num_actors=2,
+        evaluation = run_evaluate(with_eval(trained.config, top_t=top_t), run=str(trained.run_dir), num_actors=1,
                                   log=lines.append)
         fallback = [line for line in lines if "falling back to full score rows" in line]
         if must_fall_back:
@@ -262,7 +262,7 @@ def test_pseudolabel_job_on_top_rows_equals_full_rows(trained):
     for name, changes in {"default": {}, "top-4": {"top_t": 4}, "full": {"score_rows": "full"}}.items():
         lines: list[str] = []
         run_pseudolabel(with_eval(trained.config, **changes), run=str(trained.run_dir), checkpoint="last",
-                        num_actors=2, log=lines.append)
+                        num_actors=1, log=lines.append)
         rows = "full rows" if name == "full" else ("top-4 rows" if name == "top-4" else "top-16 rows")
         assert any(f"({rows})" in line for line in lines), lines
         tables[name] = read_pseudo_label_table(str(trained.run_dir / "pseudo_labels"))
@@ -328,7 +328,7 @@ def test_offline_pseudo_labels_train_and_match_the_job(workers, smoke_shards, tm
     assert in_training.num_positives == round_count(n=1000, k=2)
 
     first = checkpoint_dirs(run_dir)[0]  # the weights the table was computed with
-    selection, _ = run_pseudolabel(config, run=str(run_dir), checkpoint=str(first), num_actors=2)
+    selection, _ = run_pseudolabel(config, run=str(run_dir), checkpoint=str(first), num_actors=1)
     job = read_pseudo_label_table(str(run_dir / "pseudo_labels"))
     assert selection.threshold == in_training.metadata["threshold"]
     assert np.array_equal(job.offsets_N1, in_training.offsets_N1)
