@@ -150,6 +150,34 @@ def _version() -> str:
         return __version__
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from avgk.experiments.pipeline_spec import load_pipeline
+
+    load_pipeline(args.config, args.overrides)  # a bad spec answers before Ray, torch or MLflow load
+    from pipelines.pipeline import run_pipeline
+
+    result = run_pipeline(args.config, args.overrides, dry_run=args.dry_run, only=args.only, start=args.start)
+    return 1 if result.failed else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipelines.compare import parse_runs, run_compare
+
+    runs = parse_runs(args.runs)
+    comparison = run_compare(runs, reference=args.reference, out=args.out, k=args.k)
+    print(comparison.per_run)
+    print()
+    print(comparison.table)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from pipelines.compare import run_register
+
+    run_register(args.run, name=args.name, checkpoint=args.checkpoint)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     load_config(None, args.overrides)  # fail fast, before torch and Ray are imported
     from pipelines.demo import run_demo
@@ -240,6 +268,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="key=value: config keys (train.epochs=3) change the base config, the others the study "
                             "(seeds=[0], max_concurrent=1)")
     study.set_defaults(func=cmd_study)
+    pipeline_help = ("run a pipeline spec (configs/pipelines/*.yaml): its stages as avgk verbs on Ray, finished ones "
+                     "reused, an MLflow parent run with a child per stage and cell; rerun to resume")
+    pipeline = sub.add_parser("pipeline", help=pipeline_help, description=pipeline_help)
+    pipeline.add_argument("config", metavar="SPEC", help="pipeline YAML, e.g. configs/pipelines/demo.yaml")
+    pipeline.add_argument("overrides", nargs="*",
+                          help="key=value: config keys (train.epochs=1) change every stage's config, the others the "
+                               "spec (max_concurrent=1, stages.train.matrix.seed.values=[0])")
+    pipeline.add_argument("--dry-run", action="store_true", help="print each stage's state (done, to run and why); run nothing")
+    pipeline.add_argument("--only", metavar="STAGE", default=None, help="run this stage alone (its inputs must be done)")
+    pipeline.add_argument("--from", dest="start", metavar="STAGE", default=None,
+                          help="run this stage and every stage after it (finished cells are still reused)")
+    pipeline.set_defaults(func=cmd_pipeline)
+    compare_help = ("paired differences between methods over finished runs (paired by train.seed) with 95%% "
+                    "intervals: comparison.md, comparison.csv and a figure in --out")
+    compare = sub.add_parser("compare", help=compare_help, description=compare_help)
+    compare.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR",
+                         help="run directories, labelled by method (default label: the run's loss.name)")
+    compare.add_argument("--reference", required=True, metavar="LABEL", help="the method differences are taken against")
+    compare.add_argument("--out", metavar="DIR", default="comparison", help="output folder (default: ./comparison)")
+    compare.add_argument("--k", type=float, default=None, help="K that picks the winner (default: the first run's loss.k)")
+    compare.set_defaults(func=cmd_compare, overrides=[])
+    register_help = "log a finished run's model (checkpoint, thresholds, class names) to its MLflow run and register it"
+    register = sub.add_parser("register", help=register_help, description=register_help)
+    register.add_argument("run", metavar="RUN_DIR", help="the training's run directory (tracked in MLflow)")
+    register.add_argument("--name", required=True, help="the registered model's name")
+    _add_checkpoint_arg(register)
+    register.set_defaults(func=cmd_register, overrides=[])
     config_help = "print the resolved config a run would use (YAML) and exit; --keys: every key, its type and default"
     config = sub.add_parser("config", help=config_help, description=config_help)
     _add_config_args(config, optional=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,20 +73,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log=log,
     )
     if rank == 0 and result.evaluation is not None:
-        run_dir = storage.absolute(config.run_dir)
-        if uri and run_id:
-            tracking.log_evaluation(uri, run_id, metrics=result.evaluation.metrics, run_dir=run_dir)
-        from avgk.experiments.report import log_run_plots  # matplotlib: only once there is a finished run
+        record_results(config, result.evaluation, uri=uri, run_id=run_id, log=log)
 
-        log_run_plots(uri, run_id, run_dir)  # <run_dir>/plots/, and the MLflow run's plots/
-        if uri and run_id and config.tracking.log_model:
-            # The checkpoint the final evaluation used, so the model matches thresholds.json.
-            checkpoint = resolve_checkpoint(run_dir, None, default=config.eval.checkpoint)
-            model_uri = log_pyfunc_model(
-                uri, run_id, run_dir, checkpoint=checkpoint, register_as=config.tracking.register_model
-            )
-            log(f"pyfunc model logged: {model_uri}"
-                     + (f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""))
+
+def record_results(config: Config, evaluation: Evaluation, *, uri: str | None, run_id: str | None,
+                   log: Callable[[str], None]) -> None:
+    """What a finished training leaves besides its run directory: the evaluation in MLflow, the plots, the
+    pyfunc model (rank 0 of a TorchTrainer run, or a pipeline's single-worker training task)."""
+    run_dir = storage.absolute(config.run_dir)
+    if uri and run_id:
+        tracking.log_evaluation(uri, run_id, metrics=evaluation.metrics, run_dir=run_dir)
+    from avgk.experiments.report import log_run_plots  # matplotlib: only once there is a finished run
+
+    log_run_plots(uri, run_id, run_dir)  # <run_dir>/plots/, and the MLflow run's plots/
+    if uri and run_id and config.tracking.log_model:
+        # The checkpoint the final evaluation used, so the model matches thresholds.json.
+        checkpoint = resolve_checkpoint(run_dir, None, default=config.eval.checkpoint)
+        model_uri = log_pyfunc_model(
+            uri, run_id, run_dir, checkpoint=checkpoint, register_as=config.tracking.register_model
+        )
+        log(f"pyfunc model logged: {model_uri}"
+            + (f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""))
 
 
 def check_resources(config: Config) -> None:

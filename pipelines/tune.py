@@ -297,8 +297,11 @@ def _summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
     return out.getvalue()
 
 
-def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = say) -> SweepResult:
-    """Runs (or resumes) the sweep, evaluates the best trial on test, writes and logs the summary."""
+def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = say,
+              parent_run_id: str | None = None) -> SweepResult:
+    """Runs (or resumes) the sweep, evaluates the best trial on test, writes and logs the summary.
+
+    `parent_run_id`: the sweep's own MLflow run opens as its child (a pipeline's tune stage)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -325,7 +328,8 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
     parent_config = base.model_copy(update={"run": base.run.model_copy(update={"name": sweep.name})})
     base_tree = base.to_dict()
     resumed = storage.exists(storage.join(paths.root, tracking.RUN_ID_FILE))
-    with job.tracked(parent_config, tags={"avgk.sweep": sweep.name, "avgk.kind": "sweep"}) as run:
+    with job.tracked(parent_config, parent_run_id=parent_run_id,
+                     tags={"avgk.sweep": sweep.name, "avgk.kind": "sweep"}) as run:
         uri, parent_run_id = run.uri, run.run_id
         if uri and parent_run_id is not None:
             if not resumed:  # MLflow params are write-once; a resume may change evaluate_best or the concurrency

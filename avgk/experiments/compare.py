@@ -1,0 +1,152 @@
+"""`avgk compare`: paired differences between methods over finished runs, with 95% intervals.
+
+Pure functions over metrics.json documents; no Ray. Runs are labelled by method and paired by
+seed (method minus reference, same seed, same data), so an interval is the t-interval of the
+paired differences: mean +- t(0.975, n-1) * std / sqrt(n). One pair gives a difference and no
+interval, and the table says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from avgk.evaluation.metrics import format_k
+
+METRICS = ("avg_k_accuracy", "macro_avg_k_accuracy")
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    method: str
+    seed: int
+    run_dir: str
+    metrics: Mapping[str, Any]
+
+
+def t_quantile(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (scipy's)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def rows_of(entries: Sequence[RunEntry]) -> pd.DataFrame:
+    """One row per run: method, seed, and every test metric of METRICS at every K (`avg_k_accuracy@2`)."""
+    rows = []
+    for entry in entries:
+        row: dict[str, Any] = {"method": entry.method, "seed": entry.seed, "run_dir": entry.run_dir}
+        test = entry.metrics["test"]
+        for name in METRICS:
+            for k, value in (test.get(name) or {}).items():
+                row[f"{name}@{k}"] = value
+        rows.append(row)
+    frame: pd.DataFrame = pd.DataFrame(rows)
+    duplicated = frame[frame.duplicated(["method", "seed"], keep=False)]
+    if not duplicated.empty:
+        pairs = sorted({(m, int(s)) for m, s in zip(duplicated["method"], duplicated["seed"], strict=True)})
+        raise ValueError(f"two runs share method and seed {pairs}: one run per method and seed")
+    return frame
+
+
+def paired_differences(rows: pd.DataFrame, *, reference: str, column: str) -> pd.DataFrame:
+    """Per method: mean of (method - reference) over the seeds both have, std, pairs, 95% interval."""
+    methods = sorted(set(rows["method"]))
+    if reference not in methods:
+        raise ValueError(f"reference {reference!r} is not one of the compared methods {methods}")
+    ref = rows[rows["method"] == reference][["seed", column]].rename(columns={column: "reference"})
+    out = []
+    for method in methods:
+        if method == reference:
+            continue
+        joined = rows[rows["method"] == method][["seed", column]].merge(ref, on="seed", how="inner")
+        diffs = (joined[column] - joined["reference"]).to_numpy(dtype=float)
+        n = len(diffs)
+        mean = float(diffs.mean()) if n else math.nan
+        std = float(diffs.std(ddof=1)) if n > 1 else math.nan
+        half = t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+        out.append({"method": method, "pairs": n, "diff": mean, "std": std, "low": mean - half, "high": mean + half})
+    table: pd.DataFrame = pd.DataFrame(out, columns=["method", "pairs", "diff", "std", "low", "high"])
+    return table
+
+
+def summary_table(rows: pd.DataFrame, *, column: str) -> pd.DataFrame:
+    grouped = rows.groupby("method", sort=True)[column]
+    table: pd.DataFrame = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=1),
+                                        "runs": grouped.size()}).reset_index()
+    return table
+
+
+def _pts(value: float, *, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def markdown(rows: pd.DataFrame, *, reference: str, ks: Sequence[str]) -> str:
+    """Per K and metric: each method's mean +- std (%), and its paired difference to the reference with the 95% interval."""
+    parts = [f"{len(rows)} runs, {rows['seed'].nunique()} seed(s); differences are paired by seed against "
+             f"`{reference}`, in points, with 95% t-intervals (none from one pair)."]
+    for k in ks:
+        for name in METRICS:
+            column = f"{name}@{k}"
+            if column not in rows:
+                continue
+            summary = summary_table(rows, column=column)
+            diffs = paired_differences(rows, reference=reference, column=column).set_index("method")
+            parts += ["", f"## {name.replace('_', ' ')} at K={k}", "",
+                      "| method | runs | mean % | std | diff vs " + reference + " | 95% interval |",
+                      "|---|---:|---:|---:|---:|---|"]
+            for _, r in summary.iterrows():
+                method = str(r["method"])
+                line = f"| {method} | {int(r['runs'])} | {_pts(r['mean'])} | {_pts(r['std'])} |"
+                if method == reference:
+                    line += " (reference) | |"
+                else:
+                    d = diffs.loc[method]
+                    interval = "-" if math.isnan(d["low"]) else f"[{_pts(d['low'], signed=True)}, {_pts(d['high'], signed=True)}]"
+                    line += f" {_pts(d['diff'], signed=True)} ({int(d['pairs'])} pairs) | {interval} |"
+                parts.append(line)
+    return "\n".join(parts) + "\n"
+
+
+def plot_differences(rows: pd.DataFrame, *, reference: str, ks: Sequence[str], metric: str = "avg_k_accuracy") -> Figure:
+    """Paired difference to the reference (points) per K, one marker per method, 95% intervals as bars."""
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    methods = sorted(set(rows["method"]) - {reference})
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        xs, ys, errs = [], [], []
+        for j, k in enumerate(ks):
+            column = f"{metric}@{k}"
+            if column not in rows:
+                continue
+            d = paired_differences(rows, reference=reference, column=column).set_index("method").loc[method]
+            xs.append(j + (i - (len(methods) - 1) / 2) * width)
+            ys.append(100 * d["diff"])
+            errs.append(0.0 if math.isnan(d["high"]) else 100 * (d["high"] - d["diff"]))
+        ax.errorbar(xs, ys, yerr=errs, fmt="o", capsize=4, label=method)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
+    ax.set_ylabel(f"{metric.replace('_', ' ')}: difference (points)")
+    ax.set_title(f"paired by seed against {reference}; bars: 95% intervals")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def winner(rows: pd.DataFrame, *, reference: str, k: float) -> str:
+    """The method with the best mean test avg-K accuracy at k (the reference included)."""
+    column = f"avg_k_accuracy@{format_k(k)}"
+    means = rows.groupby("method")[column].mean()
+    return str(means.idxmax())

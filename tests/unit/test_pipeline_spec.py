@@ -1,0 +1,169 @@
+"""Pipeline specs: validation in one line before anything starts, the expanded graph, fingerprints and
+states, --dry-run on every shipped spec, and the comparison's paired intervals."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from avgk.experiments import pipeline_state as ps
+from avgk.experiments.compare import RunEntry, paired_differences, rows_of
+from avgk.experiments.pipeline_spec import PipelineSpecError, load_pipeline
+from tests.helpers.runs import ROOT
+
+SPECS = sorted((ROOT / "configs" / "pipelines").glob("*.yaml"))
+TWO_METHODS = {"two_head": {"loss.name": "two_head"}, "ce": {"loss.name": "ce"}}
+
+
+def write_spec(tmp_path: Path, stages: dict, **extra) -> Path:
+    spec = {"name": "p", "base": str(ROOT / "configs" / "smoke.yaml"),
+            "overrides": {"run.storage": str(tmp_path / "runs"), "data.shards": str(tmp_path / "shards")},
+            "stages": stages, **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+DEMO_LIKE = {
+    "data": {"verb": "prepare"},
+    "train": {"verb": "train", "needs": ["data"], "matrix": {"method": TWO_METHODS}},
+    "compare": {"verb": "compare", "needs": ["train"], "with": {"reference": "ce"}},
+}
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ({"data": {"verb": "prepar"}}, "unknown verb 'prepar'"),
+        ({"a": {"verb": "train", "needs": ["b"]}, "b": {"verb": "evaluate", "needs": ["a"]}},
+         "stages form a cycle: a -> b -> a"),
+        ({"train": {"verb": "train", "needs": ["data"]}}, "stages.train.needs names 'data', which no stage produces"),
+        ({"data": {"verb": "prepare"}, "cmp": {"verb": "compare", "needs": ["data"], "with": {"reference": "ce"}}},
+         "stages.cmp (compare) cannot read stage 'data' (prepare)"),
+        ({"train": {"verb": "train", "overrides": {"train.lrr": 1}}}, "unknown config key 'train.lrr'"),
+        ({"train": {"verb": "train", "matrix": {"m": {"a": {"run.name": "x"}}}}},
+         "stages.train.matrix.m.a sets 'run.name': the runner names every cell's run folder"),
+        ({"train": {"verb": "train", "with": {"sweep": "x"}}}, "with: ['sweep'] are not options of verb 'train'"),
+        ({"data": {"verb": "prepare"}, "train": {"verb": "train", "needs": ["data"], "matrix": {"method": TWO_METHODS}},
+          "cmp": {"verb": "compare", "needs": ["train"], "with": {"reference": "softmax"}}},
+         "stages.cmp.with.reference='softmax' is not a label"),
+        ({"train": {"verb": "train", "overrides": {"train.lr": -1}}}, "train.lr"),
+    ],
+)
+def test_a_bad_spec_is_one_line_exit_2_and_nothing_started(stages, message, tmp_path, capsys):
+    from pipelines import cli
+
+    path = write_spec(tmp_path, stages)
+    assert cli.main(["pipeline", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("avgk: error:")]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # no pipeline folder, no MLflow store, no run
+
+
+def test_a_bad_spec_stops_before_ray_torch_or_mlflow_load(tmp_path):
+    """In a fresh process: the error line comes and none of the heavy libraries were imported."""
+    import subprocess
+
+    path = write_spec(tmp_path, {"train": {"verb": "train", "needs": ["nope"]}})
+    code = ("import sys\nfrom pipelines import cli\nrc = cli.main(['pipeline', sys.argv[1]])\n"
+            "heavy = sorted(m for m in ('ray', 'torch', 'mlflow') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\nraise SystemExit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    assert "stages.train.needs names 'nope'" in proc.stderr
+
+
+def test_matrix_cells_and_their_inputs(tmp_path):
+    stages = {
+        "data": {"verb": "prepare"},
+        "tune": {"verb": "tune", "needs": ["data"], "with": {"sweep": str(ROOT / "configs/sweeps/smoke.yaml")},
+                 "matrix": {"method": TWO_METHODS}},
+        "train": {"verb": "train", "needs": ["data", "tune"],
+                  "matrix": {"method": TWO_METHODS, "seed": {"key": "train.seed", "values": [0, 1]}}},
+        "compare": {"verb": "compare", "needs": ["train"], "with": {"reference": "ce"}},
+    }
+    plan = load_pipeline(write_spec(tmp_path, stages))
+    assert list(plan.cells) == ["data", "tune[two_head]", "tune[ce]", "train[two_head-0]", "train[two_head-1]",
+                                "train[ce-0]", "train[ce-1]", "compare"]
+    assert plan.cells["train[ce-1]"].inputs == ("data", "tune[ce]")  # its own method's tuned values
+    assert plan.cells["train[ce-1]"].config.train.seed == 1 and plan.cells["train[ce-1]"].config.loss.name == "ce"
+    assert set(plan.cells["compare"].inputs) == {c for c in plan.cells if c.startswith("train[")}
+
+
+def test_a_change_to_one_method_changes_only_its_cells_and_what_depends_on_them(tmp_path):
+    before = load_pipeline(write_spec(tmp_path, DEMO_LIKE))
+    changed = {**DEMO_LIKE, "train": {**DEMO_LIKE["train"], "matrix": {"method": {
+        "two_head": {"loss.name": "two_head", "train.lr": 0.01}, "ce": {"loss.name": "ce"}}}}}
+    after = load_pipeline(write_spec(tmp_path, changed))
+    a, b = ps.fingerprints(before, code="c"), ps.fingerprints(after, code="c")
+    assert {cid for cid in a if a[cid]["fingerprint"] != b[cid]["fingerprint"]} == {"train[two_head]", "compare"}
+    # where results go and how they are reported are not part of a fingerprint; the code is
+    moved = load_pipeline(write_spec(tmp_path, DEMO_LIKE), ["tracking.enabled=false"])
+    assert ps.fingerprints(moved, code="c") == a
+    assert all(x["fingerprint"] != y["fingerprint"] for x, y in zip(a.values(), ps.fingerprints(before, code="d").values(),
+                                                                    strict=True))
+
+
+def test_states_from_records(tmp_path):
+    plan = load_pipeline(write_spec(tmp_path, DEMO_LIKE))
+    prints = ps.fingerprints(plan, code="c")
+    assert {s.describe() for s in ps.states(plan, prints).values()} == {"to run (new)"}
+    data, train = plan.cells["data"], plan.cells["train[two_head]"]
+    ps.write_record(ps.cell_dir(plan, data, prints["data"]["fingerprint"]),
+                    {"status": "finished", "parts": prints["data"]["parts"], "outputs": {"shards": "x"}})
+    ps.write_record(ps.cell_dir(plan, train, prints[train.id]["fingerprint"]),
+                    {"status": "running", "parts": prints[train.id]["parts"]})
+    states = ps.states(plan, prints)
+    assert states["data"].describe() == "done" and states["train[two_head]"].describe() == "resume (interrupted)"
+    assert states["train[ce]"].describe() == "to run (new)"
+    # a config change: the old finished record says what changed
+    new_plan = load_pipeline(write_spec(tmp_path, DEMO_LIKE), ["data.synthetic.num_train=900"])
+    new_prints = ps.fingerprints(new_plan, code="c")
+    new_states = ps.states(new_plan, new_prints)
+    assert new_states["data"].describe() == "to run (changed config)"
+    ps.write_record(ps.cell_dir(plan, train, prints[train.id]["fingerprint"]),
+                    {"status": "finished", "parts": prints[train.id]["parts"]})
+    assert ps.states(new_plan, new_prints)["train[two_head]"].describe() == "to run (changed input)"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[p.name for p in SPECS])
+def test_dry_run_of_every_shipped_spec(spec, tmp_path, capsys, monkeypatch):
+    """As shipped: every stage listed with its state; nothing written; exit 0 (records in an object store
+    that cannot be reached are "record unreachable", still exit 0)."""
+    from pipelines import cli
+
+    monkeypatch.chdir(tmp_path)  # a relative run.storage lands here, and must not be created
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    assert cli.main(["pipeline", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    plan = load_pipeline(spec)
+    for name in plan.spec.stages:
+        assert f"  {name} ({plan.spec.stages[name].verb})" in out, out
+    assert out.count("to run (new)") + out.count("record unreachable") == len(plan.cells), out
+    assert not list(tmp_path.iterdir())
+
+
+def test_t_interval_of_paired_differences():
+    entries = [RunEntry(method=m, seed=s, run_dir=f"{m}{s}", metrics={"test": {"avg_k_accuracy": {"2": v}}})
+               for m, s, v in [("ce", 0, 0.50), ("ce", 1, 0.60), ("ce", 2, 0.55),
+                               ("th", 0, 0.52), ("th", 1, 0.61), ("th", 2, 0.59), ("th", 3, 0.9)]]
+    rows = rows_of(entries)
+    diffs = paired_differences(rows, reference="ce", column="avg_k_accuracy@2").set_index("method").loc["th"]
+    d = [0.02, 0.01, 0.04]  # seed 3 has no ce run: not paired
+    mean, std = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, 2)
+    assert diffs["pairs"] == 3 and diffs["diff"] == pytest.approx(mean) and diffs["std"] == pytest.approx(std)
+    assert (diffs["low"], diffs["high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    one = paired_differences(rows[rows["seed"] == 0], reference="ce", column="avg_k_accuracy@2")
+    assert one["pairs"].tolist() == [1] and math.isnan(one["low"].iloc[0])  # one pair: no interval
+    with pytest.raises(ValueError, match=r"two runs share method and seed \[\('ce', 0\)\]"):
+        rows_of([*entries, entries[0]])
+    assert isinstance(rows, pd.DataFrame)
