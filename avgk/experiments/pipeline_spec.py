@@ -43,7 +43,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 VERBS: dict[str, str] = {
     "prepare": "write the data set's shards (synthetic data, or from data.source)",
-    "tune": "an `avgk tune` sweep (with.sweep: its file); its best values feed the stages that need it",
+    "tune": "an `avgk tune` sweep (with.sweep: its file; with.num_samples, with.sweep_overrides: changes to it); "
+            "its best values feed the stages that need it",
     "train": "one training run per cell",
     "evaluate": "the scoring job's thresholds and metrics for a trained run",
     "pseudolabel": "the scoring job's global pseudo-labels for a trained run",
@@ -66,7 +67,7 @@ INPUTS: dict[str, set[str]] = {
 # Options a verb reads from `with:`, and their defaults.
 OPTIONS: dict[str, dict[str, Any]] = {
     "prepare": {},
-    "tune": {"sweep": None, "num_samples": None},
+    "tune": {"sweep": None, "num_samples": None, "sweep_overrides": {}},
     "train": {},
     "evaluate": {"checkpoint": None},
     "pseudolabel": {"checkpoint": "last"},

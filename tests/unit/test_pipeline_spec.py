@@ -13,7 +13,7 @@ import yaml
 
 from avgk.experiments import pipeline_state as ps
 from avgk.experiments.compare import RunEntry, paired_differences, rows_of
-from avgk.experiments.pipeline_spec import PipelineSpecError, load_pipeline
+from avgk.experiments.pipeline_spec import load_pipeline
 from tests.helpers.runs import ROOT
 
 SPECS = sorted((ROOT / "configs" / "pipelines").glob("*.yaml"))
