@@ -18,8 +18,9 @@ BUCKET = "avgk-pipeline"
 SPEC = ROOT / "configs" / "pipelines" / "plantnet300k.yaml"
 # The documented smoke-size override (the spec's header), with this test's bucket, folder and server.
 SMOKE = ["model.backbone=small_cnn", "model.pretrained=null", "model.channels_last=false", "data.resize=32",
-         "data.crop=32", "data.loader_workers=0", "data.shuffle_buffer=100", "train.epochs=1", "train.milestones=[]", "train.batch_size=16", "train.cpus_per_worker=1",
-         "train.use_gpu=false", "train.num_workers=1", "eval.ks=[1,2]", "loss.k=2", "stages.tune.with.num_samples=1",
+         "data.crop=32", "data.loader_workers=0", "data.shuffle_buffer=100", "train.epochs=1", "train.milestones=[]",
+         "train.batch_size=16", "train.cpus_per_worker=1", "train.use_gpu=false", "train.num_workers=1",
+         "eval.ks=[1,2]", "loss.k=2", "stages.tune.with.num_samples=1",
          "stages.tune.with.sweep_overrides={scheduler.grace_period: 1}", "stages.train.matrix.seed.values=[0]",
          "stages.pseudolabel.matrix.seed.values=[0]"]
 
