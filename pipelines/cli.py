@@ -119,7 +119,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     study, base, cells = load_study(args.config, args.overrides)
     result = run_study(study, base, cells, log=main_log)
-    print((Path(result.root) / "summary.md").read_text())
+    if (Path(result.root) / "summary.md").is_file():
+        print((Path(result.root) / "summary.md").read_text())
     print(cmd_summary(result))
     return 1 if result.failed else 0
 

@@ -84,8 +84,23 @@ def run_pipeline(
     start: str | None = None,
     log: Callable[[str], None] = say,
 ) -> PipelineResult:
-    plan = _with_plan_paths(load_pipeline(path, overrides))
+    plan = load_pipeline(path, overrides)
     spec_dir = Path(path).parent if Path(path).is_file() else None
+    return run_plan(plan, spec_dir=spec_dir, dry_run=dry_run, only=only, start=start, log=log)
+
+
+def run_plan(
+    plan: Plan,
+    *,
+    spec_dir: Path | None = None,
+    dry_run: bool = False,
+    only: str | None = None,
+    start: str | None = None,
+    kind: str = "pipeline",
+    log: Callable[[str], None] = say,
+) -> PipelineResult:
+    """Walks an expanded plan (a spec's, or a study's: pipelines.study); `kind` tags the MLflow parent run."""
+    plan = _with_plan_paths(plan)
     for cell in plan.cells.values():  # sweeps are files of their own: checked before anything starts
         if cell.verb == "tune":
             load_stage_sweep(cell, spec_dir)
@@ -107,11 +122,11 @@ def run_pipeline(
                                 "run the pipeline without --only/--from (or --from an earlier stage)")
     if unreachable is not None:
         raise OSError(f"pipeline records under {plan.root} cannot be read: {unreachable.why}")
-    return _walk(plan, prints, states, selected, spec_dir=spec_dir, log=log, result=result)
+    return _walk(plan, prints, states, selected, spec_dir=spec_dir, kind=kind, log=log, result=result)
 
 
 def _walk(plan: Plan, prints: dict[str, dict[str, Any]], states: dict[str, ps.State], selected: set[str], *,
-          spec_dir: Path | None, log: Callable[[str], None], result: PipelineResult) -> PipelineResult:
+          spec_dir: Path | None, kind: str, log: Callable[[str], None], result: PipelineResult) -> PipelineResult:
     from pipelines import job
 
     root = plan.root
@@ -121,7 +136,7 @@ def _walk(plan: Plan, prints: dict[str, dict[str, Any]], states: dict[str, ps.St
                         yaml.safe_dump({"spec": plan.spec.model_dump(mode="json", by_alias=True),
                                         "base": plan.base.to_dict()}, sort_keys=False).encode())
     parent_config = plan.base.model_copy(update={"run": plan.base.run.model_copy(update={"name": plan.spec.name})})
-    with job.tracked(parent_config, tags={"avgk.kind": "pipeline", "avgk.pipeline": plan.spec.name}) as run:
+    with job.tracked(parent_config, tags={"avgk.kind": kind, f"avgk.{kind}": plan.spec.name}) as run:
         runner = Runner(plan, prints, uri=run.uri, parent_run_id=run.run_id, spec_dir=spec_dir, log=log)
         todo: list[str] = []
         for cid, state in states.items():

@@ -47,11 +47,15 @@ def _train_task(config_tree: dict[str, Any], uri: str | None, parent_run_id: str
         if uri and run_id:
             tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
 
+    start = time.perf_counter()
     with tracking.lifecycle(uri, run_id):
         result = engine.fit(config, reporter=checkpoints.LocalReporter(run_dir), on_epoch_end=on_epoch_end, log=log)
         if result.evaluation is not None:
             record_results(config, result.evaluation, uri=uri, run_id=run_id, log=log)
-    return {"run_dir": run_dir, "mlflow_run_id": run_id}
+        if uri and run_id:
+            tracking.log_metrics(uri, run_id, {"cell_seconds": time.perf_counter() - start}, step=0)
+    return {"run_dir": run_dir, "mlflow_run_id": run_id, "history": result.history,
+            "seconds": time.perf_counter() - start}
 
 
 OWN_RUNS = {"train", "tune", "evaluate", "pseudolabel"}
@@ -209,6 +213,31 @@ class Runner:
                              log=lambda line: self.log(line))
         return {"out": folder, "winner": result.winner, "winner_run": result.winner_run,
                 "runs": [[m, r] for m, r in runs]}
+
+    def _summarize(self, cell: Cell, folder: str) -> dict[str, Any]:
+        """A study's tables and figures over its trained cells, in the cell's folder and at the study's root."""
+        import shutil
+
+        from avgk.experiments.study_config import Cell as StudyCell
+        from avgk.experiments.study_config import StudyConfig
+        from pipelines.study import collect, write_summary
+
+        study = StudyConfig.model_validate(cell.options["study"])
+        cells, records = [], {}
+        for src, out in self.trained_inputs(cell):
+            config = self._train_config_of(src, out)
+            study_cell = StudyCell(dict(src.labels)["method"], config.data.synthetic.ambiguity_rate, config.train.seed,
+                                   config)
+            cells.append(study_cell)
+            records[study_cell.name] = {"seconds": out.get("seconds"), "history": out.get("history") or []}
+        rows, per_class = collect(cells, records)
+        write_summary(study, self.plan.base, Path(folder), rows, per_class, failed=[])
+        root = Path(self.plan.root)
+        for name in ("summary.md", "results.csv", "per_class.parquet"):  # the study's documented layout
+            shutil.copy2(Path(folder) / name, root / name)
+        shutil.copytree(Path(folder) / "plots", root / "plots", dirs_exist_ok=True)
+        self.log(f"study summary: {root}/summary.md")
+        return {"out": folder, "root": str(root)}
 
     def _register(self, cell: Cell, folder: str) -> dict[str, Any]:
         from pipelines.compare import run_register

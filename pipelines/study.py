@@ -1,36 +1,31 @@
 """`avgk study`: a reproduction study (methods x ambiguity rates x seeds) as Ray tasks, tracked in MLflow.
 
-Each cell is one single-worker training run: a Ray task running avgk.training.engine.fit (the loop Ray
-Train runs on every worker) with its own run directory, checkpoints and MLflow child run under
-the study's parent run. A study cell is small, and TorchTrainer's per-run start-up (controller,
-worker group, placement group) would cost more than the training itself on a laptop, so cells
-are plain tasks, `max_concurrent` at a time.
+The study is a pipeline (avgk.experiments.study_config.study_plan) run by pipelines.pipeline: each
+cell is one single-worker training, a Ray task running avgk.training.engine.fit with its own run
+directory, checkpoints and MLflow child run under the study's parent run, `max_concurrent` at a time.
 
     <run.storage>/<study>/
-        study.yaml                the resolved study (a different study refuses this folder)
+        pipeline.yaml, graph.png  the resolved study as a pipeline, and its graph
         data/ambiguity-<a>/       one synthetic data set per ambiguity rate
-        runs/<method>-a<a>-s<seed>/   each cell's run directory (metrics.json, per_class.parquet, train.log)
+        train/<method>-a<a>-s<seed>-<fingerprint>/   each cell's run directory (metrics.json, per_class.parquet)
         results.csv, per_class.parquet, summary.md, plots/*.png
 
-Rerunning the same command resumes: finished cells are read back, unfinished ones continue
-from their last checkpoint.
+Rerunning the same command resumes: finished cells are reused, unfinished ones continue from their
+last checkpoint; a changed grid runs only its new or changed cells (and the summary).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from avgk.config import Config, ConfigError
+from avgk.config import Config
 from avgk.evaluation.metrics import format_k
 from avgk.experiments.report import save_figure
 from avgk.experiments.study import (
@@ -45,11 +40,8 @@ from avgk.experiments.study import (
     plot_gain_vs_frequency,
     summarize,
 )
-from avgk.experiments.study_config import Cell, StudyConfig, study_root
-from avgk.records import tracking
-from avgk.runtime import storage
+from avgk.experiments.study_config import Cell, StudyConfig, study_plan
 
-CELL_FILE = "study_cell.json"  # written last by a finished cell: its wall time and history
 
 
 @dataclass
@@ -60,148 +52,18 @@ class StudyResult:
     parent_run_id: str | None
 
 
-def _train_cell(config_tree: dict[str, Any], uri: str | None, parent_run_id: str | None,
-                tags: dict[str, str], threads: int) -> dict[str, Any]:
-    """One cell, inside a Ray task: engine.fit with a local reporter, progress into <run_dir>/train.log."""
-    import torch
+def run_study(study: StudyConfig, base: Config, cells: list[Cell] | None = None, *, dry_run: bool = False,
+              log: Callable[[str], None] = print) -> StudyResult:
+    """The study's pipeline (avgk.experiments.study_config.study_plan) on the runner every pipeline uses:
+    finished cells reused, interrupted ones resumed, the summary written at the study's root.
+    (`cells`: the validated cells load_study returned; the plan builds the same ones.)"""
+    from pipelines.pipeline import run_plan
 
-    from avgk.training import checkpoints, engine
-
-    torch.set_num_threads(threads)
-    config = Config.model_validate(config_tree)
-    run_dir = config.run_dir
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_run(config, parent_run_id=parent_run_id, tags=tags) if uri else None
-    start = time.perf_counter()
-    with open(Path(run_dir) / "train.log", "a") as log_file:
-        def log(line: str) -> None:
-            log_file.write(line + "\n")
-            log_file.flush()
-
-        def on_epoch_end(metrics: dict[str, float], epoch: int) -> None:
-            if uri and run_id:
-                tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
-
-        with tracking.lifecycle(uri, run_id):
-            result = engine.fit(config, reporter=checkpoints.LocalReporter(run_dir), on_epoch_end=on_epoch_end, log=log)
-            seconds = time.perf_counter() - start
-            if uri and run_id:
-                assert result.evaluation is not None  # a fit in one process evaluates
-                tracking.log_evaluation(uri, run_id, metrics=result.evaluation.metrics, run_dir=run_dir)
-                tracking.log_metrics(uri, run_id, {"cell_seconds": seconds}, step=0)
-    record = {"seconds": seconds, "history": result.history}
-    storage.write_bytes(str(Path(run_dir) / CELL_FILE), json.dumps(record).encode())
-    return record
-
-
-def finished_record(cell: Cell) -> dict[str, Any] | None:
-    path = Path(cell.config.run_dir) / CELL_FILE
-    if path.is_file() and (Path(cell.config.run_dir) / "metrics.json").is_file():
-        record: dict[str, Any] = json.loads(path.read_text())
-        return record
-    return None
-
-
-# What decides the cells; the reference, the figures and the concurrency may change on resume.
-GRID_KEYS = {"name", "base", "overrides", "methods", "ambiguity_rates", "seeds"}
-
-
-def _claim_folder(root: Path, study: StudyConfig, base: Config) -> None:
-    """A study folder belongs to one study: a changed grid or base would mix incomparable runs."""
-    resolved = json.loads(json.dumps({"study": study.model_dump(mode="json"), "base": base.to_dict()}))
-    marker = root / "study.yaml"
-    if marker.is_file():
-        saved = yaml.safe_load(marker.read_text()) or {}
-        def grid(tree: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in (tree.get("study") or {}).items() if k in GRID_KEYS}
-
-        if grid(saved) != grid(resolved) or saved.get("base") != resolved["base"]:
-            raise ConfigError(
-                f"{root} holds a study with a different configuration: give this one another name "
-                f"(name=...) or remove the folder"
-            )
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(yaml.safe_dump(resolved, sort_keys=False))
-
-
-def run_study(
-    study: StudyConfig, base: Config, cells: list[Cell], *, log: Callable[[str], None] = print
-) -> StudyResult:
-    import ray
-
-    from avgk.data.prepare import prepare
-    from avgk.records.runs import with_absolute_paths
-    from pipelines import job
-
-    cells = [Cell(c.method, c.ambiguity, c.seed, with_absolute_paths(c.config)) for c in cells]
-    root = Path(study_root(study, with_absolute_paths(base)))
-    _claim_folder(root, study, base)
-
-    # One data set per ambiguity rate, shared by every method and seed (idempotent: reused on resume).
-    for ambiguity in study.ambiguity_rates:
-        first = next(c for c in cells if c.ambiguity == ambiguity)
-        prepare(first.config, progress=False)
-        log(f"data set ambiguity={format_k(ambiguity)}: {first.config.data.shards}")
-
-    parent_config = base.model_copy(update={"run": base.run.model_copy(
-        update={"name": study.name, "storage": str(root.parent)})})
-    records: dict[str, dict[str, Any]] = {}
-    failed: list[str] = []
-    todo = []
-    for cell in cells:
-        record = finished_record(cell)
-        if record is None:
-            todo.append(cell)
-        else:
-            records[cell.name] = record
-    log(f"study {study.name}: {len(cells)} cells ({len(records)} already finished), "
-        f"{study.max_concurrent} at a time -> {root}")
-    with job.tracked(parent_config, tags={"avgk.kind": "study", "avgk.study": study.name}) as run:
-        uri, parent_run_id, outcome = run.uri, run.run_id, run.outcome
-        if uri and parent_run_id:
-            tracking.log_params(uri, parent_run_id, study.flat())
-        if todo:
-            job.join_cluster(cpus=study.max_concurrent * study.cpus_per_cell)
-            task = ray.remote(num_cpus=study.cpus_per_cell, max_retries=0)(_train_cell)
-            threads = max(1, math.ceil(study.cpus_per_cell))
-            pending: dict[Any, Cell] = {}
-            queue = list(todo)
-            start, done = time.perf_counter(), 0
-            while queue or pending:
-                while queue and len(pending) < study.max_concurrent:
-                    cell = queue.pop(0)
-                    tags = {"avgk.study": study.name, "avgk.method": cell.method,
-                            "avgk.ambiguity": format_k(cell.ambiguity), "avgk.seed": str(cell.seed)}
-                    # positional: Ray's typed .remote() of a function takes its arguments in order
-                    ref = task.remote(cell.config.to_dict(), uri, parent_run_id, tags, threads)
-                    pending[ref] = cell
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                cell = pending.pop(ready[0])
-                done += 1
-                elapsed = time.perf_counter() - start
-                try:
-                    records[cell.name] = ray.get(ready[0])
-                except Exception as err:  # a failed cell is reported, the others go on
-                    failed.append(cell.name)
-                    log(f"[{done}/{len(todo)}] {cell.name} FAILED: {str(err).splitlines()[-1][:300]} "
-                        f"(see {cell.config.run_dir}/train.log)")
-                    continue
-                metrics = json.loads((Path(cell.config.run_dir) / "metrics.json").read_text())
-                k = format_k(headline_k(study, base))
-                log(f"[{done}/{len(todo)}] {cell.name}: test avg-{k} "
-                    f"{100 * metrics['test']['avg_k_accuracy'][k]:.1f}% "
-                    f"({records[cell.name]['seconds']:.0f} s; {elapsed / done * (len(todo) - done) / 60:.0f} min left)")
-        rows, per_class = collect(cells, records)
-        write_summary(study, base, root, rows, per_class, failed=failed)
-        if uri and parent_run_id:
-            for name in ("summary.md", "results.csv", "study.yaml"):
-                tracking.log_artifact(uri, parent_run_id, root / name)
-            if (root / "plots").is_dir():
-                tracking.log_artifacts(uri, parent_run_id, root / "plots", "plots")
-        if failed:
-            outcome.status = "FAILED"
-    return StudyResult(root=str(root), rows=rows, failed=failed, parent_run_id=parent_run_id)
+    plan = study_plan(study, base)
+    result = run_plan(plan, dry_run=dry_run, kind="study", log=log)
+    root = result.plan.root
+    rows = pd.read_csv(Path(root) / "results.csv") if (Path(root) / "results.csv").is_file() else pd.DataFrame()
+    return StudyResult(root=root, rows=rows, failed=result.failed, parent_run_id=result.parent_run_id)
 
 
 def headline_k(study: StudyConfig, base: Config) -> float:

@@ -50,6 +50,7 @@ VERBS: dict[str, str] = {
     "pseudolabel": "the scoring job's global pseudo-labels for a trained run",
     "compare": "paired differences with 95% intervals over the trained runs it needs (with.reference)",
     "register": "the compared winner's model (or the one trained run it needs) into the MLflow registry",
+    "summarize": "a study's tables and figures over its trained cells (with.study: the study; avgk study writes it)",
 }
 """The verbs a stage may run, and what each does in a pipeline."""
 
@@ -62,6 +63,7 @@ INPUTS: dict[str, set[str]] = {
     "pseudolabel": {"train"},
     "compare": {"train", "evaluate"},
     "register": {"compare", "train"},
+    "summarize": {"train"},
 }
 
 # Options a verb reads from `with:`, and their defaults.
@@ -73,6 +75,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "pseudolabel": {"checkpoint": "last"},
     "compare": {"reference": None, "method": None, "k": None},
     "register": {"name": None},
+    "summarize": {"study": None},
 }
 
 # Keys the runner sets itself for every cell: its run folder, its data from the prepare stage.

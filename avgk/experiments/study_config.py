@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from avgk.config import Config, ConfigError, Section, find_config_file, format_errors
 from avgk.evaluation.metrics import format_k
+from avgk.experiments.pipeline_spec import PipelineSpec, PipelineSpecError, Plan, build_plan
 from avgk.experiments.sweep_config import check_key, config_error_detail, config_for, read_plan, resolve_base
 
 # Keys a study sets itself for each cell: a method may not override them.
@@ -193,3 +194,26 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
             raise StudyConfigError(str(err).replace("sweep config error", "study config error")) from None
     base = resolve_base(path, study.base, study.overrides, base_overrides, kind="study", error=StudyConfigError)
     return study, base, build_cells(study, base)
+
+
+def study_plan(study: StudyConfig, base: Config) -> Plan:
+    """The study as a pipeline (avgk.experiments.pipeline_spec): one data set per ambiguity rate, a training
+    per method x rate x seed (cells named as before: <method>-a<rate>-s<seed>), the summary over them all."""
+    root = study_root(study, base)
+    rates = {f"a{format_k(a)}": {"data.synthetic.ambiguity_rate": a, "data.shards": data_dir(root, a)}
+             for a in study.ambiguity_rates}
+    spec = PipelineSpec.model_validate({
+        "name": study.name,
+        "max_concurrent": study.max_concurrent,
+        "stages": {
+            "prepare": {"verb": "prepare", "matrix": {"ambiguity": rates}},  # shards in <root>/data/ambiguity-<a>
+            "train": {"verb": "train", "needs": ["prepare"], "overrides": {"train.cpus_per_worker": study.cpus_per_cell},
+                      "matrix": {"method": study.methods, "ambiguity": rates,
+                                 "seed": {f"s{seed}": {"train.seed": seed} for seed in study.seeds}}},
+            "summary": {"verb": "summarize", "needs": ["train"], "with": {"study": study.model_dump(mode="json")}},
+        },
+    })
+    try:
+        return build_plan(spec, base)
+    except PipelineSpecError as err:
+        raise StudyConfigError(str(err).replace("pipeline spec error", "study config error")) from None

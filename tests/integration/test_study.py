@@ -49,7 +49,7 @@ def test_tiny_study_trains_every_cell_summarises_and_resumes(tmp_path, mlflow_se
     proc = avgk_study(path, storage, mlflow_server)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = storage / "tiny-study"
-    assert "[4/4]" in proc.stdout and "gain over ce" in proc.stdout  # progress, then the summary
+    assert "[7/7]" in proc.stdout and "gain over ce" in proc.stdout  # progress (2 data sets, 4 cells, the summary)
 
     rows = pd.read_csv(root / "results.csv")
     cells = sorted(zip(rows["method"], rows["ambiguity"], strict=True))
@@ -71,21 +71,29 @@ def test_tiny_study_trains_every_cell_summarises_and_resumes(tmp_path, mlflow_se
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     (parent,) = [r for r in runs if r.data.tags.get("avgk.kind") == "study" and r.info.run_name == "tiny-study"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED"
-    assert sorted(c.info.run_name for c in children) == ["ce-a0-s0", "ce-a0.5-s0", "two_head-a0-s0", "two_head-a0.5-s0"]
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+    stages = {}
     for child in children:
-        assert child.info.status == "FINISHED" and "test_avg_k_accuracy_k2" in child.data.metrics
+        stages.setdefault(child.data.tags["avgk.stage"], []).append(child)
+    assert sorted(stages) == ["prepare", "summary", "train"] and len(stages["prepare"]) == 2
+    trained = sorted(c.data.tags["avgk.cell"] for c in stages["train"])
+    assert trained == ["train[ce-a0-s0]", "train[ce-a0.5-s0]", "train[two_head-a0-s0]", "train[two_head-a0.5-s0]"]
+    for child in stages["train"]:
+        assert "test_avg_k_accuracy_k2" in child.data.metrics
         assert len(client.get_metric_history(child.info.run_id, "val_avg_k_accuracy")) == 2
-    assert {"summary.md", "results.csv", "plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    (summary_run,) = stages["summary"]
+    assert {"summary.md", "results.csv", "plots"} <= {a.path for a in client.list_artifacts(summary_run.info.run_id)}
+    assert "graph.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     # ---- rerun: nothing retrains, no new MLflow run
     again = avgk_study(path, storage, mlflow_server)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "4 cells (4 already finished)" in again.stdout and "[1/" not in again.stdout
+    assert "reused 7 finished cell(s)" in again.stdout and "[1/" not in again.stdout
     assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(runs)
 
-    # ---- a changed grid may not reuse the folder
-    path.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1]"))
+    # ---- a changed study reruns what it changes, nothing else: here only the summary (another reference)
+    path.write_text(TINY.replace("reference: ce", "reference: two_head"))
     changed = avgk_study(path, storage, mlflow_server)
-    assert changed.returncode == 2 and "holds a study with a different configuration" in changed.stderr
-    assert "Traceback" not in changed.stderr
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "reused 6 finished cell(s)" in changed.stdout and "[1/1] summary finished" in changed.stdout
+    assert "gain over two_head" in (root / "summary.md").read_text()
