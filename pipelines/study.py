@@ -43,7 +43,6 @@ from avgk.experiments.study import (
 from avgk.experiments.study_config import Cell, StudyConfig, study_plan
 
 
-
 @dataclass
 class StudyResult:
     root: str
