@@ -62,8 +62,11 @@ def entries_of(runs: Sequence[tuple[str, str]]) -> list[RunEntry]:
     for label, run_dir in runs:
         train = _run_config(run_dir)["train"]
         seed = int(train["seed"]) if isinstance(train, dict) else 0
-        entries.append(RunEntry(method=label, seed=seed, run_dir=run_dir,
-                                metrics=json.loads(storage.read_bytes(storage.join(run_dir, "metrics.json")))))
+        try:
+            metrics = json.loads(storage.read_bytes(storage.join(run_dir, "metrics.json")))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{run_dir}/metrics.json is not valid JSON ({err})") from None
+        entries.append(RunEntry(method=label, seed=seed, run_dir=run_dir, metrics=metrics))
     return entries
 
 

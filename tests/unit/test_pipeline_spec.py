@@ -3,6 +3,7 @@ states, --dry-run on every shipped spec, and the comparison's paired intervals."
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -167,3 +168,47 @@ def test_t_interval_of_paired_differences():
     with pytest.raises(ValueError, match=r"two runs share method and seed \[\('ce', 0\)\]"):
         rows_of([*entries, entries[0]])
     assert isinstance(rows, pd.DataFrame)
+
+
+def test_only_and_from_select_stages_and_refuse_unfinished_inputs(tmp_path, capsys):
+    from pipelines import cli
+
+    path = write_spec(tmp_path, DEMO_LIKE)
+    assert cli.main(["pipeline", str(path), "--from", "train", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "  data (prepare)  [not selected]" in out and "  train (train) <- data\n" in out
+    assert cli.main(["pipeline", str(path), "--only", "compare"]) == 2
+    err = capsys.readouterr().err
+    assert "avgk: error: compare needs ('train[two_head]', 'train[ce]') finished first" in err
+    assert cli.main(["pipeline", str(path), "--only", "nope"]) == 2
+    assert "--only 'nope': no such stage (stages: data, train, compare)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def _fake_run(folder: Path, *, loss: str, seed: int, acc: float) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"loss": {"name": loss, "k": 2}, "train": {"seed": seed}}))
+    test = {"avg_k_accuracy": {"1": acc / 2, "2": acc}, "macro_avg_k_accuracy": {"1": acc / 3, "2": acc / 2},
+            "top_k_accuracy": {"1": acc / 2, "2": acc}, "avg_set_size": {"1": 1.0, "2": 2.0}}
+    (folder / "metrics.json").write_text(json.dumps({"ks": [1, 2], "test": test}))
+    return folder
+
+
+def test_avgk_compare_pairs_runs_by_seed_and_writes_tables_and_a_figure(tmp_path, capsys):
+    from pipelines import cli
+
+    runs = [f"{loss}={_fake_run(tmp_path / f'{loss}{seed}', loss=loss, seed=seed, acc=acc)}"
+            for loss, seed, acc in [("ce", 0, 0.50), ("ce", 1, 0.60), ("two_head", 0, 0.55), ("two_head", 1, 0.62)]]
+    out_dir = tmp_path / "cmp"
+    assert cli.main(["compare", *runs, "--reference", "ce", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| two_head | 2 | 58.50 |" in out and "+3.50 (2 pairs)" in out  # mean of +5 and +2 points
+    assert "best mean test avg-2: two_head" in out
+    assert {p.name for p in out_dir.iterdir()} == {"comparison.md", "comparison.csv", "differences_avg_k.png"}
+    assert cli.main(["compare", runs[0], "--reference", "ce", "--out", str(out_dir)]) == 2
+    assert "compare needs runs of at least two methods, got ['ce']" in capsys.readouterr().err
+    assert cli.main(["compare", f"x={tmp_path / 'none'}", runs[0], "--reference", "ce"]) == 2
+    assert f"{tmp_path / 'none'}: no metrics.json" in capsys.readouterr().err
+    (tmp_path / "ce0" / "metrics.json").write_text("{")
+    assert cli.main(["compare", *runs, "--reference", "ce", "--out", str(out_dir)]) == 2
+    assert f"{tmp_path / 'ce0'}/metrics.json is not valid JSON" in capsys.readouterr().err
