@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast unit lint bench clean
+.PHONY: demo test test-fast unit lint coverage bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-fast: $(STAMP)
 # CI always runs the whole suite (make test).
 unit: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup -m "not slow" -p no:cacheprovider tests/unit
+
+# The whole suite with line coverage of avgk/ and pipelines/ ([tool.coverage] in pyproject.toml):
+# coverage.json and a summary table; slower than make test (every process traces its lines).
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --cov --cov-report=term:skip-covered --cov-report=json
+	@echo "line coverage per file: coverage.json"
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(VENV)/bin/python $$f || exit 1; done

@@ -119,7 +119,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     study, base, cells = load_study(args.config, args.overrides)
     result = run_study(study, base, cells, log=main_log)
-    if (Path(result.root) / "summary.md").is_file():
+    if not result.rows.empty:
         print((Path(result.root) / "summary.md").read_text())
     print(cmd_summary(result))
     return 1 if result.failed else 0

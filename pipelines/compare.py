@@ -98,7 +98,7 @@ def run_compare(runs: Sequence[tuple[str, str]], *, reference: str, out: str, k:
 
 
 def run_register(run_dir: str, *, name: str, checkpoint: str | None = None, log: Callable[[str], None] = print) -> str:
-    """The run's model logged in its MLflow run (if not logged yet) and registered as `name`; the model URI."""
+    """The run's model logged in its MLflow run and registered as `name` (a new version); the model URI."""
     from avgk.config import Config
     from avgk.inference.serving import log_pyfunc_model
     from avgk.records import tracking

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import tempfile
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from avgk.config import find_config_file
 from avgk.experiments import pipeline_state as ps
 from avgk.experiments.pipeline_spec import Cell, PipelineSpecError, Plan, load_pipeline
 from avgk.experiments.pipeline_view import graph_figure, tree_lines
+from avgk.experiments.sweep_config import config_for
 from avgk.records import tracking
 from avgk.records.runs import with_absolute_paths
 from avgk.runtime import storage
@@ -85,7 +89,7 @@ def run_pipeline(
     log: Callable[[str], None] = say,
 ) -> PipelineResult:
     plan = load_pipeline(path, overrides)
-    spec_dir = Path(path).parent if Path(path).is_file() else None
+    spec_dir = find_config_file(path).parent  # a shipped spec's sweeps live beside it, installed or not
     return run_plan(plan, spec_dir=spec_dir, dry_run=dry_run, only=only, start=start, log=log)
 
 
@@ -101,9 +105,9 @@ def run_plan(
 ) -> PipelineResult:
     """Walks an expanded plan (a spec's, or a study's: pipelines.study); `kind` tags the MLflow parent run."""
     plan = _with_plan_paths(plan)
-    for cell in plan.cells.values():  # sweeps are files of their own: checked before anything starts
-        if cell.verb == "tune":
-            load_stage_sweep(cell, spec_dir)
+    for cell in plan.cells.values():  # sweeps are files of their own: checked before anything starts, and
+        if cell.verb == "tune":      # their content is part of the tune cell's fingerprint (its options)
+            cell.options["resolved_sweep"] = load_stage_sweep(cell, spec_dir).model_dump(mode="json")
     selected = select(plan, only=only, start=start)
     prints = ps.fingerprints(plan)
     states = ps.states(plan, prints)
@@ -152,23 +156,28 @@ def _walk(plan: Plan, prints: dict[str, dict[str, Any]], states: dict[str, ps.St
         if reused:
             log(f"reused {len(reused)} finished cell(s): {', '.join(reused)}")
         if todo:
-            job.join_cluster(cpus=plan.spec.max_concurrent)
+            job.join_cluster(cpus=plan.spec.max_concurrent * max(_cpus_of(plan.cells[cid]) for cid in todo))
+            _open_stage_runs(runner, todo, run.uri)
         _run_cells(runner, todo, result, log=log)
         if result.failed:
             run.outcome.status = "FAILED"
+        for stage, stage_run in runner.stage_runs.items():
+            failed = any(plan.cells[cid].stage == stage for cid in result.failed)
+            if run.uri:
+                tracking.end_run(run.uri, stage_run, status="FAILED" if failed else "FINISHED")
         final = {cid: (ps.State(ps.DONE, "ran") if cid in runner.outputs else states[cid]) for cid in plan.cells}
         lines = tree_lines(plan, final, prints, result.seconds, selected)
-        storage.write_bytes(storage.join(root, "graph.txt"), ("\n".join(lines) + "\n").encode())
-        from avgk.experiments.report import save_figure
+        with tempfile.TemporaryDirectory(prefix="avgk-graph-") as tmp:  # drawn here, then copied to the folder
+            from avgk.experiments.report import save_figure
 
-        figure = storage.join(root, "graph.png")
-        if not storage.is_remote(root):
-            save_figure(graph_figure(plan, final, result.seconds, result.failed), figure)
-        if run.uri and run.run_id:
-            for name in ("graph.png", "graph.txt", "pipeline.yaml"):
-                local = storage.join(root, name)
-                if not storage.is_remote(local) and Path(local).is_file():
-                    tracking.log_artifact(run.uri, run.run_id, local)
+            (Path(tmp) / "graph.txt").write_text("\n".join(lines) + "\n")
+            save_figure(graph_figure(plan, final, result.seconds, result.failed), Path(tmp) / "graph.png")
+            (Path(tmp) / "pipeline.yaml").write_bytes(storage.read_bytes(storage.join(root, "pipeline.yaml")))
+            for name in ("graph.txt", "graph.png"):
+                storage.upload_file(Path(tmp) / name, storage.join(root, name))
+            if run.uri and run.run_id:
+                for name in ("graph.png", "graph.txt", "pipeline.yaml"):
+                    tracking.log_artifact(run.uri, run.run_id, Path(tmp) / name)
         result.parent_run_id = run.run_id
         log("\n".join(lines[1:]))
         if result.failed:
@@ -178,56 +187,95 @@ def _walk(plan: Plan, prints: dict[str, dict[str, Any]], states: dict[str, ps.St
 
 
 def _run_cells(runner: Runner, todo: list[str], result: PipelineResult, *, log: Callable[[str], None]) -> None:
+    """Starts each cell whose inputs finished, `max_concurrent` at a time, each in a daemon thread: Ctrl-C or
+    SIGTERM reach this (main) thread, which ends the running cells' MLflow runs KILLED and unwinds at once
+    (a pool's non-daemon threads would keep the process until their trainings ended)."""
     plan = runner.plan
     pending = list(todo)  # dependency order
-    running: dict[Future[dict[str, Any]], str] = {}
+    running: set[str] = set()
+    finished: queue.Queue[tuple[str, dict[str, Any] | BaseException]] = queue.Queue()
     done, total, begun = 0, len(todo), time.perf_counter()
     failed: set[str] = set()
-    with ThreadPoolExecutor(max_workers=plan.spec.max_concurrent, thread_name_prefix="avgk-cell") as pool:
+
+    def work(cid: str) -> None:
         try:
-            while pending or running:
-                for cid in list(pending):
-                    if len(running) >= plan.spec.max_concurrent:
-                        break
-                    inputs = plan.cells[cid].inputs
-                    if any(i in failed or i in result.skipped for i in inputs):
-                        pending.remove(cid)
-                        result.skipped.append(cid)
-                        done += 1
-                        continue
-                    if all(i in runner.outputs for i in inputs):
-                        pending.remove(cid)
-                        log(f"start {cid}")
-                        running[pool.submit(runner.run_cell, plan.cells[cid])] = cid
-                if not running:
+            finished.put((cid, runner.run_cell(plan.cells[cid])))
+        except BaseException as err:  # reported by the main thread
+            finished.put((cid, err))
+
+    try:
+        while pending or running:
+            for cid in list(pending):
+                if len(running) >= plan.spec.max_concurrent:
                     break
-                finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    cid = running.pop(future)
+                inputs = plan.cells[cid].inputs
+                lost = [i for i in inputs if i in failed or i in result.skipped]
+                tolerant = plan.cells[cid].verb in Runner.TOLERANT
+                if lost and (not tolerant or all(i in lost for i in inputs)):
+                    pending.remove(cid)
+                    result.skipped.append(cid)
                     done += 1
-                    try:
-                        outputs = future.result()
-                    except Exception as err:
-                        failed.add(cid)
-                        result.failed.append(cid)
-                        message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
-                        log(f"[{done}/{total}] {cid} FAILED: {message}")
-                        continue
-                    seconds = outputs.pop("_seconds")
-                    runner.outputs[cid] = outputs
-                    result.outputs[cid] = outputs
-                    result.seconds[cid] = seconds
-                    elapsed = time.perf_counter() - begun
-                    left = elapsed / done * (total - done)
-                    log(f"[{done}/{total}] {cid} finished in {seconds:.0f} s"
-                        + (f"; about {_duration(left)} left" if done < total else ""))
-        except BaseException:  # Ctrl-C or SIGTERM reach this thread: the cells' MLflow runs end KILLED here
-            for future, cid in running.items():
-                future.cancel()
-                id_file = storage.join(runner.folder(plan.cells[cid]), tracking.RUN_ID_FILE)
+                    continue
+                if all(i in runner.outputs or i in lost for i in inputs) and (not lost or tolerant):
+                    runner.failed_inputs[cid] = lost
+                    pending.remove(cid)
+                    log(f"start {cid}")
+                    running.add(cid)
+                    threading.Thread(target=work, args=(cid,), name=f"avgk-{cid}", daemon=True).start()
+            if not running:
+                break
+            try:
+                cid, outcome = finished.get(timeout=0.5)  # short waits: Ctrl-C and SIGTERM reach this thread
+            except queue.Empty:
+                continue
+            running.discard(cid)
+            done += 1
+            if isinstance(outcome, BaseException):
+                failed.add(cid)
+                result.failed.append(cid)
+                text = str(outcome).strip()
+                log(f"[{done}/{total}] {cid} FAILED: {text.splitlines()[-1][:300] if text else type(outcome).__name__}")
+                continue
+            seconds = outcome.pop("_seconds")
+            runner.outputs[cid] = outcome
+            result.outputs[cid] = outcome
+            result.seconds[cid] = seconds
+            left = (time.perf_counter() - begun) / done * (total - done)
+            eta = f"; about {_duration(left)} left" if done < total else ""
+            log(f"[{done}/{total}] {cid} finished in {seconds:.0f} s{eta}")
+    except BaseException:
+        for cid in running:  # a cell's own run, or its sweep's
+            for folder in (runner.folder(plan.cells[cid]), storage.join(runner.folder(plan.cells[cid]), "sweep")):
+                id_file = storage.join(folder, tracking.RUN_ID_FILE)
                 if runner.uri and storage.exists(id_file):
                     tracking.end_run(runner.uri, storage.read_bytes(id_file).decode().strip(), status="KILLED")
-            raise
+        for stage_run in runner.stage_runs.values():
+            if runner.uri:
+                tracking.end_run(runner.uri, stage_run, status="KILLED")
+        raise
+
+
+def _cpus_of(cell: Cell) -> float:
+    """The CPUs one cell holds at once: a training's workers (or a task), a sweep's trial; 1 for the rest."""
+    if cell.verb in ("train", "tune"):
+        return cell.config.train.num_workers * cell.config.train.cpus_per_worker + (1 if cell.verb == "tune" else 0)
+    return 1.0
+
+
+def _open_stage_runs(runner: Runner, todo: list[str], uri: str | None) -> None:
+    """A matrix stage with cells to run gets an MLflow run of its own under the pipeline's, parent of its
+    cells' runs (reopened on a rerun: <root>/.stages/<stage>/mlflow_run_id.txt)."""
+    plan = runner.plan
+    if not uri:
+        return
+    for stage in dict.fromkeys(plan.cells[cid].stage for cid in todo):
+        if not plan.spec.stages[stage].matrix:
+            continue
+        config = config_for(plan.base.to_dict(), {"run.storage": storage.join(plan.root, ".stages"), "run.name": stage,
+                                                  "tracking.uri": uri})
+        runner.stage_runs[stage] = tracking.start_run(
+            config, parent_run_id=runner.parent_run_id,
+            tags={"avgk.kind": "pipeline-stage", "avgk.pipeline": plan.spec.name, "avgk.stage": stage})
 
 
 def _duration(seconds: float) -> str:

@@ -8,6 +8,8 @@ is one Ray task (_train_task); the other verbs run as their commands do.
 from __future__ import annotations
 
 import json
+import math
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +20,7 @@ import yaml
 
 from avgk.config import Config
 from avgk.experiments import pipeline_state as ps
-from avgk.experiments.pipeline_spec import Cell, PipelineSpecError, Plan
+from avgk.experiments.pipeline_spec import Cell, PipelineSpecError, Plan, compare_label
 from avgk.experiments.sweep_config import config_for
 from avgk.records import tracking
 from avgk.runtime import storage
@@ -34,8 +36,8 @@ def _train_task(config_tree: dict[str, Any], uri: str | None, parent_run_id: str
     from avgk.training import checkpoints, engine
     from pipelines.train import record_results
 
-    torch.set_num_threads(1)
     config = Config.model_validate(config_tree)
+    torch.set_num_threads(max(1, math.ceil(config.train.cpus_per_worker)))  # the CPUs its Ray task holds
     run_dir = config.run_dir
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     run_id = tracking.start_run(config, parent_run_id=parent_run_id, tags=tags) if uri else None
@@ -63,6 +65,12 @@ OWN_RUNS = {"train", "tune", "evaluate", "pseudolabel"}
 jobs log into the run they score); the others get a child run of the pipeline's for their cell."""
 
 
+SCORING_LOCK = threading.Lock()
+"""One scoring job (evaluate, pseudolabel) at a time in a driver: each sizes its actor pool to half the
+cluster's CPUs and leaves the rest to its read tasks (pipelines.scoring.plan_scoring); two side by side
+held every CPU with actors, and their read tasks waited for ever (seen: four jobs of the smoke-size
+PlantCLEF pipeline, no error)."""
+
 TUNE_LOCK = threading.Lock()
 """One sweep at a time in a driver: Ray Tune keeps per-process state (the registry behind
 tune.with_parameters names a trainable by its function), so two sweeps started side by side in one
@@ -75,6 +83,18 @@ class Runner:
         self.plan, self.prints, self.uri, self.parent_run_id = plan, prints, uri, parent_run_id
         self.spec_dir, self.log = spec_dir, log
         self.outputs: dict[str, dict[str, Any]] = {}
+        self.failed_inputs: dict[str, list[str]] = {}  # a tolerant cell's inputs that failed (pipelines.pipeline)
+        self.stage_runs: dict[str, str] = {}  # a matrix stage's MLflow run, the parent of its cells' runs
+        self._cell_runs: dict[str, tuple[str | None, str | None]] = {}
+
+    def parent_of(self, cell: Cell) -> str | None:
+        return self.stage_runs.get(cell.stage, self.parent_run_id)
+
+    def artifacts(self, cell: Cell, local_dir: str) -> None:
+        """A local folder's files into the cell's own MLflow run (prepare, compare, register, summarize)."""
+        uri, run_id = self._cell_runs.get(cell.id, (None, None))
+        if uri and run_id:
+            tracking.log_artifacts(uri, run_id, local_dir)
 
     def folder(self, cell: Cell) -> str:
         return ps.cell_dir(self.plan, cell, self.prints[cell.id]["fingerprint"])
@@ -103,7 +123,7 @@ class Runner:
         found = []
         for source in cell.inputs:
             src = self.plan.cells[source]
-            if src.verb == "train" or src.verb == "evaluate":
+            if src.verb in ("train", "evaluate") and source in self.outputs:  # a tolerant cell skips failed inputs
                 found.append((src, self.outputs[source]))
         return found
 
@@ -124,25 +144,27 @@ class Runner:
                 config = config_for(self.cell_config(cell).to_dict(), {"run.storage": ps.stage_dir(self.plan, cell.stage),
                                                                        "run.name": folder.rsplit("/", 1)[-1]})
                 uri = self.uri if config.tracking.enabled else None
-                run_id = tracking.start_run(config, parent_run_id=self.parent_run_id, tags=self.tags(cell)) if uri else None
+                run_id = tracking.start_run(config, parent_run_id=self.parent_of(cell), tags=self.tags(cell)) if uri else None
+                self._cell_runs[cell.id] = (uri, run_id)
                 with tracking.lifecycle(uri, run_id):
                     outputs = getattr(self, f"_{cell.verb}")(cell, folder)
-                    if uri and run_id and not storage.is_remote(folder):  # the cell's results (comparison.md, figures)
-                        tracking.log_artifacts(uri, run_id, folder)
         except BaseException as err:
             ps.write_record(folder, {**record, "status": "failed", "error": str(err).splitlines()[0][:500] if str(err)
                                      else type(err).__name__, "seconds": time.perf_counter() - start})
             raise
         seconds = time.perf_counter() - start
-        ps.write_record(folder, {**record, "status": "finished", "outputs": outputs, "seconds": seconds})
+        status = "partial" if self.failed_inputs.get(cell.id) else "finished"  # partial: run again next time
+        ps.write_record(folder, {**record, "status": status, "outputs": outputs, "seconds": seconds,
+                                 "failed_inputs": self.failed_inputs.get(cell.id, [])})
         return {**outputs, "_seconds": seconds}
 
     def _prepare(self, cell: Cell, folder: str) -> dict[str, Any]:
+        from avgk.data.manifest import MANIFEST_NAME
         from avgk.data.prepare import ensure_shards
 
         config = cell.config
         ensure_shards(config)
-        return {"shards": config.data.shards}
+        return {"shards": config.data.shards, "check": storage.join(config.data.shards, MANIFEST_NAME)}
 
     def _train(self, cell: Cell, folder: str) -> dict[str, Any]:
         import ray
@@ -154,13 +176,13 @@ class Runner:
         prefix = f"{self.plan.spec.name}-{cell.name}"
         single = (config.train.num_workers == 1 and not config.train.use_gpu and not storage.is_remote(config.run_dir))
         if not single:
-            run_training(config, parent_run_id=self.parent_run_id, log_prefix=prefix)
+            run_training(config, parent_run_id=self.parent_of(cell), log_prefix=prefix, tags=self.tags(cell))
             run_id_file = storage.join(config.run_dir, tracking.RUN_ID_FILE)
             run_id = storage.read_bytes(run_id_file).decode().strip() if storage.exists(run_id_file) else None
             return {"run_dir": config.run_dir, "mlflow_run_id": run_id}
         config = job.start(config, cpus=config.train.cpus_per_worker, resume=True, data=True)
         task = ray.remote(num_cpus=config.train.cpus_per_worker, max_retries=0)(_train_task)
-        result: dict[str, Any] = ray.get(task.remote(config.to_dict(), self.uri, self.parent_run_id, self.tags(cell),
+        result: dict[str, Any] = ray.get(task.remote(config.to_dict(), self.uri, self.parent_of(cell), self.tags(cell),
                                                      prefix))
         return result
 
@@ -173,8 +195,9 @@ class Runner:
 
         (src, out), = self.trained_inputs(cell)
         config = self._train_config_of(src, out)
-        run_evaluate(config, run=out["run_dir"], checkpoint=cell.options["checkpoint"],
-                     log=lambda line: self.log(f"[{cell.id}] {line}"))
+        with SCORING_LOCK:
+            run_evaluate(config, run=out["run_dir"], checkpoint=cell.options["checkpoint"],
+                         log=lambda line: self.log(f"[{cell.id}] {line}"))
         return {"run_dir": out["run_dir"], "mlflow_run_id": out.get("mlflow_run_id")}
 
     def _pseudolabel(self, cell: Cell, folder: str) -> dict[str, Any]:
@@ -182,8 +205,9 @@ class Runner:
 
         (src, out), = self.trained_inputs(cell)
         config = self._train_config_of(src, out)
-        _, uri = run_pseudolabel(config, run=out["run_dir"], checkpoint=cell.options["checkpoint"],
-                                 log=lambda line: self.log(f"[{cell.id}] {line}"))
+        with SCORING_LOCK:
+            _, uri = run_pseudolabel(config, run=out["run_dir"], checkpoint=cell.options["checkpoint"],
+                                     log=lambda line: self.log(f"[{cell.id}] {line}"))
         return {"run_dir": out["run_dir"], "pseudo_labels": uri}
 
     def _tune(self, cell: Cell, folder: str) -> dict[str, Any]:
@@ -197,7 +221,7 @@ class Runner:
         config = config_for(self.cell_config(cell).to_dict(), {"run.storage": folder})
         sweep = sweep.model_copy(update={"name": "sweep"})
         result = run_sweep(sweep, config, log=lambda line: self.log(f"[{cell.id}] {line}"),
-                           parent_run_id=self.parent_run_id)
+                           parent_run_id=self.parent_of(cell))
         if result.best is None:
             raise RuntimeError(f"{cell.id}: no trial of the sweep finished ({result.root}/summary.md)")
         return {"values": dict(result.best.params), "sweep_dir": result.root, "best_run": result.best.run_dir}
@@ -205,12 +229,16 @@ class Runner:
     def _compare(self, cell: Cell, folder: str) -> dict[str, Any]:
         from pipelines.compare import run_compare
 
-        runs = []
-        for src, out in self.trained_inputs(cell):
-            method = next((lab for dim, lab in src.labels if dim != "seed"), src.name)
-            runs.append((method, out["run_dir"]))
-        result = run_compare(runs, reference=cell.options["reference"], out=folder, k=cell.options["k"],
-                             log=lambda line: self.log(line))
+        runs = [(compare_label(cell, src), out["run_dir"]) for src, out in self.trained_inputs(cell)]
+        with tempfile.TemporaryDirectory(prefix="avgk-compare-") as tmp:
+            local = tmp if storage.is_remote(folder) else folder  # written here, then uploaded to a bucket
+            result = run_compare(runs, reference=cell.options["reference"], out=local, k=cell.options["k"],
+                                 log=lambda line: self.log(line))
+            if local != folder:
+                for path in Path(local).rglob("*"):
+                    if path.is_file():
+                        storage.upload_file(path, storage.join(folder, str(path.relative_to(local))))
+            self.artifacts(cell, local)
         return {"out": folder, "winner": result.winner, "winner_run": result.winner_run,
                 "runs": [[m, r] for m, r in runs]}
 
@@ -220,7 +248,7 @@ class Runner:
 
         from avgk.experiments.study_config import Cell as StudyCell
         from avgk.experiments.study_config import StudyConfig
-        from pipelines.study import collect, write_summary
+        from avgk.experiments.study_summary import collect, write_summary
 
         study = StudyConfig.model_validate(cell.options["study"])
         cells, records = [], {}
@@ -231,13 +259,19 @@ class Runner:
             cells.append(study_cell)
             records[study_cell.name] = {"seconds": out.get("seconds"), "history": out.get("history") or []}
         rows, per_class = collect(cells, records)
-        write_summary(study, self.plan.base, Path(folder), rows, per_class, failed=[])
+        failed = [self.plan.cells[i].name for i in self.failed_inputs.get(cell.id, [])]
+        write_summary(study, self.plan.base, Path(folder), rows, per_class, failed=failed)
+        self.artifacts(cell, folder)
         root = Path(self.plan.root)
         for name in ("summary.md", "results.csv", "per_class.parquet"):  # the study's documented layout
             shutil.copy2(Path(folder) / name, root / name)
         shutil.copytree(Path(folder) / "plots", root / "plots", dirs_exist_ok=True)
         self.log(f"study summary: {root}/summary.md")
         return {"out": folder, "root": str(root)}
+
+    TOLERANT = frozenset({"summarize"})
+    """Verbs that run on the inputs that finished when others failed (a study's summary lists the failed
+    cells); their record says "partial", so the next run makes them again."""
 
     def _register(self, cell: Cell, folder: str) -> dict[str, Any]:
         from pipelines.compare import run_register

@@ -143,7 +143,8 @@ def build_trainer(
 
 
 def run_training(
-    config: Config, *, parent_run_id: str | None = None, log_prefix: str | None = None
+    config: Config, *, parent_run_id: str | None = None, log_prefix: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Evaluation | None:
     """Train through Ray, log to MLflow, return the final evaluation (also in the run directory).
 
@@ -151,7 +152,7 @@ def run_training(
     """
     config = job.start(config, cpus=config.train.num_workers * config.train.cpus_per_worker)
     check_resources(config)
-    with job.tracked(config, parent_run_id=parent_run_id) as run:
+    with job.tracked(config, parent_run_id=parent_run_id, tags=tags) as run:
         build_trainer(config, mlflow_run_id=run.run_id, tracking_uri=run.uri, log_prefix=log_prefix).fit()
     metrics_file = storage.join(storage.absolute(config.run_dir), "metrics.json")
     if not storage.exists(metrics_file):

@@ -18,7 +18,7 @@ produces stops in one line before anything heavy loads. pipelines/pipeline.py wa
         matrix:                                    one cell per combination
           method: {two_head: {loss.name: two_head}, ce: {loss.name: ce}}
           seed: {key: train.seed, values: [0, 1]}
-      compare: {verb: compare, needs: [train], with: {reference: ce, method: two_head}}
+      compare: {verb: compare, needs: [train], with: {reference: ce}}
 
 A stage that needs a matrix stage takes, for each of its own cells, the input cells that agree
 with it on the matrix dimensions both have: a per-method train after a per-method tune takes its
@@ -28,6 +28,7 @@ method's tuned values; a compare with no matrix takes every trained cell.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "train": {},
     "evaluate": {"checkpoint": None},
     "pseudolabel": {"checkpoint": "last"},
-    "compare": {"reference": None, "method": None, "k": None},
+    "compare": {"reference": None, "k": None},
     "register": {"name": None},
     "summarize": {"study": None},
 }
@@ -282,6 +283,9 @@ def build_plan(spec: PipelineSpec, base: Config) -> Plan:
                     f"pipeline spec error: stages.{name} {values}: {config_error_detail(err)}") from None
             cell = Cell(stage=name, verb=stage.verb, labels=labels, config=config, options=options,
                         inputs=tuple(inputs), values=values)
+            if cell.id in cells:
+                raise PipelineSpecError(f"pipeline spec error: stages.{name}: two cells are named {cell.id!r} "
+                                        "(matrix labels joined by '-' must differ)")
             cells[cell.id] = cell
             by_stage[name].append(cell)
         _check_options(spec, name, by_stage)
@@ -293,24 +297,58 @@ def _check_options(spec: PipelineSpec, name: str, by_stage: dict[str, list[Cell]
     options = {**OPTIONS[stage.verb], **stage.with_}
     if stage.verb == "tune" and not options["sweep"]:
         raise PipelineSpecError(f"pipeline spec error: stages.{name}: a tune stage needs with.sweep (a sweep YAML)")
-    if stage.verb == "compare":
-        labels = {lab for need in stage.needs for c in by_stage[need] for d, lab in c.labels if d != "seed"}
-        for key in ("reference", "method"):
-            value = options[key]
-            if value is not None and value not in labels:
-                raise PipelineSpecError(
-                    f"pipeline spec error: stages.{name}.with.{key}={value!r} is not a label of the cells it compares "
-                    f"({', '.join(sorted(labels)) or 'none'})")
-        if options["reference"] is None:
-            raise PipelineSpecError(f"pipeline spec error: stages.{name}: a compare stage needs with.reference (a label)")
+    if stage.verb == "compare" and options["reference"] is None:
+        raise PipelineSpecError(f"pipeline spec error: stages.{name}: a compare stage needs with.reference (a label)")
+    if stage.verb == "summarize" and not isinstance(options["study"], dict):
+        raise PipelineSpecError(f"pipeline spec error: stages.{name}: a summarize stage needs with.study (a study; "
+                                "avgk study writes it)")
     if stage.verb == "register" and not options["name"]:
         raise PipelineSpecError(f"pipeline spec error: stages.{name}: a register stage needs with.name (a model name)")
-    if stage.verb in ("evaluate", "pseudolabel", "register") and len(by_stage[name]) == 1 and not stage.matrix:
-        trained = [c for need in stage.needs for c in by_stage[need] if c.verb == "train"]
-        if stage.verb != "register" and len(trained) != 1:
+    cells = {c.id: c for cs in by_stage.values() for c in cs}
+    for cell in by_stage[name]:
+        read = [cells[i] for i in cell.inputs]
+        if stage.verb == "compare":
+            _check_compare(cell, [c for c in read if c.verb in ("train", "evaluate")])
+        if stage.verb == "summarize" and any("method" not in dict(c.labels) for c in read):
+            raise PipelineSpecError(f"pipeline spec error: {cell.id} (summarize) needs trained cells with a 'method' "
+                                    "matrix dimension")
+        if stage.verb in ("evaluate", "pseudolabel") and len([c for c in read if c.verb == "train"]) != 1:
             raise PipelineSpecError(
-                f"pipeline spec error: stages.{name}: {stage.verb} reads one trained run per cell, and its needs give "
-                f"{len(trained)}: give it the same matrix as the train stage")
+                f"pipeline spec error: {cell.id} ({stage.verb}) reads one trained run, and its needs give it "
+                f"{len([c for c in read if c.verb == 'train'])}: give the stage the train stage's matrix")
+        if stage.verb == "register" and len(read) != 1:
+            raise PipelineSpecError(
+                f"pipeline spec error: {cell.id} (register) registers one model: it needs one compare, or one "
+                f"trained run per cell (it reads {len(read)})")
+
+
+def compare_label(cell: Cell, source: Cell) -> str:
+    """How a compare cell names a run it reads: the input's matrix labels that are neither a seed nor
+    shared with the compare cell (a compare per regime labels its runs by method alone)."""
+    own = dict(cell.labels)
+    return "-".join(lab for dim, lab in source.labels if dim != "seed" and dim not in own) or source.name
+
+
+def _check_compare(cell: Cell, runs: list[Cell]) -> None:
+    reference = cell.options["reference"]
+    labels = [(compare_label(cell, r), dict(r.labels).get("seed", "")) for r in runs]
+    names = sorted({label for label, _ in labels})
+    if reference not in names:
+        raise PipelineSpecError(f"pipeline spec error: {cell.id}.with.reference={reference!r} is not a label of the "
+                                f"runs it compares ({', '.join(names) or 'none'})")
+    if len(names) < 2:
+        raise PipelineSpecError(f"pipeline spec error: {cell.id} compares runs of one label {names}: it needs two methods")
+    twice = sorted({pair for pair in labels if labels.count(pair) > 1})
+    if twice:
+        raise PipelineSpecError(
+            f"pipeline spec error: {cell.id} would compare several runs as {twice[0][0]!r} with seed "
+            f"{twice[0][1] or '(none)'}: give it a matrix over the other dimensions, or name the seed dimension 'seed'")
+    k = cell.options["k"]
+    for run in runs:
+        wanted = k if k is not None else run.config.loss.k
+        if float(wanted) not in [float(x) for x in run.config.eval.ks]:
+            raise PipelineSpecError(f"pipeline spec error: {cell.id}: K={wanted:g} is not among {run.id}'s eval.ks "
+                                    f"{run.config.eval.ks}")
 
 
 # ---------------------------------------------------------------- loading
@@ -357,6 +395,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Plan:
         raise PipelineSpecError(f"pipeline spec {str(file)!r} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise PipelineSpecError(f"pipeline spec {str(file)!r} must hold a mapping, got {type(tree).__name__}")
+    # YAML anchors (&methods ... *methods) share one object: a copy per use, so that an override of one
+    # stage's matrix does not change another's
+    tree = json.loads(json.dumps(tree, default=str))
     sections = set(Config.model_fields)
     config_overrides: dict[str, Any] = {}
     own: dict[str, Any] = {}

@@ -2,15 +2,18 @@
 
 A cell's fingerprint hashes what decides its result:
 - its verb and options (`with:`);
-- its resolved config without the `run` and `tracking` sections (where results go and are
-  reported does not change them); a prepare cell counts only its `data` section;
+- its resolved config without the `run` and `tracking` sections and the keys that say how a run
+  executes, not what it learns (EXECUTION_KEYS: a training restarted with another CPU count or
+  with GPUs resumes in its folder); a prepare cell counts only its `data` section; a tune cell also
+  counts its sweep file's resolved content;
 - the fingerprints of the cells it reads (so a change reruns everything downstream);
 - the code: avgk.runtime.provenance.code_fingerprint(), a hash of every .py file of avgk and
   pipelines (an edit anywhere reruns every stage; a reused result always comes from this code).
 
 A cell runs in `<root>/<stage>/<cell>-<fingerprint>/` and writes `record.json` there: written
 "running" when it starts, "finished" (with its outputs) or "failed" when it ends. A finished record
-with the same fingerprint is reused; a changed cell gets a new folder, the old one stays.
+with the same fingerprint is reused (unless the result it names under outputs.check, such as a prepare
+cell's manifest, is gone); a changed cell gets a new folder, the old one stays.
 Records live beside the results, so a pipeline resumes with tracking off or unreachable.
 """
 
@@ -22,10 +25,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from avgk.config import flatten
 from avgk.experiments.pipeline_spec import Cell, Plan
+from avgk.records.runs import RESUME_FREE_KEYS
 from avgk.runtime import provenance, storage
 
 RECORD_FILE = "record.json"
+
+EXECUTION_KEYS = tuple(k for k in RESUME_FREE_KEYS if k != "train.epochs" and not k.startswith(("run.", "tracking.")))
+"""Config keys left out of a fingerprint: avgk.records.runs.RESUME_FREE_KEYS (what a resumed run may change)
+except train.epochs, which changes the result a cell keeps."""
 
 DONE, RUN, RESUME, UNREACHABLE = "done", "to run", "resume", "record unreachable"
 
@@ -38,7 +47,8 @@ def config_part(cell: Cell) -> dict[str, Any]:
     tree = cell.config.to_dict()
     if cell.verb == "prepare":
         return {"data": tree["data"]}
-    return {k: v for k, v in tree.items() if k not in ("run", "tracking")}
+    flat = flatten({k: v for k, v in tree.items() if k not in ("run", "tracking")})
+    return {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
 
 
 def fingerprints(plan: Plan, *, code: str | None = None) -> dict[str, dict[str, Any]]:
@@ -105,9 +115,13 @@ def cell_state(plan: Plan, cell: Cell, fingerprint: dict[str, Any]) -> State:
     try:
         record = read_record(cell_dir(plan, cell, fingerprint["fingerprint"]))
         if record is not None:
+            check = (record.get("outputs") or {}).get("check")  # a result kept outside the cell's folder
+            if record.get("status") == "finished" and check and not storage.exists(check):
+                return State(RUN, "output missing")
             if record.get("status") == "finished":
                 return State(DONE, "reused", record)
-            return State(RESUME, "interrupted" if record.get("status") == "running" else "failed before", record)
+            why = {"running": "interrupted", "partial": "some inputs had failed"}.get(str(record.get("status")), "failed before")
+            return State(RESUME, why, record)
         earlier = _earlier_records(plan, cell)
     except OSError as err:
         return State(UNREACHABLE, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
@@ -115,9 +129,10 @@ def cell_state(plan: Plan, cell: Cell, fingerprint: dict[str, Any]) -> State:
         return State(RUN, "new")
     old = earlier[0].get("parts", {})
     new = fingerprint["parts"]
-    # an input's change first: it usually changes this cell's config too (the data section of a training)
-    for part, why in (("inputs", "changed input"), ("config", "changed config"), ("options", "changed options"),
-                      ("code", "changed code")):
+    # the code first (an edit changes every fingerprint), then an input's change (it usually changes this
+    # cell's config too: the data section of a training), then the cell's own config and options
+    for part, why in (("code", "changed code"), ("inputs", "changed input"), ("config", "changed config"),
+                      ("options", "changed options")):
         if old.get(part) != new[part]:
             return State(RUN, why)
     return State(RUN, "new")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import ROOT, wait_until
+from tests.helpers.runs import ROOT, mlflow_descendants, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -40,7 +40,7 @@ def avgk(folder: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 
 def run_dirs(root: Path, stage: str = "train") -> dict[str, Path]:
-    return {p.name.rsplit("-", 1)[0]: p for p in sorted((root / stage).iterdir())}
+    return {p.name.rsplit("-", 1)[0]: p for p in sorted((root / stage).iterdir()) if p.is_dir()}
 
 
 def test_metrics(run_dir: Path) -> dict:
@@ -86,10 +86,13 @@ def test_demo_end_to_end(demo):
     every = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in every if r.data.tags.get("avgk.kind") == "pipeline"]
     assert parent.info.status == "FINISHED" and parent.info.run_name == "demo"
-    children = {r.data.tags.get("avgk.cell"): r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"data", "train[two_head]", "train[ce]", "compare"}
-    assert all(r.info.status == "FINISHED" for r in children.values())
-    assert "test_avg_k_accuracy_k2" in children["train[ce]"].data.metrics
+    tree = mlflow_descendants(client, experiment.experiment_id, parent.info.run_id)
+    assert sorted(tree) == ["compare", "data", "train", "train/stage"]  # the matrix stage has a run of its own
+    cells = {r.data.tags["avgk.cell"]: r for stage in ("data", "train", "compare") for r in tree[stage]}
+    assert set(cells) == {"data", "train[two_head]", "train[ce]", "compare"}
+    assert all(r.info.status == "FINISHED" for r in [*cells.values(), *tree["train/stage"]])
+    assert "test_avg_k_accuracy_k2" in cells["train[ce]"].data.metrics
+    assert "comparison.md" in {a.path for a in client.list_artifacts(cells["compare"].info.run_id)}
     assert "graph.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
@@ -140,6 +143,22 @@ def test_killed_with_kill_9_during_training_it_resumes_from_the_checkpoint(demo,
             driver.wait()
     interrupted = [json.loads(p.read_text()) for p in root.glob("train/*/record.json")]
     assert any(r["status"] == "running" for r in interrupted), interrupted
+
+    # started again, then SIGTERM once a training runs: the command ends within seconds (exit 143), not
+    # when its trainings would have ended, and leaves them to resume
+    with open(tmp_path / "terminated.log", "w") as log:
+        driver = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            wait_until(lambda: "start train[" in (tmp_path / "terminated.log").read_text(), timeout_s=120,
+                       what="a training cell to start", interval_s=0.2)
+            driver.send_signal(signal.SIGTERM)
+            assert driver.wait(timeout=60) == 143, (tmp_path / "terminated.log").read_text()[-3000:]
+        finally:
+            driver.kill()
+            driver.wait()
+    assert "avgk: terminated" in (tmp_path / "terminated.log").read_text()
+
     proc = avgk(tmp_path, "demo", *_args(tmp_path, shards))
     assert "done" in next(line for line in proc.stdout.splitlines() if line.startswith("    -"))  # data: reused
     assert "resume (interrupted)" in proc.stdout and "resuming " in proc.stdout, proc.stdout[-3000:]

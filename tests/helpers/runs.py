@@ -107,3 +107,21 @@ def wait_for_http(proc, url: str, *, log_path: Path, timeout_s: float, name: str
                     return time.monotonic() - started
         except OSError:
             time.sleep(0.5)
+
+
+def mlflow_descendants(client, experiment_id: str, parent_run_id: str) -> dict[str, list]:
+    """A pipeline's MLflow runs below its parent run, by stage: {stage: [runs of its cells]} (a matrix stage's own
+    run holds its cells' runs; a one-cell stage's run is the cell's); "<stage>/stage" holds the stage runs."""
+    runs = client.search_runs([experiment_id], max_results=1000)
+    by_parent: dict[str, list] = {}
+    for run in runs:
+        by_parent.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
+    out: dict[str, list] = {}
+    for child in by_parent.get(parent_run_id, []):
+        stage = child.data.tags["avgk.stage"]
+        if child.data.tags.get("avgk.kind") == "pipeline-stage":
+            out.setdefault(f"{stage}/stage", []).append(child)
+            out.setdefault(stage, []).extend(by_parent.get(child.info.run_id, []))
+        else:
+            out.setdefault(stage, []).append(child)
+    return out

@@ -1,6 +1,7 @@
 """configs/pipelines/plantnet300k.yaml at smoke size, as its header documents: a tiny Pl@ntNet-layout release
 prepared into the suite's S3 server, then the whole protocol on the local cluster (both methods tuned with
-the same budget, trained, pseudo-labelled by the scoring job, compared, the winner registered in MLflow)."""
+the same budget, trained, scored and pseudo-labelled by the scoring job, compared, the winner registered in
+MLflow)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ SMOKE = ["model.backbone=small_cnn", "model.pretrained=null", "model.channels_la
          "train.batch_size=16", "train.cpus_per_worker=1", "train.use_gpu=false", "train.num_workers=1",
          "eval.ks=[1,2]", "loss.k=2", "stages.tune.with.num_samples=1",
          "stages.tune.with.sweep_overrides={scheduler.grace_period: 1}", "stages.train.matrix.seed.values=[0]",
-         "stages.pseudolabel.matrix.seed.values=[0]"]
+         "stages.evaluate.matrix.seed.values=[0]", "stages.pseudolabel.matrix.seed.values=[0]"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
     root = tmp_path / "runs" / "plantnet300k-protocol"
     records = {r["cell"]: r for r in (json.loads(p.read_text()) for p in root.glob("*/*/record.json"))}
     assert set(records) == {"data", "tune[two_head]", "tune[ce]", "train[two_head-0]", "train[ce-0]",
-                            "pseudolabel[two_head-0]", "pseudolabel[ce-0]", "compare", "register"}, sorted(records)
+                            "evaluate[two_head-0]", "evaluate[ce-0]", "pseudolabel[two_head-0]", "pseudolabel[ce-0]",
+                            "compare", "register"}, sorted(records)
     assert all(r["status"] == "finished" for r in records.values())
     # each training starts from its own method's tuned values (the same search for both)
     for method in ("two_head", "ce"):
@@ -72,4 +74,4 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
 
     # started again: every cell reused
     assert cli.main(args) == 0
-    assert "reused 9 finished cell(s)" in capsys.readouterr().out
+    assert "reused 11 finished cell(s)" in capsys.readouterr().out

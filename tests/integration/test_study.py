@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from tests.helpers.runs import ROOT
+from tests.helpers.runs import ROOT, mlflow_descendants
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
@@ -70,12 +70,10 @@ def test_tiny_study_trains_every_cell_summarises_and_resumes(tmp_path, mlflow_se
     experiment = client.get_experiment_by_name("avgk")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     (parent,) = [r for r in runs if r.data.tags.get("avgk.kind") == "study" and r.info.run_name == "tiny-study"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
-    stages = {}
-    for child in children:
-        stages.setdefault(child.data.tags["avgk.stage"], []).append(child)
-    assert sorted(stages) == ["prepare", "summary", "train"] and len(stages["prepare"]) == 2
+    stages = mlflow_descendants(client, experiment.experiment_id, parent.info.run_id)
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for v in stages.values() for r in v)
+    assert sorted(stages) == ["prepare", "prepare/stage", "summary", "train", "train/stage"]
+    assert len(stages["prepare"]) == 2
     trained = sorted(c.data.tags["avgk.cell"] for c in stages["train"])
     assert trained == ["train[ce-a0-s0]", "train[ce-a0.5-s0]", "train[two_head-a0-s0]", "train[two_head-a0.5-s0]"]
     for child in stages["train"]:

@@ -52,7 +52,15 @@ DEMO_LIKE = {
         ({"train": {"verb": "train", "with": {"sweep": "x"}}}, "with: ['sweep'] are not options of verb 'train'"),
         ({"data": {"verb": "prepare"}, "train": {"verb": "train", "needs": ["data"], "matrix": {"method": TWO_METHODS}},
           "cmp": {"verb": "compare", "needs": ["train"], "with": {"reference": "softmax"}}},
-         "stages.cmp.with.reference='softmax' is not a label"),
+         "cmp.with.reference='softmax' is not a label of the runs it compares (ce, two_head)"),
+        ({"data": {"verb": "prepare"}, "train": {"verb": "train", "needs": ["data"], "matrix": {"method": TWO_METHODS}},
+          "cmp": {"verb": "compare", "needs": ["train"], "with": {"reference": "ce", "k": 7}}},
+         "cmp: K=7 is not among train[two_head]'s eval.ks"),
+        ({"train": {"verb": "train", "matrix": {"seed": {"key": "train.seed", "values": [0, "0"]}}}},
+         "stages.train: two cells are named 'train[0]'"),
+        ({"train": {"verb": "train", "matrix": {"method": TWO_METHODS}},
+          "ev": {"verb": "evaluate", "needs": ["train"]}},
+         "ev (evaluate) reads one trained run, and its needs give it 2"),
         ({"train": {"verb": "train", "overrides": {"train.lr": -1}}}, "train.lr"),
     ],
 )
@@ -212,3 +220,27 @@ def test_avgk_compare_pairs_runs_by_seed_and_writes_tables_and_a_figure(tmp_path
     (tmp_path / "ce0" / "metrics.json").write_text("{")
     assert cli.main(["compare", *runs, "--reference", "ce", "--out", str(out_dir)]) == 2
     assert f"{tmp_path / 'ce0'}/metrics.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_tune_cell_fingerprints_its_sweep_file(tmp_path, capsys):
+    """Editing the sweep a tune stage names reruns the tune stage (and what it feeds), not only editing the spec."""
+    from pipelines import cli
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text((ROOT / "configs" / "sweeps" / "smoke.yaml").read_text().replace("../smoke.yaml",
+                                                                                      str(ROOT / "configs" / "smoke.yaml")))
+    stages = {"data": {"verb": "prepare"},
+              "tune": {"verb": "tune", "needs": ["data"], "with": {"sweep": str(sweep)}},
+              "train": {"verb": "train", "needs": ["data", "tune"]}}
+    path = write_spec(tmp_path, stages)
+
+    def prints() -> dict[str, str]:
+        assert cli.main(["pipeline", str(path), "--dry-run"]) == 0
+        lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("    -")]
+        return {name: line[-1] for name, line in zip(("data", "tune", "train"), lines, strict=True)}
+
+    before = prints()
+    sweep.write_text(sweep.read_text().replace("num_samples: 2", "num_samples: 3"))
+    after = prints()
+    assert before["data"] == after["data"]
+    assert before["tune"] != after["tune"] and before["train"] != after["train"]

@@ -135,7 +135,7 @@ def fake_study_frames(rates=(0.0, 0.5), seeds=(0, 1)):
 
 
 def test_write_summary_tables_and_figures(tmp_path):
-    from pipelines.study import write_summary
+    from avgk.experiments.study_summary import write_summary
 
     study, base, _ = load_study(STUDY, ["focus=[two_head]", "eval.ks=[2]"])
     rows, per_class = fake_study_frames()
