@@ -305,6 +305,14 @@ def _check_options(spec: PipelineSpec, name: str, by_stage: dict[str, list[Cell]
     if stage.verb == "register" and not options["name"]:
         raise PipelineSpecError(f"pipeline spec error: stages.{name}: a register stage needs with.name (a model name)")
     cells = {c.id: c for cs in by_stage.values() for c in cs}
+    if stage.verb == "prepare":  # two data sets written into one folder would mix
+        written: dict[str, Cell] = {}
+        for cell in by_stage[name]:
+            other = written.setdefault(cell.config.data.shards, cell)
+            if other is not cell and other.config.data != cell.config.data:
+                raise PipelineSpecError(
+                    f"pipeline spec error: {other.id} and {cell.id} write different data sets into one "
+                    f"data.shards={cell.config.data.shards!r}: give each its own data.shards")
     for cell in by_stage[name]:
         read = [cells[i] for i in cell.inputs]
         if stage.verb == "compare":

@@ -58,6 +58,8 @@ DEMO_LIKE = {
          "cmp: K=7 is not among train[two_head]'s eval.ks"),
         ({"train": {"verb": "train", "matrix": {"seed": {"key": "train.seed", "values": [0, "0"]}}}},
          "stages.train: two cells are named 'train[0]'"),
+        ({"data": {"verb": "prepare", "matrix": {"a": {"key": "data.synthetic.ambiguity_rate", "values": [0.1, 0.5]}}}},
+         "data[0.1] and data[0.5] write different data sets into one data.shards="),
         ({"train": {"verb": "train", "matrix": {"method": TWO_METHODS}},
           "ev": {"verb": "evaluate", "needs": ["train"]}},
          "ev (evaluate) reads one trained run, and its needs give it 2"),
