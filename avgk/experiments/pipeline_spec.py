@@ -28,17 +28,15 @@ method's tuned values; a compare with no matrix takes every trained cell.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from avgk.config import Config, ConfigError, Section, build_config, find_config_file, format_errors
-from avgk.experiments.sweep_config import check_key, config_error_detail, config_for, with_values
+from avgk.config import Config, ConfigError, Section, build_config, find_config_file, format_errors, parse_overrides
+from avgk.experiments.sweep_config import check_key, config_error_detail, config_for, read_plan
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -393,32 +391,11 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Plan:
     stages.train.matrix.seed.values=[0]).
     """
     file = find_config_file(path)
-    if file.is_dir():
-        raise PipelineSpecError(f"pipeline spec {str(file)!r} is a directory: pass a YAML file")
-    if not file.is_file():
-        raise PipelineSpecError(f"pipeline spec {str(path)!r} does not exist")
+    tree, config_items = read_plan(file, overrides, kind="pipeline", error=PipelineSpecError)
     try:
-        tree = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise PipelineSpecError(f"pipeline spec {str(file)!r} is not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise PipelineSpecError(f"pipeline spec {str(file)!r} must hold a mapping, got {type(tree).__name__}")
-    # YAML anchors (&methods ... *methods) share one object: a copy per use, so that an override of one
-    # stage's matrix does not change another's
-    tree = json.loads(json.dumps(tree, default=str))
-    sections = set(Config.model_fields)
-    config_overrides: dict[str, Any] = {}
-    own: dict[str, Any] = {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise PipelineSpecError(f"override {item!r} must look like key.sub=value")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        (config_overrides if key.split(".")[0] in sections else own)[key] = value
-    try:
-        tree = with_values(tree, own)
+        config_overrides = dict(parse_overrides(config_items))
     except ConfigError as err:
-        raise PipelineSpecError(f"pipeline spec error: {config_error_detail(err)}") from None
+        raise PipelineSpecError(str(err)) from None
     spec = parse_spec(tree, source=str(file))
     for key in {**spec.overrides, **config_overrides}:
         _check_keys(key, where="overrides", runner_keys=("run.name",))  # run.storage: where the pipeline folder goes

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -275,6 +276,9 @@ def read_plan(path: Path, overrides: list[str] | None, *, kind: str, error: type
         raise error(f"{kind} config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise error(f"{kind} config file {str(path)!r} must hold a mapping, got {type(tree).__name__}")
+    # YAML anchors (&methods ... *methods) share one object, and deepcopy keeps the sharing: a copy per
+    # use, so that an override of one place (one pipeline stage's matrix) does not change the others
+    tree = json.loads(json.dumps(tree, default=str))
     sections = set(Config.model_fields)
     base_overrides: list[str] = []
     own_values: dict[str, Any] = {}

@@ -14,7 +14,7 @@ import yaml
 
 from avgk.experiments import pipeline_state as ps
 from avgk.experiments.compare import RunEntry, paired_differences, rows_of
-from avgk.experiments.pipeline_spec import load_pipeline
+from avgk.experiments.pipeline_spec import PipelineSpecError, load_pipeline
 from tests.helpers.runs import ROOT
 
 SPECS = sorted((ROOT / "configs" / "pipelines").glob("*.yaml"))
@@ -246,3 +246,10 @@ def test_a_tune_cell_fingerprints_its_sweep_file(tmp_path, capsys):
     after = prints()
     assert before["data"] == after["data"]
     assert before["tune"] != after["tune"] and before["train"] != after["train"]
+
+
+def test_an_override_of_one_stage_leaves_a_yaml_anchor_shared_with_others_alone():
+    """configs/pipelines/smoke.yaml shares its methods (&methods) between tune, train and pseudolabel."""
+    # a method added to train alone has no tuned values to read: refused, because tune did not gain it too
+    with pytest.raises(PipelineSpecError, match=r"stages.train\[an-0\] matches no cell of stage 'tune'"):
+        load_pipeline(ROOT / "configs" / "pipelines" / "smoke.yaml", ["stages.train.matrix.method.an={loss.name: an}"])
