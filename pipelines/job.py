@@ -26,21 +26,23 @@ from avgk.training import preflight
 from pipelines import ray_env
 
 
-def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool = True) -> Config:
+def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool = True, join: bool = True) -> Config:
     """The config with absolute paths, checked, its data ready and the cluster joined.
 
     `cpus`: the logical CPUs the job needs at once (a local cluster gets at least that many).
     `resume`: True checks that a run directory left by an earlier run may be resumed (run.resume);
     False skips that check (a sweep's trials resume through Tune); None runs no driver check (the
     caller's steps run them each). `data`: synthetic shards are generated on first use and the
-    config is checked against the manifest (avgk.data.prepare.ensure_shards).
+    config is checked against the manifest (avgk.data.prepare.ensure_shards). `join`: False leaves
+    the cluster to the caller's join_cluster, after checks of its own.
     """
     config = with_absolute_paths(config)
     if resume is not None:
         preflight.check_before_start(config, resume=resume)
     if data:
         ensure_shards(config)
-    join_cluster(cpus=cpus)
+    if join:
+        join_cluster(cpus=cpus)
     return config
 
 

@@ -8,7 +8,6 @@ is one Ray task (_train_task); the other verbs run as their commands do.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import threading
 import time
@@ -28,16 +27,12 @@ from avgk.runtime import storage
 
 def _train_task(config_tree: dict[str, Any], uri: str | None, parent_run_id: str | None, tags: dict[str, str],
                 log_prefix: str) -> dict[str, Any]:
-    """One single-worker training inside a Ray task: engine.fit with a local reporter, then what the
-    rank 0 of a TorchTrainer run does at the end (evaluation, plots and model in MLflow)."""
-    import torch
-
+    """One single-worker training inside a Ray task (pipelines.train.fit_in_process) in its own MLflow run."""
     from avgk.runtime.console import say as say_line
-    from avgk.training import checkpoints, engine
-    from pipelines.train import record_results
+    from avgk.training import checkpoints
+    from pipelines.train import fit_in_process
 
     config = Config.model_validate(config_tree)
-    torch.set_num_threads(max(1, math.ceil(config.train.cpus_per_worker)))  # the CPUs its Ray task holds
     run_dir = config.run_dir
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     run_id = tracking.start_run(config, parent_run_id=parent_run_id, tags=tags) if uri else None
@@ -45,15 +40,9 @@ def _train_task(config_tree: dict[str, Any], uri: str | None, parent_run_id: str
     def log(line: str) -> None:
         say_line(f"[{log_prefix}] {line}")
 
-    def on_epoch_end(metrics: dict[str, float], epoch: int) -> None:
-        if uri and run_id:
-            tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
-
     start = time.perf_counter()
     with tracking.lifecycle(uri, run_id):
-        result = engine.fit(config, reporter=checkpoints.LocalReporter(run_dir), on_epoch_end=on_epoch_end, log=log)
-        if result.evaluation is not None:
-            record_results(config, result.evaluation, uri=uri, run_id=run_id, log=log)
+        result = fit_in_process(config, reporter=checkpoints.LocalReporter(run_dir), uri=uri, run_id=run_id, log=log)
         if uri and run_id:
             tracking.log_metrics(uri, run_id, {"cell_seconds": time.perf_counter() - start}, step=0)
     return {"run_dir": run_dir, "mlflow_run_id": run_id, "history": result.history,
@@ -170,12 +159,11 @@ class Runner:
         import ray
 
         from pipelines import job
-        from pipelines.train import run_training
+        from pipelines.train import run_training, runs_in_one_process
 
         config = self.cell_config(cell)
         prefix = f"{self.plan.spec.name}-{cell.name}"
-        single = (config.train.num_workers == 1 and not config.train.use_gpu and not storage.is_remote(config.run_dir))
-        if not single:
+        if not runs_in_one_process(config):
             run_training(config, parent_run_id=self.parent_of(cell), log_prefix=prefix, tags=self.tags(cell))
             run_id_file = storage.join(config.run_dir, tracking.RUN_ID_FILE)
             run_id = storage.read_bytes(run_id_file).decode().strip() if storage.exists(run_id_file) else None

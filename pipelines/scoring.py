@@ -35,9 +35,10 @@ from pipelines.scoring_inputs import ScoringModel
 
 @dataclasses.dataclass(frozen=True)
 class ScoringPlan:
-    """Resources of the read tasks and of the scoring actor pool."""
+    """Resources of the read tasks and of the scoring actor pool (min_actors..num_actors actors)."""
 
     num_actors: int
+    min_actors: int
     actor_cpus: float
     actor_gpus: float
     read_cpus: float
@@ -77,6 +78,10 @@ def plan_scoring(*, use_gpu: bool, num_actors: int | None = None, actor_cpus: fl
     read tasks, not reserved); on GPU each actor takes one GPU and up to one CPU, one actor
     per GPU. A read task's request differs from an actor's, which also keeps Ray Data from
     fusing decoding into the actors (decoding belongs on CPUs beside the GPUs, not in front of them).
+
+    A pool sized by default starts with one actor and grows up to its size while inputs wait
+    (Ray Data's autoscaling actor pool): each actor imports torch and loads the model, which a split
+    of a few blocks never repays; `num_actors` given fixes the size.
     """
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     if use_gpu:
@@ -98,7 +103,8 @@ def plan_scoring(*, use_gpu: bool, num_actors: int | None = None, actor_cpus: fl
             "and starve the read tasks"
         )
     read_cpus = min(1.0, cpus - size * actor_cpus)
-    return ScoringPlan(num_actors=size, actor_cpus=actor_cpus, actor_gpus=actor_gpus, read_cpus=read_cpus)
+    return ScoringPlan(num_actors=size, min_actors=num_actors or 1, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
+                       read_cpus=read_cpus)
 
 
 def num_eval_streams(config: Config) -> int:
@@ -248,7 +254,8 @@ def score_dataset(
     )
     return batches.map_batches(
         ScoringActor,
-        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors,
+                                           initial_size=plan.min_actors),
         batch_size=1,  # one row is one model batch
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,

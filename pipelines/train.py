@@ -1,8 +1,10 @@
-"""Ray Train entry: a TorchTrainer (DDP over N workers) whose worker loop is avgk.training.engine.fit."""
+"""Ray Train entry: a TorchTrainer (DDP over N workers) whose worker loop is avgk.training.engine.fit; a
+single CPU worker with a local run directory runs engine.fit in the calling task or trial instead."""
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -94,6 +97,32 @@ def record_results(config: Config, evaluation: Evaluation, *, uri: str | None, r
         )
         log(f"pyfunc model logged: {model_uri}"
             + (f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""))
+
+
+def runs_in_one_process(config: Config) -> bool:
+    """A training that needs no Train worker group: one CPU worker writing to a local run directory.
+
+    It runs in the process of a Ray task (a pipeline's train cell) or of a Tune trial, saving the
+    TorchTrainer's controller, its helper actors and a worker process, each importing torch.
+    """
+    return config.train.num_workers == 1 and not config.train.use_gpu and not storage.is_remote(config.run_dir)
+
+
+def fit_in_process(config: Config, *, reporter: checkpoints.Reporter, uri: str | None, run_id: str | None,
+                   log: Callable[[str], None]) -> engine.FitResult:
+    """engine.fit in this process (see runs_in_one_process), then what rank 0 of a TorchTrainer run does
+    at the end: the evaluation, plots and model into the MLflow run `run_id`, opened by the caller."""
+    torch.set_num_threads(max(1, math.ceil(config.train.cpus_per_worker)))  # the CPUs its task or trial holds
+    Path(storage.absolute(config.run_dir)).mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(metrics: dict[str, float], epoch: int) -> None:
+        if uri and run_id:
+            tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
+
+    result = engine.fit(config, reporter=reporter, on_epoch_end=on_epoch_end, log=log)
+    if result.evaluation is not None:
+        record_results(config, result.evaluation, uri=uri, run_id=run_id, log=log)
+    return result
 
 
 def check_resources(config: Config) -> None:

@@ -1,9 +1,12 @@
-"""`avgk tune`: a Ray Tune sweep, one TorchTrainer per trial, ASHA on val avg-K, MLflow parent + child runs.
+"""`avgk tune`: a Ray Tune sweep, one training per trial, ASHA on val avg-K, MLflow parent + child runs.
 
 Wiring (ray 2.60, Train V2): the Tuner runs `run_trial` (a function trainable) per trial; it builds the
 trial's TorchTrainer with pipelines.train.build_trainer and adds
 `ray.tune.integration.ray_train.TuneReportCallback()` to the Train RunConfig's callbacks, which forwards
-rank 0's per-epoch `ray.train.report` metrics to the trial, so ASHA sees every epoch.
+rank 0's per-epoch `ray.train.report` metrics to the trial, so ASHA sees every epoch. A sweep whose
+trials train on one CPU worker each (pipelines.train.runs_in_one_process) runs engine.fit in the trial's
+own process instead and reports each epoch to Tune itself (_TuneReporter): no Train controller, helper
+actors or worker process per trial; such a trial holds trial_cpus + train.cpus_per_worker.
 
 CPU accounting: the trial's driver function holds `trial_cpus` (a Tune resource request); the Train
 controller it starts takes 0 CPUs and its workers take train.num_workers x train.cpus_per_worker *outside*
@@ -33,6 +36,7 @@ from avgk.experiments.sweep_config import Domain, SweepConfig, SweepConfigError,
 from avgk.records import tracking
 from avgk.runtime import storage
 from avgk.runtime.console import say
+from avgk.training import checkpoints
 from pipelines import ray_private
 
 if TYPE_CHECKING:  # for annotations: this module imports Ray inside the functions that use it
@@ -99,19 +103,20 @@ def run_trial(
     parent_run_id: str | None,
     uri: str | None,
     sweep_name: str,
+    in_trial: bool = False,
 ) -> None:
-    """One trial: a TorchTrainer whose epochs reach Tune, and the trial's MLflow child run.
+    """One trial: its training, whose epochs reach Tune, and the trial's MLflow child run.
 
-    A resumed trial reopens its Train run (same storage + name) and its MLflow run (the run
-    directory's mlflow_run_id.txt). A trial stopped by the scheduler is killed with its actor, so
-    its `finally` may never run: the sweep driver settles every child's final status afterwards.
+    The training is a TorchTrainer, or with `in_trial` (_in_trial: one CPU worker does it) engine.fit
+    in this trial's own process, which then holds that worker's CPUs too.
+    A resumed trial reopens its training's latest checkpoint (the same run directory) and its MLflow
+    run (the run directory's mlflow_run_id.txt). A trial stopped by the scheduler is killed with its
+    actor, so its `finally` may never run: the sweep driver settles every child's final status afterwards.
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import build_trainer
+    from pipelines.train import build_trainer, fit_in_process
 
-    _let_train_find_this_cluster()
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(base_tree, params, trials_dir=trials_dir, trial_id=trial_id)
     run_id = None
@@ -119,10 +124,36 @@ def run_trial(
         run_id = tracking.start_run(
             config, parent_run_id=parent_run_id, tags={"avgk.sweep": sweep_name, "avgk.trial_id": trial_id}
         )
+    if in_trial:
+        with tracking.lifecycle(uri, run_id):
+            fit_in_process(config, reporter=_TuneReporter(config.run_dir), uri=uri, run_id=run_id, log=say)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    _let_train_find_this_cluster()
     # TuneReportCallback forwards rank 0's per-epoch reports to Tune, so ASHA sees every epoch.
     trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri, callbacks=[TuneReportCallback()])
     with tracking.lifecycle(uri, run_id):
         trainer.fit()
+
+
+class _TuneReporter(checkpoints.LocalReporter):
+    """A trial's own training: checkpoints in its run directory (where a resumed trial finds them),
+    each epoch's metrics to Tune after the checkpoint is safe (the scheduler may stop the trial there)."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        super().report(metrics, checkpoint_dir)
+        tune.report(metrics)
+
+
+def _in_trial(sweep: SweepConfig, base: Config) -> bool:
+    """Whether every trial trains in its own process (pipelines.train.runs_in_one_process): the base config
+    allows it and no searched key changes that."""
+    from pipelines.train import runs_in_one_process
+
+    return runs_in_one_process(base) and not {"train.num_workers", "train.use_gpu"} & set(sweep.space)
 
 
 # ---------------------------------------------------------------- the sweep driver
@@ -318,11 +349,12 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
         )
     per_trial_cpus = sweep.trial_cpus + base.train.num_workers * base.train.cpus_per_worker
     # resume=False: trials resume through Tune (_check_resume below checks the sweep folder)
-    base = job.start(base, cpus=per_trial_cpus, resume=False)
+    base = job.start(base, cpus=per_trial_cpus, resume=False, join=False)
     paths = SweepPaths(storage.join(base.run.storage, sweep.name))
     # What decides the trials; evaluate_best, max_concurrent_trials and trial_cpus may change on resume.
     trials_spec = sweep.model_dump(mode="json", include={"space", "overrides", "num_samples", "scheduler", "seed"})
-    _check_resume(paths, {"sweep": trials_spec, "base": base.to_dict()}, log=log)
+    _check_resume(paths, {"sweep": trials_spec, "base": base.to_dict()}, log=log)  # before any Ray process starts
+    job.join_cluster(cpus=per_trial_cpus)
 
     # The parent run's directory is the sweep folder (its mlflow_run_id.txt reopens it on resume).
     parent_config = base.model_copy(update={"run": base.run.model_copy(update={"name": sweep.name})})
@@ -336,10 +368,12 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
                 tracking.log_params(uri, parent_run_id, sweep.flat())
             base_tree["tracking"]["uri"] = uri  # every trial logs where the parent is, whatever its run.storage
         concurrency = _concurrency(sweep, base, log=log)
+        in_trial = _in_trial(sweep, base)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base_tree=base_tree, trials_dir=paths.trials,
-                                 parent_run_id=parent_run_id, uri=uri, sweep_name=sweep.name),
-            {"cpu": sweep.trial_cpus},
+                                 parent_run_id=parent_run_id, uri=uri, sweep_name=sweep.name, in_trial=in_trial),
+            # a trial training in its own process also holds its worker's CPUs
+            {"cpu": sweep.trial_cpus + (base.train.cpus_per_worker if in_trial else 0)},
         )
         if tune.Tuner.can_restore(paths.tune):
             # Finished trials keep their results; unfinished and errored ones start again and their

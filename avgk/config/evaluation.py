@@ -26,7 +26,8 @@ class EvalConfig(Section):
     )
     checkpoint: Literal["best", "last"] = Field("best", description="checkpoint evaluated at the end")
     num_actors: int | None = Field(
-        None, ge=1, description="scoring-job actors (evaluate, pseudolabel); default one per GPU, else one per CPU"
+        None, ge=1, description="scoring-job actors (evaluate, pseudolabel); default: one, growing while inputs wait "
+        "up to one per GPU, else one per CPU"
     )
     gpu_wait_seconds: float = Field(
         600.0, ge=0, description="scoring jobs on GPU: how long to wait for an autoscaling cluster to bring a GPU up"

@@ -118,3 +118,6 @@ def test_changed_sweep_does_not_resume_into_the_same_folder(smoke_shards, tmp_pa
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
     assert "holds a sweep with a different configuration" in err and "Traceback" not in err
+    import ray
+
+    assert not ray.is_initialized()  # refused before a local cluster started in this process
