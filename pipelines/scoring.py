@@ -25,7 +25,6 @@ import ray.data
 import torch
 
 from avgk.config import Config
-from avgk.data.loaders import eval_loader
 from avgk.data.manifest import Manifest
 from avgk.evaluation import top_scores
 from avgk.models.inputs import image_transform
@@ -131,6 +130,8 @@ def _read_stream(
     kernels differ with the batch size), so this is what makes the job's scores, thresholds
     and metrics bit-identical to the in-training evaluation, whatever the actor count.
     """
+    from avgk.data.loaders import eval_loader  # torchvision's decoders: read tasks only, not the scoring actors
+
     transform = image_transform(Config.model_validate(config_tree), train=False)
     for stream in batch["stream"]:
         loader = eval_loader(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,12 +31,11 @@ import yaml
 
 from avgk.config import Config
 from avgk.evaluation.metrics import format_k
-from avgk.experiments.sweep_config import Domain, SweepConfig, SweepConfigError, config_for
+from avgk.experiments.sweep_config import Domain, SweepConfig, SweepConfigError
 from avgk.records import tracking
 from avgk.runtime import storage
 from avgk.runtime.console import say
-from avgk.training import checkpoints
-from pipelines import ray_private
+from pipelines.tune_trial import plain, run_trial, trial_config, trial_in_own_process
 
 if TYPE_CHECKING:  # for annotations: this module imports Ray inside the functions that use it
     import pandas as pd
@@ -47,11 +45,6 @@ if TYPE_CHECKING:  # for annotations: this module imports Ray inside the functio
 
 SWEEP_FILE = "sweep.yaml"
 
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars from Tune's samplers -> Python values (pydantic and YAML want those)."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
 
 
 @dataclass(frozen=True)
@@ -68,92 +61,6 @@ class SweepPaths:
 
     def trial(self, trial_id: str) -> str:
         return storage.join(self.trials, trial_id)
-
-
-def trial_config(base_tree: dict[str, Any], params: dict[str, Any], *, trials_dir: str, trial_id: str) -> Config:
-    values = {key: _plain(value) for key, value in params.items()}
-    return config_for(base_tree, {**values, "run.storage": trials_dir, "run.name": trial_id})
-
-
-# ---------------------------------------------------------------- one trial (runs in a Tune trial actor)
-
-
-def _let_train_find_this_cluster() -> None:
-    """Give the trial's Train controller (and its placement-group cleaner) this cluster's address.
-
-    A trial stopped by the scheduler is killed with its Train controller; the workers' placement
-    group outlives them (its lifetime is the job's) unless Train's PlacementGroupCleaner removes it.
-    The cleaner finds the cluster through RAY_ADDRESS, else by scanning the machine, which fails
-    ("Found multiple active Ray instances") when another local Ray runs beside ours: the leaked
-    group then holds the next trial's CPUs and its workers never start. Train copies the variables
-    in its ENV_VARS_TO_PROPAGATE to the controller, whose child actors (the cleaner) inherit them.
-    """
-    import ray
-
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    ray_private.propagate_env_var_to_train("RAY_ADDRESS")
-
-
-def run_trial(
-    params: dict[str, Any],
-    *,
-    base_tree: dict[str, Any],
-    trials_dir: str,
-    parent_run_id: str | None,
-    uri: str | None,
-    sweep_name: str,
-    in_trial: bool = False,
-) -> None:
-    """One trial: its training, whose epochs reach Tune, and the trial's MLflow child run.
-
-    The training is a TorchTrainer, or with `in_trial` (_in_trial: one CPU worker does it) engine.fit
-    in this trial's own process, which then holds that worker's CPUs too.
-    A resumed trial reopens its training's latest checkpoint (the same run directory) and its MLflow
-    run (the run directory's mlflow_run_id.txt). A trial stopped by the scheduler is killed with its
-    actor, so its `finally` may never run: the sweep driver settles every child's final status afterwards.
-    """
-    from ray import tune
-
-    from pipelines.train import build_trainer, fit_in_process
-
-    trial_id = tune.get_context().get_trial_id()
-    config = trial_config(base_tree, params, trials_dir=trials_dir, trial_id=trial_id)
-    run_id = None
-    if config.tracking.enabled:
-        run_id = tracking.start_run(
-            config, parent_run_id=parent_run_id, tags={"avgk.sweep": sweep_name, "avgk.trial_id": trial_id}
-        )
-    if in_trial:
-        with tracking.lifecycle(uri, run_id):
-            fit_in_process(config, reporter=_TuneReporter(config.run_dir), uri=uri, run_id=run_id, log=say)
-        return
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    _let_train_find_this_cluster()
-    # TuneReportCallback forwards rank 0's per-epoch reports to Tune, so ASHA sees every epoch.
-    trainer = build_trainer(config, mlflow_run_id=run_id, tracking_uri=uri, callbacks=[TuneReportCallback()])
-    with tracking.lifecycle(uri, run_id):
-        trainer.fit()
-
-
-class _TuneReporter(checkpoints.LocalReporter):
-    """A trial's own training: checkpoints in its run directory (where a resumed trial finds them),
-    each epoch's metrics to Tune after the checkpoint is safe (the scheduler may stop the trial there)."""
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        from ray import tune
-
-        super().report(metrics, checkpoint_dir)
-        tune.report(metrics)
-
-
-def _in_trial(sweep: SweepConfig, base: Config) -> bool:
-    """Whether every trial trains in its own process (pipelines.train.runs_in_one_process): the base config
-    allows it and no searched key changes that."""
-    from pipelines.train import runs_in_one_process
-
-    return runs_in_one_process(base) and not {"train.num_workers", "train.use_gpu"} & set(sweep.space)
 
 
 # ---------------------------------------------------------------- the sweep driver
@@ -262,7 +169,7 @@ def _collect_rows(results: ResultGrid, sweep: SweepConfig, base_tree: dict[str, 
             continue
         trial_space = result.config
         assert trial_space is not None  # every trial's result holds its sampled config
-        params = {key: _plain(trial_space[key]) for key in sweep.space if key in trial_space}
+        params = {key: plain(trial_space[key]) for key in sweep.space if key in trial_space}
         config = trial_config(base_tree, params, trials_dir=paths.trials, trial_id=trial_id)
         run_dir = paths.trial(trial_id)
         best_val, epochs = _best_of(result.metrics_dataframe, sweep.scheduler.metric, sweep.scheduler.mode)
@@ -368,7 +275,7 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
                 tracking.log_params(uri, parent_run_id, sweep.flat())
             base_tree["tracking"]["uri"] = uri  # every trial logs where the parent is, whatever its run.storage
         concurrency = _concurrency(sweep, base, log=log)
-        in_trial = _in_trial(sweep, base)
+        in_trial = trial_in_own_process(sweep, base)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base_tree=base_tree, trials_dir=paths.trials,
                                  parent_run_id=parent_run_id, uri=uri, sweep_name=sweep.name, in_trial=in_trial),

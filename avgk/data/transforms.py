@@ -1,4 +1,8 @@
-"""Image transforms: PIL image -> normalised float tensor, with train-time augmentation."""
+"""Image transforms: PIL image -> normalised float tensor, with train-time augmentation.
+
+torchvision (about 2 s to import, more than torch's own share on this project's CPUs) loads when a
+transform is built: a process that only normalises batches (a scoring actor) never imports it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_CROP", "ImageTransform", "Transform", "build_transform", "normalize_batch",
@@ -17,8 +19,9 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE_CROP = 64
-AUTO_AUGMENT = {"none": None, "randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
 """Below this crop size (CIFAR-like images) training uses pad + random crop instead of RandomResizedCrop."""
+AUTO_AUGMENT = {"none": None, "randaugment": "RandAugment", "trivialaugment": "TrivialAugmentWide"}
+"""train.auto_augment -> the torchvision.transforms.v2 class it names."""
 
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -54,11 +57,13 @@ def normalize_batch(
     batch = images_BCHW.shape[0]
     per_image = max(1, images_BCHW[0].numel() * 4)
     rows = batch if images_BCHW.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // per_image)
-    mean_, std_ = list(mean), list(std)
+    # v2.functional.normalize's own operations: subtract, then divide, by float32 C x 1 x 1 tensors
+    mean_ = torch.as_tensor(list(mean), dtype=torch.float32, device=out.device).view(-1, 1, 1)
+    std_ = torch.as_tensor(list(std), dtype=torch.float32, device=out.device).view(-1, 1, 1)
     for first in range(0, batch, rows):
         chunk = out[first:first + rows]
         chunk.copy_(images_BCHW[first:first + rows]).mul_(1.0 / 255)  # what to_dtype(scale=True) computes
-        F.normalize(chunk, mean=mean_, std=std_, inplace=True)
+        chunk.sub_(mean_).div_(std_)
     return out
 
 
@@ -126,8 +131,11 @@ def build_transform(
         raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(crop_scale)}")
     if auto_augment not in AUTO_AUGMENT:
         raise ValueError(f"auto_augment must be one of {', '.join(AUTO_AUGMENT)}, got {auto_augment!r}")
+    from torchvision.transforms import v2
+
     after_crop = [v2.RandomHorizontalFlip()] if hflip else []
-    after_crop += [AUTO_AUGMENT[auto_augment]()] if auto_augment != "none" else []
+    augment = AUTO_AUGMENT[auto_augment]
+    after_crop += [getattr(v2, augment)()] if augment else []
     if train and crop >= SMALL_IMAGE_CROP:
         geometry = [v2.RandomResizedCrop(crop, scale=tuple(crop_scale), antialias=True), *after_crop]
     elif train:

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from avgk.config import Config
-from avgk.data.loaders import eval_loader
 from avgk.evaluation import passes
 from avgk.evaluation.accounting import account_samples
 from avgk.evaluation.metrics import format_k
@@ -78,6 +77,8 @@ def local_runner(scored: dict[str, list[ScoredChunk]], *, reduce: passes.Reduce)
 
 def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[dict[str, Any]]:
     cfg = parts.config
+    from avgk.data.loaders import eval_loader  # torchvision's decoders: not for processes that only score
+
     loader: Iterable[dict[str, Any]] = eval_loader(
         shards_dir=parts.manifest,
         split=split,
