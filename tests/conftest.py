@@ -17,6 +17,9 @@ os.environ.setdefault("AVGK_DASHBOARD_PORT", "0")
 # Two test processes (and their commands' processes) share two cores: one OpenMP thread each, or their
 # threads spin-wait against each other (set before anything imports torch; subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray Train starts an actor per training that watches for cloud-node preemption (draining nodes); a
+# local test cluster is never drained, and the actor's start-up is CPU the two cores need.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from tests.helpers.runs import ROOT
 
