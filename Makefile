@@ -21,11 +21,12 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy
 
-# The checks, then two processes, one test file each at a time (module fixtures such as a file's Ray cluster stay in one
-# process; tests/conftest.py groups the files that share a trained run). Per-test seconds go to
-# .test-durations.xml: `python -m tests.helpers.durations` sums them per file (BENCHMARKS.md, "Test suite budget").
+# The checks, then two processes, one test file each at a time, the longest first (module fixtures such as a file's
+# Ray cluster stay in one process; tests/helpers/scheduling.py, with tests/durations.json, deals the files and keeps
+# the files sharing a trained run together). Per-test seconds go to .test-durations.xml:
+# `python -m tests.helpers.durations` sums them per file (BENCHMARKS.md, "Test suite budget").
 test: lint
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=40 --junitxml=.test-durations.xml
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=40 --junitxml=.test-durations.xml
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
@@ -33,13 +34,13 @@ test-fast: $(STAMP)
 # The inner loop: unit tests only (no Ray cluster, no mlflow server, no wheel build), two processes.
 # CI always runs the whole suite (make test).
 unit: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup -m "not slow" -p no:cacheprovider tests/unit
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow" -p no:cacheprovider tests/unit
 
 # The whole suite with line coverage of avgk/ and pipelines/ ([tool.coverage] in pyproject.toml):
 # coverage.json and a summary table; slower than make test (every process traces its lines).
 coverage: $(STAMP)
 	rm -f .coverage .coverage.*
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --cov --cov-report=term:skip-covered --cov-report=json
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --cov --cov-report=term:skip-covered --cov-report=json
 	@echo "line coverage per file: coverage.json"
 
 bench: $(STAMP)

@@ -23,18 +23,18 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from tests.helpers.runs import ROOT
 
-SHARED_GROUPS = {"predict_smoke_run": "predict_smoke_run"}
-"""Session fixtures costly enough that every test using them should run in one process (a trained run)."""
+SHARED_FILES = {path: "predict_smoke_run" for path in ("tests/unit/test_predict.py", "tests/unit/test_serving.py",
+                                                       "tests/integration/test_serving.py", "tests/integration/test_pyfunc.py")}
+"""Files that use a session fixture costly enough to build once per run (`predict_smoke_run`, a trained run):
+one process runs them all."""
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (`--dist loadgroup`)
-def pytest_collection_modifyitems(config, items):
-    """One xdist group per test file, as `--dist loadfile` would make (a file's module fixtures, such as
-    its Ray cluster, stay in one process), except that the files sharing a costly session fixture form
-    one group, so that fixture is built once per run rather than once per process."""
-    for item in items:
-        shared = [group for fixture, group in SHARED_GROUPS.items() if fixture in item.fixturenames]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+def pytest_xdist_make_scheduler(config, log):
+    """Whole files to each process, longest first (tests/helpers/scheduling.py); a file's module fixtures,
+    such as its Ray cluster or trained run, are built once."""
+    from tests.helpers.scheduling import FileScheduling
+
+    return FileScheduling(config, log, groups=SHARED_FILES)
 
 
 def pytest_configure(config):

@@ -1,14 +1,16 @@
 """Seconds per test file from the JUnit XML that `make test` writes (.test-durations.xml): the suite's budget.
 
-    python -m tests.helpers.durations [.test-durations.xml] [--top 40]
+    python -m tests.helpers.durations [.test-durations.xml] [--top 40] [--write tests/durations.json]
 
 Sums setup, call and teardown of every test in a file (pytest's JUnit `time` attribute), so a change
-can say what it added to the suite (BENCHMARKS.md, "Test suite budget").
+can say what it added to the suite (BENCHMARKS.md, "Test suite budget"). `--write` also stores the
+seconds per file as JSON: `make test` deals the longest files first by it (tests/helpers/scheduling.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -35,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("xml", nargs="?", default=".test-durations.xml")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--write", type=Path, help="also write {file: seconds} here (the scheduler's table)")
     args = parser.parse_args(argv)
     seconds = per_file(Path(args.xml))
+    if args.write:
+        table = {name: round(value, 1) for name, value in sorted(seconds.items())}
+        args.write.write_text(json.dumps(table, indent=1) + "\n")
     total = sum(seconds.values())
     print("| test file | seconds | share |\n| --- | ---: | ---: |")
     for name, value in sorted(seconds.items(), key=lambda kv: -kv[1])[: args.top]:
