@@ -1,8 +1,8 @@
-"""Ray Data batch inference over a split's shards: how many scoring actors, and what each row holds.
+"""Ray Data batch inference over a split's shards: how many scorers, and what each row holds.
 
 Legend: N samples, L classes, B model batch.
 
-Read tasks decode the shards into model batches, an actor pool runs the model, and the output
+Read tasks decode the shards into model batches, scorers run the model, and the output
 holds one row per sample: idx (int64), label (int64), scores (float32 L-vector) and, on synthetic
 data, posterior (float32 L-vector). With `top_t` (the jobs' default, eval.score_rows=top) the actor
 keeps only each row's top-T form instead of the L-vectors (avgk.evaluation.top_scores: the T
@@ -70,15 +70,17 @@ def plan_scoring(*, use_gpu: bool, num_actors: int | None = None, actor_cpus: fl
                  gpu_wait_seconds: float = 0.0) -> ScoringPlan:
     """Sizes the actor pool so that read tasks always find a CPU.
 
-    Actors hold their CPUs for the whole job; if they held every CPU, the read tasks would
-    wait forever and Ray Data would hang without an error. So the pool reserves at most half
-    of the cluster's CPUs, and a read task asks for at most one CPU of the other half. On
-    CPU each actor reserves half a CPU (and runs one torch thread: cores are shared with the
-    read tasks, not reserved); on GPU each actor takes one GPU and up to one CPU, one actor
-    per GPU. A read task's request differs from an actor's, which also keeps Ray Data from
-    fusing decoding into the actors (decoding belongs on CPUs beside the GPUs, not in front of them).
+    `num_actors` scorers: on GPU an actor pool (one actor per GPU by default), on CPU that many
+    scoring tasks at once (one per CPU by default; see ScoringActor). Actors hold their CPUs for
+    the whole job; if they held every CPU, the read tasks would wait forever and Ray Data would
+    hang without an error. So the scorers reserve at most half of the cluster's CPUs, and a read
+    task asks for at most one CPU of the other half. On CPU each scorer reserves half a CPU (and
+    runs one torch thread: cores are shared with the read tasks, not reserved); on GPU each actor
+    takes one GPU and up to one CPU. A read task's request differs from a scorer's, which also
+    keeps Ray Data from fusing decoding into the scorers (decoding belongs on CPUs beside the
+    GPUs, not in front of them).
 
-    A pool sized by default starts with one actor and grows up to its size while inputs wait
+    A GPU pool sized by default starts with one actor and grows up to its size while inputs wait
     (Ray Data's autoscaling actor pool): each actor imports torch and loads the model, which a split
     of a few blocks never repays; `num_actors` given fixes the size.
     """
@@ -150,7 +152,13 @@ def _read_stream(
 
 
 class ScoringActor:
-    """Runs the model on model batches: the same head, transform output and precision as evaluation.score_batches."""
+    """Runs the model on model batches: the same head, transform output and precision as evaluation.score_batches.
+
+    On GPU, one Ray actor per GPU holds it. On CPU, Ray tasks do (_score_on_cpu): Ray reuses a
+    job's task workers, which keep the last model they loaded, so the model loads once per worker
+    process and a worker that already imported torch scores the next split or job at once; an
+    actor's process, with its imports, is new for each job.
+    """
 
     def __init__(
         self, *, model_box: tuple[Any], head: str, use_gpu: bool, num_threads: int, top_t: int | None = None,
@@ -193,6 +201,20 @@ class ScoringActor:
             for name, values in columns.items():
                 outputs.setdefault(name, []).append(values)
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+_CPU_SCORER: tuple[tuple[Any, ...], ScoringActor] | None = None
+"""This worker process's scorer: the model the last CPU scoring task loaded, and what it was built from."""
+
+
+def _score_on_cpu(rows: dict[str, np.ndarray], **scorer: Any) -> dict[str, np.ndarray]:
+    """A CPU scoring task: the rows through this worker's ScoringActor, built on the first task of a job."""
+    global _CPU_SCORER
+    key = (scorer["model_box"][0].hex(), *(scorer[name] for name in sorted(scorer) if name != "model_box"))
+    if _CPU_SCORER is None or _CPU_SCORER[0] != key:
+        _CPU_SCORER = None  # the last job's model goes before this one's loads
+        _CPU_SCORER = (key, ScoringActor(**scorer))
+    return _CPU_SCORER[1](rows)
 
 
 def score_columns(
@@ -253,17 +275,24 @@ def score_dataset(
             num_classes=scoring.num_classes, with_posterior=with_posterior,
         ),
     )
+    scorer = dict(model_box=(ray.put(scoring),), head=head, use_gpu=use_gpu,
+                  num_threads=max(1, int(plan.actor_cpus)), top_t=top_t, with_classes=with_classes)
+    if not use_gpu:
+        return batches.map_batches(
+            _score_on_cpu,  # type: ignore[arg-type]  # as _read_stream's
+            batch_size=1,  # one row is one model batch
+            num_cpus=plan.actor_cpus,
+            concurrency=plan.num_actors,
+            fn_kwargs=scorer,
+        )
     return batches.map_batches(
         ScoringActor,
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors,
                                            initial_size=plan.min_actors),
-        batch_size=1,  # one row is one model batch
+        batch_size=1,
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
-        fn_constructor_kwargs=dict(
-            model_box=(ray.put(scoring),), head=head, use_gpu=use_gpu, num_threads=max(1, int(plan.actor_cpus)),
-            top_t=top_t, with_classes=with_classes,
-        ),
+        fn_constructor_kwargs=scorer,
     )
 
 

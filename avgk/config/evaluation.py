@@ -26,8 +26,8 @@ class EvalConfig(Section):
     )
     checkpoint: Literal["best", "last"] = Field("best", description="checkpoint evaluated at the end")
     num_actors: int | None = Field(
-        None, ge=1, description="scoring-job actors (evaluate, pseudolabel); default: one, growing while inputs wait "
-        "up to one per GPU, else one per CPU"
+        None, ge=1, description="scorers of the scoring jobs (evaluate, pseudolabel): GPU actors (default: one, "
+        "growing while inputs wait, up to one per GPU), else CPU tasks at once (default: one per CPU)"
     )
     gpu_wait_seconds: float = Field(
         600.0, ge=0, description="scoring jobs on GPU: how long to wait for an autoscaling cluster to bring a GPU up"
