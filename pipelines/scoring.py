@@ -247,8 +247,12 @@ def score_dataset(
     gpu_wait_seconds: float = 0.0,
     top_t: int | None = None,
     with_classes: bool = False,
+    actors: bool | None = None,
 ) -> ray.data.Dataset:
     """A lazy Dataset of the split's scores: rows idx, label, scores (float32 L) [, posterior].
+
+    `actors`: the model in an actor pool (the default on GPU) or in tasks on reused workers (the
+    default on CPU; see ScoringActor); either gives the same rows.
 
     `manifest` is the data set's, read once by the caller; it travels to the read tasks with
     their arguments, so no task reads manifest.json again.
@@ -277,7 +281,7 @@ def score_dataset(
     )
     scorer = dict(model_box=(ray.put(scoring),), head=head, use_gpu=use_gpu,
                   num_threads=max(1, int(plan.actor_cpus)), top_t=top_t, with_classes=with_classes)
-    if not use_gpu:
+    if not (use_gpu if actors is None else actors):
         return batches.map_batches(
             _score_on_cpu,  # type: ignore[arg-type]  # as _read_stream's
             batch_size=1,  # one row is one model batch

@@ -189,8 +189,9 @@ def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):
     from tests.helpers.reductions import calibrate_dataset
 
     scoring = load_scoring_model(str(checkpoint_dirs(trained.run_dir)[-1] / "checkpoint.pt"))
+    # an actor pool of two (the GPU path, here on CPU actors): every row scored once, thresholds exact
     val = score_dataset(scoring, manifest=read_manifest(trained.config.data.shards), split="val", head="multilabel",
-                        with_posterior=True, num_actors=2).materialize()  # two actors: every row scored once
+                        with_posterior=True, num_actors=2, actors=True).materialize()
     thresholds = calibrate_dataset(val, ks=[1, 1.5, 2, 3], num_tasks=2)
     rows = collect(val, "idx", "scores", "posterior")
     assert rows["idx"].tolist() == list(range(400))  # every val sample scored exactly once

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from avgk.config import Config
 from tests.helpers.runs import ROOT
@@ -19,10 +20,11 @@ SWEEP = ROOT / "configs" / "sweeps" / "smoke.yaml"
 SMALL = ("num_samples=1", "train.epochs=2", "tracking.log_model=false")  # trials' models: not this test's subject
 
 
-def avgk_tune(smoke_shards: Path, storage: Path, mlflow_uri: str, *overrides: str) -> subprocess.CompletedProcess:
+def avgk_tune(smoke_shards: Path, storage: Path, mlflow_uri: str, *overrides: str,
+              sweep: Path = SWEEP) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray, as a user's first `avgk tune`
-    cmd = [sys.executable, "-m", "pipelines.cli", "tune", str(SWEEP), f"data.shards={smoke_shards}",
+    cmd = [sys.executable, "-m", "pipelines.cli", "tune", str(sweep), f"data.shards={smoke_shards}",
            f"run.storage={storage}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -84,6 +86,9 @@ def test_smoke_sweep_asha_mlflow_tree_and_resume(smoke_shards, tmp_path, mlflow_
     best = parent.data.tags["avgk.best_trial"]
     assert best == rows[0]["trial"] and by_name[best].info.status == "FINISHED"
     assert parent.data.tags["avgk.best_mlflow_run_id"] == by_name[best].info.run_id
+    # one CPU worker per trial: the training ran in the trial's own process (its local checkpoint layout)
+    assert (sweep_dir / "trials" / best / "checkpoints" / "latest" / "checkpoint.pt").is_file()
+    assert not list((sweep_dir / "trials" / best).glob("checkpoint_*"))
     best_metrics = json.loads((sweep_dir / "trials" / best / "metrics.json").read_text())
     assert set(best_metrics["test"]["avg_k_accuracy"]) == {"1", "2", "3"}
     assert float(parent.data.tags["avgk.best_test_avg_k_accuracy"]) == pytest.approx(
@@ -105,6 +110,26 @@ def test_smoke_sweep_asha_mlflow_tree_and_resume(smoke_shards, tmp_path, mlflow_
     assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FINISHED"
     assert sorted(c.info.run_id for c in children_again) == sorted(c.info.run_id for c in children)
     assert {c.info.run_name: c.info.status for c in children_again} == {r["trial"]: r["status"] for r in rows}
+
+
+def test_a_trial_on_two_workers_runs_a_torch_trainer(smoke_shards, tmp_path, mlflow_server):
+    """More than one worker per trial: each trial's training is a TorchTrainer (its Ray Train checkpoint
+    folders), rank 0 logging into the trial's MLflow child run."""
+    from mlflow.tracking import MlflowClient
+
+    sweep = tmp_path / "two-workers.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "two-worker-sweep", "base": str(ROOT / "configs" / "smoke.yaml"),
+        "overrides": {"train.epochs": 1, "train.num_workers": 2, "tracking.log_model": False},
+        "space": {"train.lr": {"grid": [0.05]}}, "num_samples": 1, "scheduler": {"name": "fifo"},
+        "evaluate_best": False, "trial_cpus": 1,
+    }))
+    avgk_tune(smoke_shards, tmp_path / "runs", mlflow_server, sweep=sweep)
+    (trial,) = (tmp_path / "runs" / "two-worker-sweep" / "trials").iterdir()
+    assert list(trial.glob("checkpoint_*")) and not (trial / "checkpoints").exists()
+    assert json.loads((trial / "metrics.json").read_text())["test"]["num_samples"] == 400
+    _, (child,) = run_tree(MlflowClient(mlflow_server), "two-worker-sweep")
+    assert child.info.status == "FINISHED" and "val_avg_k_accuracy" in child.data.metrics
 
 
 def test_changed_sweep_does_not_resume_into_the_same_folder(smoke_shards, tmp_path, capsys):
