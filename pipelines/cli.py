@@ -11,10 +11,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from avgk.config import Config, ConfigError, load_config
 from avgk.runtime import console, guardian
 from avgk.runtime.storage import StorageError
+
+if TYPE_CHECKING:
+    from avgk.experiments.pipeline_plan import Plan
 
 # Ray prints a banner per worker and a deprecation hint per run; keep a person's terminal readable.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -152,13 +156,32 @@ def _version() -> str:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from avgk.experiments.pipeline_spec import load_pipeline
+    from avgk.experiments.pipeline_plan import load_pipeline
 
-    load_pipeline(args.config, args.overrides)  # a bad spec answers before Ray, torch or MLflow load
+    plan = load_pipeline(args.config, args.overrides)  # a bad spec answers before Ray, torch or MLflow load
+    if args.export == "argo":
+        return export_workflow(plan, args)
     from pipelines.pipeline import run_pipeline
 
     result = run_pipeline(args.config, args.overrides, dry_run=args.dry_run, only=args.only, start=args.start)
     return 1 if result.failed else 0
+
+
+def export_workflow(plan: Plan, args: argparse.Namespace) -> int:
+    """The spec as an Argo Workflow on stdout (avgk.experiments.argo_export); nothing runs."""
+    import yaml
+
+    from avgk.experiments.argo_export import export_argo, load_template, validate_workflow
+
+    if args.dry_run or args.only or args.start:
+        raise ConfigError("--export argo writes the whole graph and runs nothing: drop --dry-run, --only and --from")
+    tree = export_argo(plan, spec_path=args.config, overrides=list(args.overrides),
+                       template=load_template(args.rayjob_template))
+    validate_workflow(tree)
+    sys.stdout.write(yaml.safe_dump(tree, sort_keys=False))
+    print(f"avgk: an Argo Workflow of {len(plan.stage_order)} stage(s), one RayJob each: argo submit it "
+          "(infra/README.md, 'An outside orchestrator')", file=sys.stderr)
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -280,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--only", metavar="STAGE", default=None, help="run this stage alone (its inputs must be done)")
     pipeline.add_argument("--from", dest="start", metavar="STAGE", default=None,
                           help="run this stage and every stage after it (finished cells are still reused)")
+    pipeline.add_argument("--export", choices=["argo"], default=None,
+                          help="write the graph as an Argo Workflow to stdout, each stage a KubeRay RayJob running "
+                               "`avgk pipeline SPEC --only STAGE`; run nothing")
+    pipeline.add_argument("--rayjob-template", metavar="YAML", default="infra/kuberay/rayjob.yaml",
+                          help="with --export argo: the RayJob each stage copies (default: %(default)s)")
     pipeline.set_defaults(func=cmd_pipeline)
     compare_help = ("paired differences between methods over finished runs (paired by train.seed) with 95%% "
                     "intervals: comparison.md, comparison.csv and a figure in --out")

@@ -4,7 +4,8 @@
     avgk register runs/th-s0 --name plantnet-avgk
 
 compare pairs runs by their seed (train.seed of each run's config.yaml) and writes comparison.md,
-comparison.csv and differences_avg_k.png into --out; register logs the run's model (checkpoint,
+comparison.csv and differences_avg_k.png into --out (and val_curves.png, with each run's best
+epoch in the table, when the runs wrote history.json); register logs the run's model (checkpoint,
 thresholds, class names) as a pyfunc model in the run's MLflow run and registers it.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from avgk.experiments.compare import RunEntry, markdown, plot_differences, rows_of, winner
+from avgk.experiments.compare import RunEntry, markdown, plot_differences, plot_val_curves, rows_of, winner
 from avgk.experiments.summary import format_summary
 from avgk.runtime import storage
 
@@ -66,7 +67,9 @@ def entries_of(runs: Sequence[tuple[str, str]]) -> list[RunEntry]:
             metrics = json.loads(storage.read_bytes(storage.join(run_dir, "metrics.json")))
         except json.JSONDecodeError as err:
             raise ValueError(f"{run_dir}/metrics.json is not valid JSON ({err})") from None
-        entries.append(RunEntry(method=label, seed=seed, run_dir=run_dir, metrics=metrics))
+        history_file = storage.join(run_dir, "history.json")  # written by avgk's training since the pipeline studies
+        history = storage.read_json(history_file) if storage.exists(history_file) else []
+        entries.append(RunEntry(method=label, seed=seed, run_dir=run_dir, metrics=metrics, history=history))
     return entries
 
 
@@ -86,6 +89,9 @@ def run_compare(runs: Sequence[tuple[str, str]], *, reference: str, out: str, k:
     (Path(out) / "comparison.md").write_text("# Comparison\n\n" + text)
     rows.to_csv(Path(out) / "comparison.csv", index=False)
     save_figure(plot_differences(rows, reference=reference, ks=ks), Path(out) / "differences_avg_k.png")
+    curves = plot_val_curves(entries)
+    if curves is not None:
+        save_figure(curves, Path(out) / "val_curves.png")
     best = winner(rows, reference=reference, k=k)
     column = f"avg_k_accuracy@{str(k).removesuffix('.0')}"
     mine = rows[rows["method"] == best]

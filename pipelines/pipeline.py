@@ -32,7 +32,8 @@ import yaml
 
 from avgk.config import find_config_file
 from avgk.experiments import pipeline_state as ps
-from avgk.experiments.pipeline_spec import Cell, PipelineSpecError, Plan, load_pipeline
+from avgk.experiments.pipeline_plan import Cell, Plan, load_pipeline
+from avgk.experiments.pipeline_spec import PipelineSpecError
 from avgk.experiments.pipeline_view import graph_figure, tree_lines
 from avgk.experiments.sweep_config import config_for
 from avgk.records import tracking

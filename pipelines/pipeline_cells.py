@@ -19,7 +19,8 @@ import yaml
 
 from avgk.config import Config
 from avgk.experiments import pipeline_state as ps
-from avgk.experiments.pipeline_spec import Cell, PipelineSpecError, Plan, compare_label
+from avgk.experiments.pipeline_plan import Cell, Plan, compare_label
+from avgk.experiments.pipeline_spec import PipelineSpecError
 from avgk.experiments.sweep_config import config_for
 from avgk.records import tracking
 from avgk.runtime import storage
@@ -100,6 +101,8 @@ class Runner:
             out = self.outputs[source]
             if "shards" in out:
                 values["data.shards"] = out["shards"]
+            if cell.verb == "train" and self.plan.cells[source].verb == "train":
+                values["model.pretrained"] = out["run_dir"]  # fine-tuning: its backbone, fresh heads
             values.update(out.get("values") or {})
         return config_for(cell.config.to_dict(), values)
 

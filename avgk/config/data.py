@@ -11,9 +11,13 @@ from avgk.config.base import Section
 from avgk.config.registry import SOURCES
 from avgk.runtime import storage
 
+GENERATED_SOURCES = ("synthetic", "digits")
+"""Sources written on first use from data.synthetic's settings, with no input folder (data.root)."""
+
 
 class SyntheticConfig(Section):
-    """The built-in procedural data set (docs/METHOD.md: known posterior, long tail, ambiguity)."""
+    """The built-in procedural data set (docs/METHOD.md: known posterior, long tail, ambiguity); its
+    sizes, image size, ambiguity rate, Zipf exponent and seed also shape data.source=digits."""
 
     num_classes: int = Field(100, ge=2, description="number of classes L")
     num_train: int = Field(12000, ge=1, description="training images")
@@ -131,7 +135,7 @@ class DataConfig(Section):
             raise ValueError(f"data.std values must all be > 0, got {list(self.std)}")
         if self.crop > self.resize:
             raise ValueError(f"data.crop must be <= data.resize, got crop={self.crop} resize={self.resize}")
-        if self.source != "synthetic" and not self.root:
+        if self.source not in GENERATED_SOURCES and not self.root:
             raise ValueError(f"data.root is required for data.source={self.source!r}")
         if 0 < self.resize_shorter < 8:
             raise ValueError(f"data.resize_shorter must be 0 (keep) or >= 8 pixels, got {self.resize_shorter}")

@@ -128,6 +128,7 @@ SOURCES = Registry(
         "imagefolder": "avgk.data.sources.imagefolder:from_config",
         "plantnet300k": "avgk.data.sources.plantnet300k:from_config",
         "cifar100": "avgk.data.sources.cifar100:from_config",
+        "digits": "avgk.data.sources.digits:from_config",
     },
 )
 """Source converters for `avgk prepare` (`data.source`): (DataConfig, ConvertOptions) -> Manifest."""

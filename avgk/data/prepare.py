@@ -7,6 +7,7 @@ import math
 import sys
 
 from avgk.config import SOURCES, Config, ConfigError
+from avgk.config.data import GENERATED_SOURCES
 from avgk.data.manifest import Manifest, read_manifest
 from avgk.data.sources import ConvertOptions, available_cpus
 from avgk.runtime import storage
@@ -51,7 +52,7 @@ def prepare(config: Config, *, progress: bool = True) -> Manifest:
 
 
 def ensure_shards(config: Config) -> None:
-    """Synthetic data is generated on first use; real sources must have been prepared.
+    """Generated data (synthetic, digits) is written on first use; converted sources must have been prepared.
 
     A folder that already holds a prepared data set is used as it is, whatever data.source says:
     its manifest says what the shards are, and training never writes over its input. The
@@ -61,7 +62,7 @@ def ensure_shards(config: Config) -> None:
         existing = read_manifest(config.data.shards)
     except FileNotFoundError:
         existing = None
-    if config.data.source == "synthetic" and (existing is None or existing.source == "synthetic"):
+    if config.data.source in GENERATED_SOURCES and (existing is None or existing.source == config.data.source):
         prepare(config)
     check_data(config, read_manifest(config.data.shards))
 

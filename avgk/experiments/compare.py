@@ -31,6 +31,15 @@ class RunEntry:
     seed: int
     run_dir: str
     metrics: Mapping[str, Any]
+    history: Sequence[Mapping[str, Any]] = ()  # per-epoch metrics (history.json), when the run wrote them
+
+
+def best_epoch(history: Sequence[Mapping[str, Any]]) -> int | None:
+    """The 1-based epoch of the best val avg-K (the checkpoint a run evaluates by default)."""
+    if not history or any(h.get("val_avg_k_accuracy") is None for h in history):
+        return None
+    curve = [float(h["val_avg_k_accuracy"]) for h in history]
+    return max(range(len(curve)), key=lambda i: curve[i]) + 1
 
 
 def t_quantile(df: int) -> float:
@@ -44,11 +53,14 @@ def rows_of(entries: Sequence[RunEntry]) -> pd.DataFrame:
     """One row per run: method, seed, and every test metric of METRICS at every K (`avg_k_accuracy@2`)."""
     rows = []
     for entry in entries:
-        row: dict[str, Any] = {"method": entry.method, "seed": entry.seed, "run_dir": entry.run_dir}
+        row: dict[str, Any] = {"method": entry.method, "seed": entry.seed, "run_dir": entry.run_dir,
+                               "best_epoch": best_epoch(entry.history), "epochs": len(entry.history) or None}
         test = entry.metrics["test"]
         for name in METRICS:
             for k, value in (test.get(name) or {}).items():
                 row[f"{name}@{k}"] = value
+        for k, value in (test.get("oracle_avg_k_accuracy") or {}).items():  # known posteriors: synthetic data
+            row[f"oracle_avg_k_accuracy@{k}"] = value
         rows.append(row)
     frame: pd.DataFrame = pd.DataFrame(rows)
     duplicated = frame[frame.duplicated(["method", "seed"], keep=False)]
@@ -116,7 +128,46 @@ def markdown(rows: pd.DataFrame, *, reference: str, ks: Sequence[str]) -> str:
                     interval = "-" if math.isnan(d["low"]) else f"[{_pts(d['low'], signed=True)}, {_pts(d['high'], signed=True)}]"
                     line += f" {_pts(d['diff'], signed=True)} ({int(d['pairs'])} pairs) | {interval} |"
                 parts.append(line)
+            oracle = f"oracle_avg_k_accuracy@{k}"
+            if name == METRICS[0] and oracle in rows and rows[oracle].notna().any():
+                parts += ["", f"Bayes oracle (the data's known posterior): {_pts(float(rows[oracle].mean()))}% avg-{k}."]
+    if rows["best_epoch"].notna().any():
+        parts += ["", "## best val epoch (the checkpoint evaluated), by seed", "", "| method | epochs trained | best epochs |",
+                  "|---|---:|---|"]
+        for method, frame in rows.sort_values("seed").groupby("method", sort=True):
+            epochs = ", ".join("-" if pd.isna(e) else str(int(e)) for e in frame["best_epoch"])
+            trained = ", ".join(sorted({str(int(e)) for e in frame["epochs"].dropna()}))
+            parts.append(f"| {method} | {trained} | {epochs} |")
     return "\n".join(parts) + "\n"
+
+
+def plot_val_curves(entries: Sequence[RunEntry]) -> Figure | None:
+    """Val avg-K by epoch, the mean over each method's seeds, its best epoch marked; None without histories."""
+    import numpy as np
+
+    curves: dict[str, list[list[float]]] = {}
+    for entry in entries:
+        curve = [h.get("val_avg_k_accuracy") for h in entry.history]
+        if curve and all(v is not None for v in curve):
+            curves.setdefault(entry.method, []).append([float(v) for v in curve])  # type: ignore[arg-type]
+    if not curves:
+        return None
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    for method, runs in sorted(curves.items()):
+        length = min(len(c) for c in runs)  # seeds of one method train as many epochs
+        mean = 100 * np.mean([c[:length] for c in runs], axis=0)
+        epochs = np.arange(1, length + 1)
+        (line,) = ax.plot(epochs, mean, label=f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        best = int(np.argmax(mean))
+        ax.plot(epochs[best], mean[best], "o", color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val avg-K accuracy, % (mean over seeds)")
+    ax.set_title("validation avg-K by epoch (dot: best epoch)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
 
 
 def plot_differences(rows: pd.DataFrame, *, reference: str, ks: Sequence[str], metric: str = "avg_k_accuracy") -> Figure:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from avgk.config import flatten
-from avgk.experiments.pipeline_spec import Cell, Plan
+from avgk.experiments.pipeline_plan import Cell, Plan
 from avgk.records.runs import RESUME_FREE_KEYS
 from avgk.runtime import provenance, storage
 

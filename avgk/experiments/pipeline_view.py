@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 from avgk.experiments import pipeline_state as ps
-from avgk.experiments.pipeline_spec import Cell, Plan
+from avgk.experiments.pipeline_plan import Cell, Plan
 
 
 def tree_lines(plan: Plan, states: dict[str, ps.State], prints: dict[str, dict[str, Any]],

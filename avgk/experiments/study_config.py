@@ -28,7 +28,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from avgk.config import Config, ConfigError, Section, find_config_file, format_errors
 from avgk.evaluation.metrics import format_k
-from avgk.experiments.pipeline_spec import PipelineSpec, PipelineSpecError, Plan, build_plan
+from avgk.experiments.pipeline_plan import Plan, build_plan
+from avgk.experiments.pipeline_spec import PipelineSpec, PipelineSpecError
 from avgk.experiments.sweep_config import check_key, config_error_detail, config_for, read_plan, resolve_base
 
 # Keys a study sets itself for each cell: a method may not override them.

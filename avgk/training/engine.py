@@ -373,5 +373,7 @@ def fit(
         log(warning)
     if dist.is_main():
         write_evaluation(evaluation, run_dir)
+        # the per-epoch metrics beside the final ones: `avgk compare` reads best epochs and val curves here
+        storage.write_json(storage.join(run_dir, "history.json"), history)
     dist.barrier()
     return FitResult(history=history, evaluation=evaluation)

@@ -2,7 +2,7 @@
 average-K accuracy leaves the class-prior level (what a model that ignores the image gets).
 
 The data sets: avgk's synthetic data (smoke size) and pairs of real handwritten digits
-(tests/helpers/digits.py: 100 long-tailed classes, images avgk did not generate, no flips since
+(avgk/data/sources/digits.py: 100 long-tailed classes, images avgk did not generate, no flips since
 a mirrored digit is another digit). Only the data size and the number of epochs are set here;
 everything else is each loss's default recipe.
 """
@@ -15,8 +15,8 @@ import pytest
 
 from avgk.config import load_config
 from avgk.data.manifest import read_manifest
+from avgk.data.sources.digits import write_digit_pairs
 from avgk.training import checkpoints, engine
-from tests.helpers.digits import write_digit_pairs
 from tests.helpers.prior import prior_avg_k_accuracy
 
 pytestmark = pytest.mark.slow

@@ -44,7 +44,11 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
     assert cli.main(["prepare", str(ROOT / "configs" / "plantnet300k.yaml"), f"data.root={release}",
                      f"data.shards={shards}", "data.resize_shorter=40", "data.prepare_workers=1"]) == 0
     capsys.readouterr()
-    args = ["pipeline", str(SPEC), *SMOKE, f"data.shards={shards}", f"run.storage={tmp_path / 'runs'}",
+    # and a stage the shipped spec does not have: fine-tuning the trained two-head run (a train that
+    # needs a train starts from its weights), as configs/pipelines/regimes.yaml's finetune stage does
+    finetune = ("stages.finetune={verb: train, needs: [data, train], overrides: {train.epochs: 1}, "
+                "matrix: {method: {two_head: {loss.name: two_head}}}}")
+    args = ["pipeline", str(SPEC), *SMOKE, finetune, f"data.shards={shards}", f"run.storage={tmp_path / 'runs'}",
             f"tracking.uri={mlflow_server}"]
     code, captured = cli.main(args), capsys.readouterr()
     out = captured.out
@@ -53,7 +57,7 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
     records = {r["cell"]: r for r in (json.loads(p.read_text()) for p in root.glob("*/*/record.json"))}
     assert set(records) == {"data", "tune[two_head]", "tune[ce]", "train[two_head-0]", "train[ce-0]",
                             "evaluate[two_head-0]", "evaluate[ce-0]", "pseudolabel[two_head-0]", "pseudolabel[ce-0]",
-                            "compare", "register"}, sorted(records)
+                            "compare", "register", "finetune[two_head]"}, sorted(records)
     assert all(r["status"] == "finished" for r in records.values())
     # each training starts from its own method's tuned values (the same search for both)
     for method in ("two_head", "ce"):
@@ -65,6 +69,10 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
         assert trained["loss"]["name"] == method
         table = records[f"pseudolabel[{method}-0]"]["outputs"]["pseudo_labels"]
         assert table.endswith("pseudo_labels")
+    tuned_run = records["finetune[two_head]"]["outputs"]["run_dir"]
+    pretrained = yaml.safe_load((Path(tuned_run) / "config.yaml").read_text())["model"]["pretrained"]
+    assert pretrained == records["train[two_head-0]"]["outputs"]["run_dir"]
+    assert (Path(tuned_run) / "history.json").is_file()  # compare's best epochs and val curves read it
     # the winner is registered under the spec's name, from its training's MLflow run
     winner = records["compare"]["outputs"]["winner_run"]
     client = MlflowClient(mlflow_server)
@@ -74,4 +82,4 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
 
     # started again: every cell reused
     assert cli.main(args) == 0
-    assert "reused 11 finished cell(s)" in capsys.readouterr().out
+    assert "reused 12 finished cell(s)" in capsys.readouterr().out

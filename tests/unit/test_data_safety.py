@@ -13,7 +13,7 @@ import pytest
 from avgk.config import load_config
 from avgk.data.manifest import read_manifest
 from avgk.data.shards import write_synthetic_shards
-from tests.helpers.digits import write_digit_pairs
+from avgk.data.sources.digits import write_digit_pairs
 from tests.helpers.runs import ROOT
 
 SMALL = dict(num_classes=5, num_train=20, num_val=10, num_test=10, image_size=8, zipf_exponent=1.0,

@@ -14,7 +14,8 @@ import yaml
 
 from avgk.experiments import pipeline_state as ps
 from avgk.experiments.compare import RunEntry, paired_differences, rows_of
-from avgk.experiments.pipeline_spec import PipelineSpecError, load_pipeline
+from avgk.experiments.pipeline_plan import load_pipeline
+from avgk.experiments.pipeline_spec import PipelineSpecError
 from tests.helpers.runs import ROOT
 
 SPECS = sorted((ROOT / "configs" / "pipelines").glob("*.yaml"))
@@ -64,6 +65,19 @@ DEMO_LIKE = {
           "ev": {"verb": "evaluate", "needs": ["train"]}},
          "ev (evaluate) reads one trained run, and its needs give it 2"),
         ({"train": {"verb": "train", "overrides": {"train.lr": -1}}}, "train.lr"),
+        ({"train": {"verb": "train", "matrix": {"method": TWO_METHODS}, "exclude": [{"seed": 0}]}},
+         "stages.train.exclude[0] names dimension 'seed', not one of its matrix (method)"),
+        ({"train": {"verb": "train", "matrix": {"method": TWO_METHODS}, "exclude": [{"method": ["ce", "softmax"]}]}},
+         "stages.train.exclude[0].method: ['softmax'] are not labels of that dimension (two_head, ce)"),
+        ({"train": {"verb": "train", "matrix": {"method": TWO_METHODS}, "exclude": [{"method": ["ce", "two_head"]}]}},
+         "stages.train.exclude leaves no cell of its matrix"),
+        ({"train": {"verb": "train", "matrix": {"method": {"ce": {"loss.name": "ce", "with.sweep": "s.yaml"}}}}},
+         "stages.train.matrix sets with.sweep, not an option of verb 'train' (its options: none)"),
+        ({"data": {"verb": "prepare"}, "tune": {"verb": "tune", "needs": ["data"], "matrix": {"method": {
+            "ce": {"loss.name": "ce", "with.sweep": "s.yaml"}, "two_head": {"loss.name": "two_head"}}}}},
+         "stages.tune: a tune stage needs with.sweep (a sweep YAML), in its with: or in each matrix label's"),
+        ({"pre": {"verb": "train", "matrix": {"method": TWO_METHODS}}, "ft": {"verb": "train", "needs": ["pre"]}},
+         "ft starts from one trained run (model.pretrained), and its needs give it 2"),
     ],
 )
 def test_a_bad_spec_is_one_line_exit_2_and_nothing_started(stages, message, tmp_path, capsys):
@@ -253,3 +267,64 @@ def test_an_override_of_one_stage_leaves_a_yaml_anchor_shared_with_others_alone(
     # a method added to train alone has no tuned values to read: refused, because tune did not gain it too
     with pytest.raises(PipelineSpecError, match=r"stages.train\[an-0\] matches no cell of stage 'tune'"):
         load_pipeline(ROOT / "configs" / "pipelines" / "smoke.yaml", ["stages.train.matrix.method.an={loss.name: an}"])
+
+
+def test_exclude_drops_combinations_and_a_label_may_set_its_cells_options(tmp_path):
+    """The studies' matrices: a dimension left out for some labels (exclude), a search space per method (with.)."""
+    sweeps = {name: str(ROOT / "configs" / "sweeps" / f"{name}.yaml") for name in ("smoke", "two_head")}
+    stages = {
+        "data": {"verb": "prepare"},
+        "tune": {"verb": "tune", "needs": ["data"], "with": {"num_samples": 1}, "matrix": {"method": {
+            "ce": {"loss.name": "ce", "with.sweep": sweeps["smoke"]},
+            "two_head": {"loss.name": "two_head", "with.sweep": sweeps["two_head"], "with.num_samples": 3}}}},
+        "train": {"verb": "train", "needs": ["data", "tune"],
+                  "matrix": {"method": TWO_METHODS, "k": {"key": "loss.k", "values": [2, 3]},
+                             "seed": {"key": "train.seed", "values": [0, 1]}},
+                  "exclude": [{"method": "ce", "k": 3}, {"k": [3], "seed": [1]}]},
+    }
+    plan = load_pipeline(write_spec(tmp_path, stages, **{"x-anchors": {"a": 1}}))  # x-...: the author's, skipped
+    assert [c for c in plan.cells if c.startswith("train[")] == [
+        "train[two_head-2-0]", "train[two_head-2-1]", "train[two_head-3-0]", "train[ce-2-0]", "train[ce-2-1]"]
+    ce, two_head = plan.cells["tune[ce]"], plan.cells["tune[two_head]"]
+    assert (ce.options["sweep"], ce.options["num_samples"]) == (sweeps["smoke"], 1)  # the stage's with: as default
+    assert (two_head.options["sweep"], two_head.options["num_samples"]) == (sweeps["two_head"], 3)
+    assert "with.sweep" not in two_head.values and two_head.config.loss.name == "two_head"
+    assert ps.fingerprints(plan, code="c")["tune[ce]"]["parts"]["options"] != \
+        ps.fingerprints(plan, code="c")["tune[two_head]"]["parts"]["options"]
+
+
+def test_a_train_that_needs_a_train_starts_from_its_run(tmp_path):
+    """Fine-tuning after pretraining: the needed run's directory becomes model.pretrained, its fingerprint an input."""
+    from pipelines.pipeline_cells import Runner
+
+    stages = {"data": {"verb": "prepare"}, "pre": {"verb": "train", "needs": ["data"], "overrides": {"loss.name": "ce"}},
+              "ft": {"verb": "train", "needs": ["data", "pre"], "matrix": {"method": TWO_METHODS}}}
+    plan = load_pipeline(write_spec(tmp_path, stages))
+    assert plan.cells["ft[ce]"].inputs == ("data", "pre")
+    prints = ps.fingerprints(plan, code="c")
+    runner = Runner(plan, prints, uri=None, parent_run_id=None, spec_dir=None, log=print)
+    runner.outputs = {"data": {"shards": str(tmp_path / "shards")}, "pre": {"run_dir": str(tmp_path / "pre-run")}}
+    config = runner.cell_config(plan.cells["ft[two_head]"])
+    assert config.model.pretrained == str(tmp_path / "pre-run") and config.loss.name == "two_head"
+    assert runner.cell_config(plan.cells["pre"]).model.pretrained is None
+    changed = load_pipeline(write_spec(tmp_path, {**stages, "pre": {**stages["pre"], "overrides": {"loss.name": "an"}}}))
+    after = ps.fingerprints(changed, code="c")
+    assert after["ft[ce]"]["fingerprint"] != prints["ft[ce]"]["fingerprint"]  # a new pretraining: fine-tune again
+
+
+def test_compare_reads_each_runs_history_for_best_epochs_and_val_curves(tmp_path, capsys):
+    from pipelines import cli
+
+    runs = []
+    for loss, seed, acc, curve in [("ce", 0, 0.50, [0.3, 0.5, 0.4]), ("ce", 1, 0.60, [0.2, 0.4, 0.6]),
+                                   ("two_head", 0, 0.55, [0.1, 0.6, 0.5]), ("two_head", 1, 0.62, [0.5, 0.4, 0.3])]:
+        folder = _fake_run(tmp_path / f"{loss}{seed}", loss=loss, seed=seed, acc=acc)
+        (folder / "history.json").write_text(json.dumps([{"epoch": e + 1, "val_avg_k_accuracy": v}
+                                                         for e, v in enumerate(curve)]))
+        runs.append(f"{loss}={folder}")
+    out_dir = tmp_path / "cmp"
+    assert cli.main(["compare", *runs, "--reference", "ce", "--out", str(out_dir)]) == 0
+    capsys.readouterr()
+    text = (out_dir / "comparison.md").read_text()
+    assert "| ce | 3 | 2, 3 |" in text and "| two_head | 3 | 2, 1 |" in text  # best epochs by seed
+    assert (out_dir / "val_curves.png").stat().st_size > 0

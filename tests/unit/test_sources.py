@@ -546,3 +546,44 @@ def test_shard_maxsize_cuts_shards(tmp_path):
     manifest = _prepare(root, shards, "data.shard_maxsize_mb=0.02")
     assert 2 <= len(manifest.split("train").shards) <= 6
     assert len(read_split(shards, "train")) == 6
+
+
+# =====================================================================================
+# digits: pairs of real handwritten digits, generated on first use
+# =====================================================================================
+
+
+def _digits_config(shards: Path, *extra: str):
+    return build_config(None, ["data.source=digits", f"data.shards={shards}", "data.synthetic.num_classes=100",
+                               "data.synthetic.num_train=60", "data.synthetic.num_val=20", "data.synthetic.num_test=20",
+                               "data.synthetic.ambiguity_rate=0.3", "data.synthetic.image_size=16", "train.batch_size=16",
+                               "loss.k=2", *extra])
+
+
+def test_digits_source_writes_the_image_folders_pixels_once_and_reuses_them(tmp_path):
+    from avgk.data.prepare import ensure_shards
+    from avgk.data.sources.digits import write_digit_pairs
+    from tests.helpers.runs import read_split
+
+    shards = tmp_path / "shards"
+    ensure_shards(_digits_config(shards))  # generated on first use, like synthetic data; no data.root
+    manifest = read_manifest(shards)
+    assert manifest.source == "digits" and manifest.num_classes == 100
+    assert {s: manifest.splits[s].num_samples for s in ("train", "val", "test")} == {"train": 60, "val": 20, "test": 20}
+    folder = write_digit_pairs(tmp_path / "folder", num_train=60, num_val=20, num_test=20, ambiguity=0.3, seed=0)
+    for split in ("train", "test"):
+        images, labels = read_split(shards, split)
+        files = sorted((folder / split).glob("*/*.png"), key=lambda p: p.name)  # written in draw order
+        assert labels.tolist() == [int(p.parent.name) for p in files]
+        for encoded, file in zip(images, files, strict=True):
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded))), np.asarray(Image.open(file)))
+    written = (shards / MANIFEST_NAME).stat().st_mtime_ns
+    ensure_shards(_digits_config(shards))
+    assert (shards / MANIFEST_NAME).stat().st_mtime_ns == written  # the same settings: reused, not rewritten
+    prepare(_digits_config(shards, "data.synthetic.seed=1"))
+    assert read_manifest(shards).settings["seed"] == 1  # other settings: written again
+
+
+def test_digits_source_needs_100_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"data.synthetic.num_classes must be 100 for data.source='digits'.*got 50"):
+        prepare(build_config(None, ["data.source=digits", f"data.shards={tmp_path}", "data.synthetic.num_classes=50"]))
