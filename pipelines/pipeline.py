@@ -102,9 +102,11 @@ def run_plan(
     only: str | None = None,
     start: str | None = None,
     kind: str = "pipeline",
+    params: dict[str, Any] | None = None,
     log: Callable[[str], None] = say,
 ) -> PipelineResult:
-    """Walks an expanded plan (a spec's, or a study's: pipelines.study); `kind` tags the MLflow parent run."""
+    """Walks an expanded plan (a spec's, or a study's: pipelines.study); `kind` tags the MLflow parent run,
+    `params` go to it beside the base config's (a study's own settings)."""
     plan = _with_plan_paths(plan)
     for cell in plan.cells.values():  # sweeps are files of their own: checked before anything starts, and
         if cell.verb == "tune":      # their content is part of the tune cell's fingerprint (its options)
@@ -127,11 +129,13 @@ def run_plan(
                                 "run the pipeline without --only/--from (or --from an earlier stage)")
     if unreachable is not None:
         raise OSError(f"pipeline records under {plan.root} cannot be read: {unreachable.why}")
-    return _walk(plan, prints, states, selected, spec_dir=spec_dir, kind=kind, log=log, result=result)
+    return _walk(plan, prints, states, selected, spec_dir=spec_dir, kind=kind, params=params or {}, log=log,
+                 result=result)
 
 
 def _walk(plan: Plan, prints: dict[str, dict[str, Any]], states: dict[str, ps.State], selected: set[str], *,
-          spec_dir: Path | None, kind: str, log: Callable[[str], None], result: PipelineResult) -> PipelineResult:
+          spec_dir: Path | None, kind: str, params: dict[str, Any], log: Callable[[str], None],
+          result: PipelineResult) -> PipelineResult:
     from pipelines import job
 
     root = plan.root
@@ -142,6 +146,11 @@ def _walk(plan: Plan, prints: dict[str, dict[str, Any]], states: dict[str, ps.St
                                         "base": plan.base.to_dict()}, sort_keys=False).encode())
     parent_config = plan.base.model_copy(update={"run": plan.base.run.model_copy(update={"name": plan.spec.name})})
     with job.tracked(parent_config, tags={"avgk.kind": kind, f"avgk.{kind}": plan.spec.name}) as run:
+        if run.uri and run.run_id and params:
+            # MLflow params cannot change: a resumed parent run keeps those of its first run (the
+            # resolved spec of each run is its pipeline.yaml artifact)
+            known = tracking.run_params(run.uri, run.run_id)
+            tracking.log_params(run.uri, run.run_id, {k: v for k, v in params.items() if k not in known})
         runner = Runner(plan, prints, uri=run.uri, parent_run_id=run.run_id, spec_dir=spec_dir, log=log)
         todo: list[str] = []
         for cid, state in states.items():

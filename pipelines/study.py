@@ -46,7 +46,7 @@ def run_study(study: StudyConfig, base: Config, cells: list[Cell] | None = None,
     from pipelines.pipeline import run_plan
 
     plan = study_plan(study, base)
-    result = run_plan(plan, dry_run=dry_run, kind="study", log=log)
+    result = run_plan(plan, dry_run=dry_run, kind="study", params=study.flat(), log=log)
     root = result.plan.root
     summarized = any(cid in result.outputs for cid in result.plan.cells if result.plan.cells[cid].verb == "summarize")
     # a summary of this run (or reused): not the files an earlier run left at the root

@@ -73,6 +73,12 @@ def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping
     return new_run_id
 
 
+def run_params(uri: str, run_id: str) -> dict[str, str]:
+    """The params a run already holds."""
+    params: dict[str, str] = _client(uri).get_run(run_id).data.params
+    return params
+
+
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 

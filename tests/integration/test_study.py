@@ -72,6 +72,7 @@ def test_tiny_study_trains_every_cell_summarises_and_resumes(tmp_path, mlflow_se
     (parent,) = [r for r in runs if r.data.tags.get("avgk.kind") == "study" and r.info.run_name == "tiny-study"]
     stages = mlflow_descendants(client, experiment.experiment_id, parent.info.run_id)
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for v in stages.values() for r in v)
+    assert parent.data.params["study.name"] == "tiny-study" and "study.methods.two_head" in parent.data.params
     assert sorted(stages) == ["prepare", "prepare/stage", "summary", "train", "train/stage"]
     assert len(stages["prepare"]) == 2
     trained = sorted(c.data.tags["avgk.cell"] for c in stages["train"])
