@@ -92,11 +92,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out is not None or any(_is_job_input(item) for item in args.paths):
+        from pipelines.predict_job import run_predict_job
+
+        summary = run_predict_job(run=args.run, k=args.k, inputs=args.paths, out=args.out, split=args.split,
+                                  top_k=args.top_k, batch_size=args.batch_size, checkpoint=args.checkpoint,
+                                  num_parts=args.parts, num_actors=args.num_actors)
+        return 1 if summary.failed else 0
     num_failed = run_predict(
         run=args.run, k=args.k, paths=args.paths, top_k=args.top_k,
         batch_size=args.batch_size, checkpoint=args.checkpoint,
     )
     return 1 if num_failed else 0
+
+
+def _is_job_input(item: str) -> bool:
+    """A bucket prefix or a shard set: labelled by the Ray Data job (pipelines.predict_job)."""
+    from avgk.data.manifest import MANIFEST_NAME
+    from avgk.runtime import storage
+
+    return storage.is_remote(item) or (Path(item).is_dir() and (Path(item) / MANIFEST_NAME).is_file())
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -255,16 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     predict = sub.add_parser(
         "predict",
-        help="average-K label sets of image files with a trained run: one JSON line per image",
+        help="average-K label sets of images with a trained run: JSON lines, or Parquet parts from a Ray Data job",
         description="Average-K (or top-K) label sets of images with a run's checkpoint and calibrated "
-        "thresholds: one JSON line per image on stdout (path, labels, names, scores, set_size; an "
-        "'error' field for unreadable files), progress on stderr.",
+        "thresholds. Local files without --out: one JSON line per image on stdout (path, labels, names, "
+        "scores, set_size; an 'error' field for unreadable files). With --out, a bucket prefix or a shard "
+        "set: a Ray Data job on the local cluster or RAY_ADDRESS's, a pool of model actors, Parquet parts "
+        "in --out (resumable: a rerun skips the parts written with the same checkpoint and K), or JSON "
+        "lines (source, ...) without --out. Progress on stderr, a summary line at the end.",
     )
-    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    predict.add_argument("paths", nargs="+", metavar="INPUT",
+                         help="image files or folders (searched recursively), a bucket prefix (s3://bucket/prefix), "
+                              "or a shard set (a folder or prefix holding manifest.json)")
     predict.add_argument("--run", metavar="RUN_DIR", required=True, help="the training's run directory")
     predict.add_argument("--k", type=float, required=True, help="a calibrated K (see the run's thresholds.json)")
     predict.add_argument("--top-k", action="store_true", help="the K best labels instead (integer K)")
     predict.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    predict.add_argument("--out", metavar="DIR", default=None,
+                         help="a folder or bucket prefix for Parquet parts, written by a Ray Data job on the local "
+                              "cluster or RAY_ADDRESS's; rerun to resume (without it: JSON lines on stdout)")
+    predict.add_argument("--split", default="test", help="a shard set's split to label (default: test)")
+    predict.add_argument("--parts", type=int, default=None, metavar="N",
+                         help="parts of the output, each input in one by a hash of its key (default 64; kept by reruns)")
+    predict.add_argument("--num-actors", type=int, default=None, metavar="N",
+                         help="model actors (default: one per GPU, else half the cluster's CPUs)")
     _add_checkpoint_arg(predict)
     predict.set_defaults(func=cmd_predict)
     report = sub.add_parser(
