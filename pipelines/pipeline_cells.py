@@ -264,6 +264,29 @@ class Runner:
     """Verbs that run on the inputs that finished when others failed (a study's summary lists the failed
     cells); their record says "partial", so the next run makes them again."""
 
+    def _predict(self, cell: Cell, folder: str) -> dict[str, Any]:
+        """The prediction job (pipelines.predict_job) with the model it needs, its parts in the cell's folder."""
+        from pipelines.predict_job import run_predict_job
+
+        run_dir = None
+        for source in cell.inputs:
+            out = self.outputs[source]
+            run_dir = out.get("winner_run") or out.get("run_dir") or run_dir
+        if run_dir is None:
+            raise ValueError(f"{cell.id}: its inputs name no trained run")
+        config = self._train_config_of(cell, {"run_dir": run_dir})
+        k = float(cell.options["k"]) if cell.options["k"] is not None else config.loss.k
+        summary = run_predict_job(run=run_dir, k=k, inputs=list(cell.options["inputs"]), out=folder,
+                                  split=str(cell.options["split"]), top_k=bool(cell.options["top_k"]),
+                                  log=lambda line: self.log(f"[{cell.id}] {line}"))
+        uri, run_id = self._cell_runs.get(cell.id, (None, None))
+        if uri and run_id:
+            scored = summary.images - summary.failed
+            tracking.log_metrics(uri, run_id, {"predict_images": summary.images, "predict_failed": summary.failed,
+                                               "predict_mean_set_size": summary.set_sizes / scored if scored else 0.0},
+                                 step=0)
+        return {"out": folder, "run_dir": run_dir, "k": k, "labelled_now": summary.images, "failed_now": summary.failed}
+
     def _register(self, cell: Cell, folder: str) -> dict[str, Any]:
         from pipelines.compare import run_register
 

@@ -229,6 +229,10 @@ def _check_options(spec: PipelineSpec, name: str, by_stage: dict[str, list[Cell]
     if stage.verb == "summarize" and not isinstance(options["study"], dict):
         raise PipelineSpecError(f"pipeline spec error: stages.{name}: a summarize stage needs with.study (a study; "
                                 "avgk study writes it)")
+    if stage.verb == "predict" and not (isinstance(options["inputs"], list) and options["inputs"]
+                                        and all(isinstance(i, str) for i in options["inputs"])):
+        raise PipelineSpecError(f"pipeline spec error: stages.{name}: a predict stage needs with.inputs, a list of "
+                                f"files, folders, bucket prefixes or one shard set, got {options['inputs']!r}")
     if stage.verb == "register" and not options["name"]:
         raise PipelineSpecError(f"pipeline spec error: stages.{name}: a register stage needs with.name (a model name)")
     cells = {c.id: c for cs in by_stage.values() for c in cs}
@@ -255,6 +259,10 @@ def _check_options(spec: PipelineSpec, name: str, by_stage: dict[str, list[Cell]
             raise PipelineSpecError(
                 f"pipeline spec error: {cell.id} starts from one trained run (model.pretrained), and its needs give it "
                 f"{len([c for c in read if c.verb == 'train'])}: give the needed train stage one cell, or the same matrix")
+        if stage.verb == "predict" and len(read) != 1:
+            raise PipelineSpecError(
+                f"pipeline spec error: {cell.id} (predict) labels with one model: it needs one compare, or one "
+                f"trained run per cell (it reads {len(read)})")
         if stage.verb == "register" and len(read) != 1:
             raise PipelineSpecError(
                 f"pipeline spec error: {cell.id} (register) registers one model: it needs one compare, or one "

@@ -55,6 +55,9 @@ VERBS: dict[str, str] = {
     "compare": "paired differences with 95% intervals over the trained runs it needs (with.reference)",
     "register": "the compared winner's model (or the one trained run it needs) into the MLflow registry",
     "summarize": "a study's tables and figures over its trained cells (with.study: the study; avgk study writes it)",
+    "predict": "label sets for images with the trained run it needs, or a comparison's winner (with.inputs: files, "
+               "folders, a bucket prefix or a shard set; with.k, with.top_k, with.split): the prediction job's "
+               "Parquet parts in the cell's folder; run every time, reusing its finished parts",
 }
 """The verbs a stage may run, and what each does in a pipeline."""
 
@@ -68,6 +71,7 @@ INPUTS: dict[str, set[str]] = {
     "compare": {"train", "evaluate"},
     "register": {"compare", "train"},
     "summarize": {"train"},
+    "predict": {"train", "compare"},
 }
 
 # Options a verb reads from `with:`, and their defaults.
@@ -80,6 +84,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "compare": {"reference": None, "k": None},
     "register": {"name": None},
     "summarize": {"study": None},
+    "predict": {"inputs": None, "k": None, "top_k": False, "split": "test"},
 }
 
 EXTENSION_PREFIX = "x-"

@@ -110,6 +110,11 @@ def _earlier_records(plan: Plan, cell: Cell) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r.get("written", 0), reverse=True)
 
 
+RUN_AGAIN = frozenset({"predict"})
+"""Verbs whose finished cells run again: their inputs are outside the graph (a folder or a bucket that
+grows), and the work itself skips what it finished (the prediction job's parts)."""
+
+
 def cell_state(plan: Plan, cell: Cell, fingerprint: dict[str, Any]) -> State:
     """What the runner will do with this cell, and why, from the records on storage."""
     try:
@@ -118,6 +123,8 @@ def cell_state(plan: Plan, cell: Cell, fingerprint: dict[str, Any]) -> State:
             check = (record.get("outputs") or {}).get("check")  # a result kept outside the cell's folder
             if record.get("status") == "finished" and check and not storage.exists(check):
                 return State(RUN, "output missing")
+            if record.get("status") == "finished" and cell.verb in RUN_AGAIN:
+                return State(RESUME, "run again: its inputs may have grown (finished parts are reused)", record)
             if record.get("status") == "finished":
                 return State(DONE, "reused", record)
             why = {"running": "interrupted", "partial": "some inputs had failed"}.get(str(record.get("status")), "failed before")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -48,8 +49,10 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
     # needs a train starts from its weights), as configs/pipelines/regimes.yaml's finetune stage does
     finetune = ("stages.finetune={verb: train, needs: [data, train], overrides: {train.epochs: 1}, "
                 "matrix: {method: {two_head: {loss.name: two_head}}}}")
-    args = ["pipeline", str(SPEC), *SMOKE, finetune, f"data.shards={shards}", f"run.storage={tmp_path / 'runs'}",
-            f"tracking.uri={mlflow_server}"]
+    # and the prediction job as a stage: the compared winner labels the bucket's test split
+    predict = f"stages.predict={{verb: predict, needs: [compare], with: {{inputs: ['{shards}'], k: 2}}}}"
+    args = ["pipeline", str(SPEC), *SMOKE, finetune, predict, f"data.shards={shards}",
+            f"run.storage={tmp_path / 'runs'}", f"tracking.uri={mlflow_server}"]
     code, captured = cli.main(args), capsys.readouterr()
     out = captured.out
     assert code == 0, out[-4000:] + captured.err[-3000:]
@@ -57,7 +60,7 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
     records = {r["cell"]: r for r in (json.loads(p.read_text()) for p in root.glob("*/*/record.json"))}
     assert set(records) == {"data", "tune[two_head]", "tune[ce]", "train[two_head-0]", "train[ce-0]",
                             "evaluate[two_head-0]", "evaluate[ce-0]", "pseudolabel[two_head-0]", "pseudolabel[ce-0]",
-                            "compare", "register", "finetune[two_head]"}, sorted(records)
+                            "compare", "register", "finetune[two_head]", "predict"}, sorted(records)
     assert all(r["status"] == "finished" for r in records.values())
     # each training starts from its own method's tuned values (the same search for both)
     for method in ("two_head", "ce"):
@@ -73,6 +76,10 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
     pretrained = yaml.safe_load((Path(tuned_run) / "config.yaml").read_text())["model"]["pretrained"]
     assert pretrained == records["train[two_head-0]"]["outputs"]["run_dir"]
     assert (Path(tuned_run) / "history.json").is_file()  # compare's best epochs and val curves read it
+    labelled = records["predict"]["outputs"]
+    assert labelled["run_dir"] == records["compare"]["outputs"]["winner_run"] and labelled["failed_now"] == 0
+    parts = sorted(Path(labelled["out"]).glob("part-*.parquet"))
+    assert parts and sum(pq.read_metadata(p).num_rows for p in parts) == labelled["labelled_now"] > 0
     # the winner is registered under the spec's name, from its training's MLflow run
     winner = records["compare"]["outputs"]["winner_run"]
     client = MlflowClient(mlflow_server)
@@ -80,6 +87,9 @@ def test_the_protocol_at_smoke_size_from_a_bucket(cluster, mlflow_server, tmp_pa
     assert version.run_id == (Path(winner) / "mlflow_run_id.txt").read_text().strip()
     assert "register finished" in out
 
-    # started again: every cell reused
+    # started again: every cell reused; the predict stage runs again (its inputs may have grown) and
+    # reuses every part it wrote
     assert cli.main(args) == 0
-    assert "reused 12 finished cell(s)" in capsys.readouterr().out
+    again = capsys.readouterr()
+    assert "reused 12 finished cell(s)" in again.out
+    assert f"{len(parts)} of {len(parts)} parts already written" in again.out + again.err

@@ -78,6 +78,11 @@ DEMO_LIKE = {
          "stages.tune: a tune stage needs with.sweep (a sweep YAML), in its with: or in each matrix label's"),
         ({"pre": {"verb": "train", "matrix": {"method": TWO_METHODS}}, "ft": {"verb": "train", "needs": ["pre"]}},
          "ft starts from one trained run (model.pretrained), and its needs give it 2"),
+        ({"train": {"verb": "train"}, "label": {"verb": "predict", "needs": ["train"]}},
+         "stages.label: a predict stage needs with.inputs, a list of files, folders, bucket prefixes or one shard set"),
+        ({"train": {"verb": "train", "matrix": {"method": TWO_METHODS}},
+          "label": {"verb": "predict", "needs": ["train"], "with": {"inputs": ["photos/"]}}},
+         "label (predict) labels with one model: it needs one compare, or one trained run per cell (it reads 2)"),
     ],
 )
 def test_a_bad_spec_is_one_line_exit_2_and_nothing_started(stages, message, tmp_path, capsys):
