@@ -106,6 +106,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if num_failed else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.serve import run_serve
+
+    for name in ("replicas", "max_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    run_serve(run=args.run, checkpoint=args.checkpoint, replicas=args.replicas, max_batch_size=args.max_batch_size,
+              batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port)
+    return 0
+
+
 def _is_job_input(item: str) -> bool:
     """A bucket prefix or a shard set: labelled by the Ray Data job (pipelines.predict_job)."""
     from avgk.data.manifest import MANIFEST_NAME
@@ -295,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="model actors (default: one per GPU, else half the cluster's CPUs)")
     _add_checkpoint_arg(predict)
     predict.set_defaults(func=cmd_predict)
+    serve_help = ("serve a run's label sets over HTTP with Ray Serve: the MLflow model's JSON request and answer, "
+                  "requests batched together, replicas; until Ctrl-C")
+    serve_cmd = sub.add_parser("serve", help=serve_help, description=serve_help)
+    serve_cmd.add_argument("--run", metavar="RUN_DIR", required=True, help="the training's run directory")
+    serve_cmd.add_argument("--replicas", type=int, default=1, metavar="N", help="model replicas (one CPU each)")
+    serve_cmd.add_argument("--max-batch-size", type=int, default=32, metavar="N",
+                           help="images of concurrent requests scored as one batch, at most")
+    serve_cmd.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="MS",
+                           help="how long a batch waits for more images (default 10)")
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    serve_cmd.add_argument("--port", type=int, default=8000, help="the HTTP port (0: a free one; default 8000)")
+    _add_checkpoint_arg(serve_cmd)
+    serve_cmd.set_defaults(func=cmd_serve, overrides=[])
     report = sub.add_parser(
         "report",
         help="compare runs: markdown table (report.md) and overlaid figures",

@@ -28,7 +28,7 @@ def _dashboard_port() -> int:
     return int(value)
 
 
-def _free_port(preferred: int) -> int:
+def free_port(preferred: int) -> int:
     """`preferred` if nothing listens on it on loopback, else (or for 0) any free port."""
     if preferred:
         with socket.socket() as probe:
@@ -108,7 +108,7 @@ def _init(*, num_cpus: int | None, quiet: bool | None) -> None:
         # without it the driver prints a warning every few seconds.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(_dashboard_port()),  # a second local Ray (e.g. a test) must not fail
+        dashboard_port=free_port(_dashboard_port()),  # a second local Ray (e.g. a test) must not fail
         configure_logging=True,
         **common,
     )

@@ -25,7 +25,8 @@ from tests.helpers.runs import ROOT
 
 SHARED_FILES = {path: "predict_smoke_run" for path in ("tests/unit/test_predict.py", "tests/unit/test_serving.py",
                                                        "tests/integration/test_serving.py", "tests/integration/test_pyfunc.py",
-                                                       "tests/integration/test_predict_job.py")}
+                                                       "tests/integration/test_predict_job.py",
+                                                       "tests/integration/test_ray_serve.py")}
 """Files that use a session fixture costly enough to build once per run (`predict_smoke_run`, a trained run):
 one process runs them all."""
 

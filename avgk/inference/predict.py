@@ -209,10 +209,11 @@ class SetPredictor:
         for scores_L in scores_NL:
             order_L = np.argsort(-scores_L, kind="stable")  # ties: lower class id first
             chosen = order_L[: int(k)] if top_k else order_L[scores_L[order_L] >= threshold]
-            sets.append(self._label_set(chosen, scores_L))
+            sets.append(self.label_set(chosen, scores_L))
         return sets
 
-    def _label_set(self, ids: Iterable[int], scores_L: np.ndarray) -> LabelSet:
+    def label_set(self, ids: Iterable[int], scores_L: np.ndarray) -> LabelSet:
+        """The set of these class ids with their names and scores (the order given: highest score first)."""
         ids = [int(i) for i in ids]
         return LabelSet(ids=ids, names=[self.class_names[i] for i in ids], scores=[float(scores_L[i]) for i in ids])
 

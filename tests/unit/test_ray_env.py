@@ -27,6 +27,6 @@ def test_a_taken_or_zero_preferred_port_gives_another_free_one():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        other = ray_env._free_port(busy)
+        other = ray_env.free_port(busy)
         assert other not in (busy, 0)
-    assert ray_env._free_port(0) != 0
+    assert ray_env.free_port(0) != 0
