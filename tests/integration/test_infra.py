@@ -181,7 +181,8 @@ def _cluster_specs():
     yield "rayjob.yaml", _kuberay("rayjob.yaml")["spec"]["rayClusterSpec"]
 
 
-@pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+@pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob"),
+                                       ("rayservice.yaml", "RayService")])
 def test_kuberay_manifest_kind_and_metadata(name, kind):
     doc = _kuberay(name)
     assert doc["apiVersion"] == "ray.io/v1"
@@ -253,6 +254,37 @@ def test_rayjob_entrypoint_is_accepted_by_the_cli():
     # Without pretrained weights the same entrypoint trains from scratch.
     argv = _shell_words(job["entrypoint"], {**config_map, "AVGK_PRETRAINED": ""})
     assert _check_avgk_command(argv)[1].model.pretrained is None
+
+
+def test_rayservice_serve_config_validates_and_builds_avgks_application():
+    """serveConfigV2 against the installed Ray's own schema; its import path and args build the app."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = _kuberay("rayservice.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    module, _, name = app.import_path.partition(":")
+    build = getattr(importlib.import_module(module), name)
+    assert app.args["run"].startswith(_config_map()["AVGK_RUN_STORAGE"])  # the runs the cluster trains
+    built = build(app.args)  # binds only: the replicas load the run when they start
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="args run \\(required\\)"):
+        build({"replicas": 2})
+    cluster = doc["spec"]["rayClusterSpec"]
+    import ray
+
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas on the workers
+    for pod in [cluster["headGroupSpec"]["template"]["spec"],
+                *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            assert container["image"] == _kuberay_image()
+            refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+            assert {"avgk-config", "avgk-secrets"} <= refs
 
 
 def test_the_runbooks_avgk_commands_are_accepted_by_the_cli():
