@@ -268,12 +268,7 @@ class Runner:
         """The prediction job (pipelines.predict_job) with the model it needs, its parts in the cell's folder."""
         from pipelines.predict_job import run_predict_job
 
-        run_dir = None
-        for source in cell.inputs:
-            out = self.outputs[source]
-            run_dir = out.get("winner_run") or out.get("run_dir") or run_dir
-        if run_dir is None:
-            raise ValueError(f"{cell.id}: its inputs name no trained run")
+        run_dir = self.model_run(cell)
         config = self._train_config_of(cell, {"run_dir": run_dir})
         k = float(cell.options["k"]) if cell.options["k"] is not None else config.loss.k
         summary = run_predict_job(run=run_dir, k=k, inputs=list(cell.options["inputs"]), out=folder,
@@ -287,15 +282,20 @@ class Runner:
                                  step=0)
         return {"out": folder, "run_dir": run_dir, "k": k, "labelled_now": summary.images, "failed_now": summary.failed}
 
-    def _register(self, cell: Cell, folder: str) -> dict[str, Any]:
-        from pipelines.compare import run_register
-
+    def model_run(self, cell: Cell) -> str:
+        """The run a register or predict cell uses: its compare's winner, or the one trained run it needs."""
         run_dir = None
         for source in cell.inputs:
             out = self.outputs[source]
             run_dir = out.get("winner_run") or out.get("run_dir") or run_dir
         if run_dir is None:
             raise ValueError(f"{cell.id}: its inputs name no trained run")
+        return str(run_dir)
+
+    def _register(self, cell: Cell, folder: str) -> dict[str, Any]:
+        from pipelines.compare import run_register
+
+        run_dir = self.model_run(cell)
         model_uri = run_register(run_dir, name=cell.options["name"], log=self.log)
         return {"model_uri": model_uri, "run_dir": run_dir}
 
