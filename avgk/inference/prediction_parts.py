@@ -2,8 +2,9 @@
 which parts an earlier run already wrote.
 
 Legend: an input is one image, named by its key (a local path, a URI in a bucket, or a shard set's
-sample key). Inputs go to one of `num_parts` parts by a hash of their key, so adding inputs never
-moves the ones already labelled. A part is written as one Parquet file, then its record (a JSON
+sample key). Files go to one of `num_parts` parts by a hash of their key, so adding inputs never
+moves the ones already labelled; a shard set's samples go to their shard's part (one part per
+shard: the set does not grow, and each part streams from one file). A part is written as one Parquet file, then its record (a JSON
 file beside it): the record is what makes the part count as done, and a rerun skips a part only
 when its record names the same inputs, the same checkpoint and the same rule (K, top-K).
 
