@@ -92,7 +92,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.out is not None or any(_is_job_input(item) for item in args.paths):
+    from avgk.inference.prediction_parts import needs_job
+
+    if args.out is not None or any(needs_job(item) for item in args.paths):
         from pipelines.predict_job import run_predict_job
 
         summary = run_predict_job(run=args.run, k=args.k, inputs=args.paths, out=args.out, split=args.split,
@@ -109,22 +111,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.serve import run_serve
 
-    for name in ("replicas", "max_batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.batch_wait_ms < 0:
-        raise ValueError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     run_serve(run=args.run, checkpoint=args.checkpoint, replicas=args.replicas, max_batch_size=args.max_batch_size,
               batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port)
     return 0
-
-
-def _is_job_input(item: str) -> bool:
-    """A bucket prefix or a shard set: labelled by the Ray Data job (pipelines.predict_job)."""
-    from avgk.data.manifest import MANIFEST_NAME
-    from avgk.runtime import storage
-
-    return storage.is_remote(item) or (Path(item).is_dir() and (Path(item) / MANIFEST_NAME).is_file())
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -197,18 +186,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def export_workflow(plan: Plan, args: argparse.Namespace) -> int:
     """The spec as an Argo Workflow on stdout (avgk.experiments.argo_export); nothing runs."""
-    import yaml
-
-    from avgk.experiments.argo_export import export_argo, load_template, validate_workflow
+    from avgk.experiments.argo_export import workflow_yaml
 
     if args.dry_run or args.only or args.start:
         raise ConfigError("--export argo writes the whole graph and runs nothing: drop --dry-run, --only and --from")
-    tree = export_argo(plan, spec_path=args.config, overrides=list(args.overrides),
-                       template=load_template(args.rayjob_template))
-    validate_workflow(tree)
-    sys.stdout.write(yaml.safe_dump(tree, sort_keys=False))
-    print(f"avgk: an Argo Workflow of {len(plan.stage_order)} stage(s), one RayJob each: argo submit it "
-          "(infra/README.md, 'An outside orchestrator')", file=sys.stderr)
+    sys.stdout.write(workflow_yaml(plan, spec_path=args.config, overrides=list(args.overrides),
+                                   template_path=args.rayjob_template))
+    print(f"avgk: an Argo Workflow of {len(plan.stage_order)} stage(s), one RayJob each (infra/README.md, step 9)", file=sys.stderr)
     return 0
 
 

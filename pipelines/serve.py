@@ -168,6 +168,11 @@ def run_serve(*, run: str, checkpoint: str | None = None, replicas: int = 1, max
     from avgk.runtime import storage
     from pipelines import job, ray_env
 
+    for name, value in (("--replicas", replicas), ("--max-batch-size", max_batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if batch_wait_ms < 0:
+        raise ValueError(f"--batch-wait-ms must be >= 0, got {batch_wait_ms}")
     run = storage.absolute(run)
     saved = saved_run_config(run)
     resolve_checkpoint(run, checkpoint, default=saved.eval.checkpoint if saved else "best")  # a bad run: one line now

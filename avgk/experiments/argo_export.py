@@ -127,6 +127,13 @@ def export_argo(plan: Plan, *, spec_path: str, overrides: list[str], template: d
     return result
 
 
+def workflow_yaml(plan: Plan, *, spec_path: str, overrides: list[str], template_path: str | Path) -> str:
+    """`avgk pipeline SPEC --export argo`'s output: the workflow, validated, as YAML."""
+    tree = export_argo(plan, spec_path=spec_path, overrides=overrides, template=load_template(template_path))
+    validate_workflow(tree)
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
 def validate_workflow(tree: dict[str, Any]) -> None:
     """Argo's schema (hera's models of it) accepts the workflow; raises ValueError naming what it does not."""
     from hera.workflows.models import Workflow as WorkflowModel

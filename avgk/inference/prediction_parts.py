@@ -29,8 +29,8 @@ from avgk.inference.predict import IMAGE_SUFFIXES
 from avgk.runtime import storage
 
 __all__ = [
-    "JOB_FILE", "Inputs", "PartRecord", "checkpoint_identity", "done_parts", "list_inputs", "part_name", "part_of",
-    "rows_to_parquet",
+    "JOB_FILE", "Inputs", "PartRecord", "checkpoint_identity", "done_parts", "list_inputs", "needs_job", "part_name",
+    "part_of", "rows_to_parquet",
 ]
 
 JOB_FILE = "job.json"
@@ -72,6 +72,11 @@ class Inputs:
         for key, size in self.files.items():
             lines.setdefault(part_of(key, num_parts), []).append(f"{key}\t{size}")
         return {part: hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest() for part, items in lines.items()}
+
+
+def needs_job(item: str) -> bool:
+    """A bucket prefix or a shard set: labelled by the Ray Data job (pipelines.predict_job), not in process."""
+    return storage.is_remote(item) or (Path(item).is_dir() and (Path(item) / MANIFEST_NAME).is_file())
 
 
 def _is_shard_set(uri: str) -> bool:
