@@ -192,7 +192,7 @@ def export_workflow(plan: Plan, args: argparse.Namespace) -> int:
         raise ConfigError("--export argo writes the whole graph and runs nothing: drop --dry-run, --only and --from")
     sys.stdout.write(workflow_yaml(plan, spec_path=args.config, overrides=list(args.overrides),
                                    template_path=args.rayjob_template))
-    print(f"avgk: an Argo Workflow of {len(plan.stage_order)} stage(s), one RayJob each (infra/README.md, step 9)", file=sys.stderr)
+    print(f"avgk: an Argo Workflow of {len(plan.stage_order)} stage(s), a RayJob each (infra/README.md, step 9)", file=sys.stderr)
     return 0
 
 
