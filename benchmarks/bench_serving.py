@@ -128,17 +128,25 @@ def load_test(url: str, images: list[bytes], *, requests: int, clients: int, per
 
 def serve(cmd: list[str], url: str, env: dict[str, str], images: list[bytes], args: argparse.Namespace,
           cwd: Path) -> dict[str, float]:
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log_path = cwd / "server.log" if cwd != ROOT else Path(tempfile.gettempdir()) / "bench-serving-avgk.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_ready(url, proc)
+        try:
+            wait_ready(url, proc)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}; its output:\n{log_path.read_text()[-3000:]}") from None
         return load_test(url, images, requests=args.requests, clients=args.clients, per_request=args.images_per_request)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=60)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def main() -> int:
@@ -153,6 +161,7 @@ def main() -> int:
         folder = Path(tmp)
         run, model_uri, images = train_and_log(folder)
         env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}}
+        env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])  # mlflow starts `uvicorn` by name
         results = {}
         port = free_port()
         results[f"avgk serve (Ray Serve, {args.replicas} replica)"] = serve(
