@@ -154,11 +154,12 @@ def plot_val_curves(entries: Sequence[RunEntry]) -> Figure | None:
         return None
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.add_subplot()
-    for method, runs in sorted(curves.items()):
+    for i, (method, runs) in enumerate(sorted(curves.items())):
         length = min(len(c) for c in runs)  # seeds of one method train as many epochs
         mean = 100 * np.mean([c[:length] for c in runs], axis=0)
         epochs = np.arange(1, length + 1)
-        (line,) = ax.plot(epochs, mean, label=f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        style = ("-", "--", ":")[i // 10 % 3]  # matplotlib cycles 10 colours: more methods differ by line style
+        (line,) = ax.plot(epochs, mean, style, label=f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         best = int(np.argmax(mean))
         ax.plot(epochs[best], mean[best], "o", color=line.get_color())
     ax.set_xlabel("epoch")
