@@ -30,6 +30,7 @@ __all__ = [
     "TOKEN_SETUP_LOGGER",
     "BaseWorkerGroup",
     "TorchBackend",
+    "bind_serve_replica_grpc_to_node",
     "filter_worker_output",
     "is_v1_worker_group",
     "object_store_stats_reader",
@@ -205,3 +206,30 @@ def validate_cluster_config(config: dict[str, Any]) -> None:
     from ray.autoscaler._private.util import validate_config
 
     validate_config(config)
+
+
+# ---------------------------------------------------------------- Ray Serve's replica
+
+
+def bind_serve_replica_grpc_to_node(node_address: str) -> None:
+    """In a Serve replica, before it finishes starting: its inter-deployment gRPC server binds the node's
+    address (127.0.0.1 on a local cluster) instead of "[::]:0", every interface.
+
+    Ray 2.60's replica (ray.serve._private.replica) binds that server with a hard-coded "[::]:0"
+    through the name `add_port_to_grpc_server` it imports from ray._common.tls_utils; this rebinds
+    the name in the replica module so that the address becomes `<node_address>:0`, the address the
+    node's other Ray services use (other nodes still reach it; nothing listens on other interfaces).
+    Public alternative: none as of ray 2.60 (no option or environment variable sets that address).
+    """
+    from ray.serve._private import replica
+
+    module: Any = replica  # the name is the module's import, not part of its interface
+    bind: Callable[[Any, str], int] = module.add_port_to_grpc_server
+    if getattr(bind, "__avgk_node_address__", None) == node_address:
+        return
+
+    def on_node_address(server: Any, address: str) -> int:
+        return bind(server, f"{node_address}:0" if address == "[::]:0" else address)
+
+    setattr(on_node_address, "__avgk_node_address__", node_address)  # noqa: B010  # marks the wrapper
+    module.add_port_to_grpc_server = on_node_address

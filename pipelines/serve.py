@@ -83,8 +83,13 @@ class LabelSets:
 
     def __init__(self, run: str, checkpoint: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH,
                  batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
-        from avgk.inference.predict import SetPredictor
+        import ray
 
+        from avgk.inference.predict import SetPredictor
+        from pipelines import ray_private
+
+        # Serve binds this replica's gRPC server after this constructor: on the node's address, not "[::]"
+        ray_private.bind_serve_replica_grpc_to_node(ray.util.get_node_ip_address())
         self.predictor = SetPredictor.from_run(run, checkpoint, batch_size=max_batch_size)
         calibrated = [float(k) for k in self.predictor.ks]
         loss_k = float(self.predictor.config.loss.k)  # the MLflow model's default K, as log_pyfunc_model sets it

@@ -150,11 +150,11 @@ def test_a_shard_set_gives_each_rows_truth_and_the_set_accuracy(cluster, predict
 
 def test_a_killed_job_resumes_its_unfinished_parts(predict_smoke_run, tmp_path):
     """kill -9 of `avgk predict` once some parts are written: the same command writes only the others.
-    800 test images as files, one per batch: the job runs long enough to be killed midway."""
+    400 test images as files, one per batch: the job runs long enough to be killed midway."""
     shards, run = predict_smoke_run
     folder = tmp_path / "images"
     folder.mkdir()
-    images = read_split(shards, "test")[0][:800]
+    images = read_split(shards, "test")[0][:400]
     for n, data in enumerate(images):
         (folder / f"{n:05d}.png").write_bytes(data)
     out = tmp_path / "killed"

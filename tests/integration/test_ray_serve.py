@@ -35,9 +35,17 @@ def rows(images: list[bytes]) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(i).decode()] for i in images]}}
 
 
+EXPOSED: dict[str, str] = {}
+"""Listeners on a non-loopback address opened while the server started and answered."""
+
+
 @pytest.fixture(scope="module")
 def server(predict_smoke_run, tmp_path_factory):
+    from avgk.runtime import procfs
+    from tests.helpers.listeners import ListenerWatch
+
     _, run = predict_smoke_run
+    watch = ListenerWatch(session_start_ticks=procfs.started(os.getpid()), interval_s=0.2)
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -57,15 +65,16 @@ def server(predict_smoke_run, tmp_path_factory):
 
     try:
         wait_until(ready, timeout_s=240, what="avgk serve to answer /ping", interval_s=0.5)
-        yield url, proc, log_path
+        yield url, proc, log_path, watch
     finally:
+        EXPOSED.update(watch.stop())
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
 def test_concurrent_clients_get_set_predictors_answers_and_a_bad_row_only_fails_its_request(server, predict_smoke_run):
-    url, _, _ = server
+    url, _, _, _ = server
     shards, run = predict_smoke_run
     images, _ = read_split(shards, "test")
     predictor = SetPredictor.from_run(str(run), batch_size=64)
@@ -97,7 +106,7 @@ def test_concurrent_clients_get_set_predictors_answers_and_a_bad_row_only_fails_
 
 
 def test_k_per_request_top_k_and_an_uncalibrated_k(server, predict_smoke_run):
-    url, _, _ = server
+    url, _, _, _ = server
     shards, _ = predict_smoke_run
     images, _ = read_split(shards, "test")
     status, answer = post(f"{url}/invocations", {**rows(images[:2]), "params": {"k": 3, "top_k": True}})
@@ -111,8 +120,17 @@ def test_k_per_request_top_k_and_an_uncalibrated_k(server, predict_smoke_run):
     assert status == 200 and len(answer["predictions"]) == 1
 
 
+def test_every_listener_is_on_loopback(server):
+    """The HTTP proxy on --host, and Ray's and Serve's own servers on the node's address: Ray 2.60 binds
+    each replica's inter-deployment gRPC server on every interface unless pipelines.ray_private rebinds it."""
+    *_, watch = server
+    exposed = watch.stop()
+    EXPOSED.update(exposed)
+    assert not exposed, exposed
+
+
 def test_sigterm_stops_serving(server):
-    url, proc, log_path = server
+    url, proc, log_path, _ = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 143, log_path.read_text()[-3000:]
     assert "avgk serve: stopped" in log_path.read_text()
