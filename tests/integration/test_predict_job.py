@@ -177,3 +177,13 @@ def test_a_killed_job_resumes_its_unfinished_parts(predict_smoke_run, tmp_path):
     reused = int(text.split(" of 24 parts already written")[0].rsplit("predict: ", 1)[-1])
     assert finished <= reused < 24, text[-2000:]
     assert len(read_parts(str(out))) == len(images)
+
+
+def test_without_out_a_shard_set_streams_json_lines(cluster, predict_smoke_run, capsys):
+    """No --out: the job still runs (a shard set is its input) and each row is a JSON line on stdout."""
+    shards, run = predict_smoke_run
+    assert predict("--run", str(run), "--k", "2", str(shards), "--split", "val")[0] == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    val = json.loads((shards / "manifest.json").read_text())["splits"]["val"]
+    assert len(lines) == sum(val["shard_samples"]) and all(key.startswith("val-") for key in (r["source"] for r in lines))
+    assert all(set(r) == {"source", "labels", "names", "scores", "set_size"} for r in lines)
