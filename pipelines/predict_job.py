@@ -107,7 +107,7 @@ class PredictActor:
         torch.set_num_threads(num_threads)
         self.predictor = SetPredictor.from_run(run, checkpoint, batch_size=batch_size, device=device)
         self.k, self.top_k = k, top_k
-        self.threshold = None if top_k else np.float32(self.predictor.threshold(k))
+        self.threshold = self.predictor.rule(k=k, top_k=top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from avgk.inference.predict import decode_image
@@ -125,15 +125,13 @@ class PredictActor:
         scores_NL = self.predictor.score(images) if images else np.zeros((0, self.predictor.num_classes), np.float32)
         labels: list[list[int]] = [[] for _ in keys]
         scores: list[list[float]] = [[] for _ in keys]
+        names: list[list[str]] = [[] for _ in keys]
         near = np.zeros(len(keys), dtype=bool)
-        for row, scores_L in zip(good, scores_NL, strict=True):
-            order_L = np.argsort(-scores_L, kind="stable")  # as SetPredictor.predict: ties, lower id first
-            chosen = order_L[: int(self.k)] if self.top_k else order_L[scores_L[order_L] >= self.threshold]
-            labels[row] = [int(c) for c in chosen]
-            scores[row] = [float(scores_L[c]) for c in chosen]
+        for row, scores_L, label_set in zip(good, scores_NL, self.predictor.sets_of(scores_NL, k=self.k, top_k=self.top_k),
+                                            strict=True):
+            labels[row], scores[row], names[row] = label_set.ids, label_set.scores, label_set.names
             if self.threshold is not None:
                 near[row] = bool(np.any(np.abs(scores_L - self.threshold) < NEAR))
-        names = [[self.predictor.class_names[c] for c in ids] for ids in labels]
         columns: dict[str, Any] = {
             "part": pa.array(batch["part"].astype(np.int32)), "source": pa.array(keys),
             "labels": pa.array(labels, type=pa.list_(pa.int32())), "names": pa.array(names, type=pa.list_(pa.string())),
@@ -234,6 +232,8 @@ def run_predict_job(*, run: str, k: float, inputs: list[str], out: str | None, s
     stream = stream if stream is not None else sys.stdout
     run = storage.absolute(run)
     out = storage.absolute(out) if out is not None else None
+    if num_actors is not None and num_actors < 1:
+        raise ValueError(f"--num-actors must be >= 1, got {num_actors}")
     check_rule(run, k=k, top_k=top_k)
     saved = saved_run_config(run)
     checkpoint_file = resolve_checkpoint(run, checkpoint, default=saved.eval.checkpoint if saved else "best")

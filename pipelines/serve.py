@@ -112,31 +112,18 @@ class LabelSets:
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest("the request body is not JSON") from None
             encoded, k, top_k = parse_request(body, default_k=self.default_k)
-            threshold = self._rule(k, top_k)
+            try:
+                self.predictor.rule(k=k, top_k=top_k)  # an uncalibrated K or a bad top-K: this request's fault
+            except ValueError as err:
+                raise BadRequest(str(err)) from None
             images = self._decode(encoded)
         except BadRequest as err:
             return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": str(err)}, status_code=400)
         import asyncio
 
         scores = await asyncio.gather(*(self.score_images(image) for image in images))
-        predictions = []
-        for scores_L in scores:
-            order_L = np.argsort(-scores_L, kind="stable")  # as SetPredictor.predict
-            chosen = order_L[: int(k)] if threshold is None else order_L[scores_L[order_L] >= threshold]
-            label_set = self.predictor.label_set(chosen, scores_L)
-            predictions.append({"label_set": json.dumps(label_set.to_dict())})
-        return JSONResponse({"predictions": predictions})
-
-    def _rule(self, k: float, top_k: bool) -> np.float32 | None:
-        if top_k:
-            if float(k) != int(k) or not 1 <= int(k) <= self.predictor.num_classes:
-                raise BadRequest(f"top-K needs an integer k in [1, {self.predictor.num_classes}], got {k}")
-            return None
-        try:
-            threshold: np.float32 = np.float32(self.predictor.threshold(k))
-        except ValueError as err:
-            raise BadRequest(str(err)) from None
-        return threshold
+        sets = self.predictor.sets_of(np.stack(scores), k=k, top_k=top_k)
+        return JSONResponse({"predictions": [{"label_set": json.dumps(s.to_dict())} for s in sets]})
 
     @staticmethod
     def _decode(encoded: list[bytes]) -> list[Any]:

@@ -199,16 +199,25 @@ class SetPredictor:
 
     def predict(self, images: Sequence[ImageInput], *, k: float, top_k: bool = False) -> list[LabelSet]:
         """Per image, the average-K set for a calibrated k, or (top_k=True) the k best labels."""
+        self.rule(k=k, top_k=top_k)  # an uncalibrated K fails before any image is scored
+        return self.sets_of(self.score(list(images)), k=k, top_k=top_k)
+
+    def rule(self, *, k: float, top_k: bool) -> np.float32 | None:
+        """The float32 lambda_K of a calibrated k, or None for top-K (k checked: an integer in [1, L])."""
         if top_k:
             if float(k) != int(k) or not 1 <= int(k) <= self.num_classes:
                 raise ValueError(f"top-K needs an integer k in [1, {self.num_classes}], got {k}")
-        else:
-            threshold = np.float32(self.threshold(k))
-        scores_NL = self.score(list(images))
+            return None
+        threshold: np.float32 = np.float32(self.threshold(k))
+        return threshold
+
+    def sets_of(self, scores_NL: np.ndarray, *, k: float, top_k: bool = False) -> list[LabelSet]:
+        """The label sets of N x L scores (this predictor's head): every place that labels uses this."""
+        threshold = self.rule(k=k, top_k=top_k)
         sets = []
         for scores_L in scores_NL:
             order_L = np.argsort(-scores_L, kind="stable")  # ties: lower class id first
-            chosen = order_L[: int(k)] if top_k else order_L[scores_L[order_L] >= threshold]
+            chosen = order_L[: int(k)] if threshold is None else order_L[scores_L[order_L] >= threshold]
             sets.append(self.label_set(chosen, scores_L))
         return sets
 

@@ -1,10 +1,14 @@
-"""Child processes that cannot import this checkout's avgk: where a logged model must bring its own code."""
+"""Serving tests' helpers: child processes that cannot import this checkout's avgk (where a logged model
+must bring its own code), and a JSON POST to a server."""
 
 from __future__ import annotations
 
+import json
 import os
 import site
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from tests.helpers.runs import ROOT
@@ -63,3 +67,13 @@ def env_without_avgk(folder: Path) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # uvicorn, mlflow
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of a JSON POST; an error status is returned, not raised."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())

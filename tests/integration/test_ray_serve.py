@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -18,17 +17,9 @@ import pytest
 
 from avgk.inference.predict import SetPredictor
 from tests.helpers.runs import ROOT, free_port, read_split, wait_until
+from tests.helpers.serving import post
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def rows(images: list[bytes]) -> dict:

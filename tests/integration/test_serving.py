@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from avgk.inference.predict import SetPredictor
 from avgk.inference.serving import log_pyfunc_model, using_tracking_uri
 from tests.helpers.runs import free_port, read_split, wait_for_http
-from tests.helpers.serving import env_without_avgk
+from tests.helpers.serving import env_without_avgk, post
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlflow]
 
@@ -90,15 +88,6 @@ def test_model_brings_avgk_as_code_and_loads_without_it(logged, tmp_path, monkey
     assert Path(out["avgk"]).resolve() == (local / "code" / "avgk" / "__init__.py").resolve(), out["avgk"]
     assert out["pipelines"] is False, "loading the model imported pipelines"
     assert_same_sets([json.loads(s) for s in out["sets"]], expected_sets(run_dir, images, k=2))
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def image_request(images: list[bytes], **params) -> dict:
