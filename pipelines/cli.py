@@ -10,12 +10,13 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from avgk.config import Config, ConfigError, load_config
 from avgk.runtime import console, guardian
 from avgk.runtime.storage import StorageError
+from pipelines import cli_support
+from pipelines.cli_support import Terminated, root_cause, terminate, version
 
 if TYPE_CHECKING:
     from avgk.experiments.pipeline_plan import Plan
@@ -161,17 +162,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("avgk")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        from avgk import __version__
-
-        return __version__
-
-
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from avgk.experiments.pipeline_plan import load_pipeline
 
@@ -214,6 +204,22 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from avgk.runtime import outbox
+
+    roots = [Path(p) for p in args.paths] or [outbox.default_root()]
+    missing = [str(p) for p in roots if not p.exists() and p != outbox.default_root()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} does not exist: give a run directory, a folder of runs or an outbox")
+    sent = left = 0
+    for root in roots:
+        done, waiting = outbox.deliver_all(root, timeout_s=args.wait)
+        sent, left = sent + done, left + waiting
+    print(f"avgk sync: {sent} record(s) delivered"
+          + (f"; {left} still wait: the tracking server does not answer (try again later)" if left else ""))
+    return 1 if left else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     load_config(None, args.overrides)  # fail fast, before torch and Ray are imported
     from pipelines.demo import run_demo
@@ -240,7 +246,7 @@ def _add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avgk", description="Average-K classifiers at cluster scale.")
-    parser.add_argument("--version", action="version", version=f"avgk {_version()}")
+    parser.add_argument("--version", action="version", version=f"avgk {version()}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show every line Ray and MLflow print (by default avgk lowers the ones a user cannot act on)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -362,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--name", required=True, help="the registered model's name")
     _add_checkpoint_arg(register)
     register.set_defaults(func=cmd_register, overrides=[])
+    sync_help = ("deliver the MLflow records a command queued while its tracking server did not answer "
+                 "(<run_dir>/tracking_outbox/, and $AVGK_OUTBOX_DIR for runs stored remotely)")
+    sync = sub.add_parser("sync", help=sync_help, description=sync_help)
+    sync.add_argument("paths", nargs="*", metavar="PATH",
+                      help="run directories or folders of runs (a pipeline's, a sweep's; searched for outboxes); "
+                           "default: $AVGK_OUTBOX_DIR (~/.cache/avgk/tracking_outbox)")
+    sync.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="keep trying that long while the server does not answer (default: one try)")
+    sync.set_defaults(func=cmd_sync, overrides=[])
     config_help = "print the resolved config a run would use (YAML) and exit; --keys: every key, its type and default"
     config = sub.add_parser("config", help=config_help, description=config_help)
     _add_config_args(config, optional=True)
@@ -375,32 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the embedded defaults")
     demo.set_defaults(func=cmd_demo, config=None)
     return parser
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    """The user's error inside Ray's wrappers (TrainingFailedError -> worker error -> cause)."""
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "worker_failures", None)
-        if isinstance(inner, dict) and inner:
-            err = next(iter(inner.values()))
-            continue
-        cause = err.__cause__ or getattr(err, "cause", None)
-        if isinstance(cause, BaseException):
-            err = cause
-            continue
-        break
-    return err
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is; a KeyboardInterrupt so every handler that ends
-    a run on Ctrl-C (tracking.lifecycle: KILLED) treats it the same."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,22 +409,25 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler, `kill`, a container stop) unwinds like Ctrl-C: the MLflow run ends
     # KILLED, Ray is shut down and temporary folders are removed, instead of a silent exit.
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         with guardian.watching():  # what a kill -9 of this command would leave: its watcher ends it
             code: int = args.func(args)
             return code
-    except _Terminated:
+    except Terminated:
         print("avgk: terminated", file=sys.stderr)
         return 143
     except BrokenPipeError:  # `avgk config --keys | head`: the reader left; no traceback, no flush error at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
+        if cli_support.terminated:  # SIGTERM, re-raised by a library as a plain KeyboardInterrupt
+            print("avgk: terminated", file=sys.stderr)
+            return 143
         print("avgk: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # one clear line for the errors a user can fix
-        cause = _root_cause(err)
+        cause = root_cause(err)
         if isinstance(cause, (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError)):
             message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             print(f"avgk: error: {message}", file=sys.stderr)

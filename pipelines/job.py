@@ -18,10 +18,11 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from avgk.config import Config
+from avgk.config import Config, ConfigError
 from avgk.data.prepare import ensure_shards
 from avgk.records import tracking
 from avgk.records.runs import with_absolute_paths
+from avgk.runtime import locks
 from avgk.training import preflight
 from pipelines import ray_env
 
@@ -37,6 +38,8 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
     the cluster to the caller's join_cluster, after checks of its own.
     """
     config = with_absolute_paths(config)
+    if resume:
+        claim_run_dir(config)
     if resume is not None:
         preflight.check_before_start(config, resume=resume)
     if data:
@@ -44,6 +47,19 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
     if join:
         join_cluster(cpus=cpus)
     return config
+
+
+def run_dir_lock(config: Config) -> str:
+    return f"run directory {config.run_dir}"
+
+
+def claim_run_dir(config: Config) -> None:
+    """The run directory is this process's until it ends: a second command training the same run on this
+    machine stops in one line before it touches anything (avgk.runtime.locks)."""
+    holder = locks.claim(run_dir_lock(config))
+    if holder:
+        raise ConfigError(f"run error: run directory {config.run_dir} is in use by another command ({holder}): "
+                          "wait for it to end, or choose another run.name")
 
 
 def join_cluster(*, cpus: float = 0.0) -> None:
@@ -68,5 +84,8 @@ def tracked(
     if config.tracking.enabled:
         uri = tracking.tracking_uri(config)
         run_id = tracking.start_run(config, parent_run_id=parent_run_id, tags=tags)
-    with tracking.lifecycle(uri, run_id) as outcome:
-        yield TrackedRun(uri=uri, run_id=run_id, outcome=outcome)
+    try:
+        with tracking.lifecycle(uri, run_id) as outcome:
+            yield TrackedRun(uri=uri, run_id=run_id, outcome=outcome)
+    finally:
+        locks.release(run_dir_lock(config))

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from avgk.config import find_config_file
+from avgk.config import ConfigError, find_config_file
 from avgk.experiments import pipeline_state as ps
 from avgk.experiments.pipeline_plan import Cell, Plan, load_pipeline
 from avgk.experiments.pipeline_spec import PipelineSpecError
@@ -38,7 +38,7 @@ from avgk.experiments.pipeline_view import graph_figure, tree_lines
 from avgk.experiments.sweep_config import config_for
 from avgk.records import tracking
 from avgk.records.runs import with_absolute_paths
-from avgk.runtime import storage
+from avgk.runtime import locks, storage
 from avgk.runtime.console import say
 from pipelines.pipeline_cells import Runner, load_stage_sweep
 
@@ -108,6 +108,23 @@ def run_plan(
     """Walks an expanded plan (a spec's, or a study's: pipelines.study); `kind` tags the MLflow parent run,
     `params` go to it beside the base config's (a study's own settings)."""
     plan = _with_plan_paths(plan)
+    if dry_run:
+        return _run_plan(plan, spec_dir=spec_dir, dry_run=True, only=only, start=start, kind=kind, params=params, log=log)
+    # One command at a time writes a pipeline's folder on this machine (avgk.runtime.locks).
+    lock = f"pipeline folder {plan.root}"
+    holder = locks.claim(lock)
+    if holder:
+        raise ConfigError(f"pipeline error: {plan.root} is in use by another command ({holder}): "
+                          "wait for it to end, or give this one another run.storage")
+    try:
+        return _run_plan(plan, spec_dir=spec_dir, dry_run=False, only=only, start=start, kind=kind, params=params,
+                         log=log)
+    finally:
+        locks.release(lock)
+
+
+def _run_plan(plan: Plan, *, spec_dir: Path | None, dry_run: bool, only: str | None, start: str | None, kind: str,
+              params: dict[str, Any] | None, log: Callable[[str], None]) -> PipelineResult:
     for cell in plan.cells.values():  # sweeps are files of their own: checked before anything starts, and
         if cell.verb == "tune":      # their content is part of the tune cell's fingerprint (its options)
             cell.options["resolved_sweep"] = load_stage_sweep(cell, spec_dir).model_dump(mode="json")

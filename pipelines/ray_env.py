@@ -13,9 +13,10 @@ from typing import Any, TypedDict
 
 import ray
 
-from avgk.runtime import console, guardian
+from avgk.runtime import console, guardian, locks
 from pipelines import ray_private
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 DASHBOARD_PORT_ENV = "AVGK_DASHBOARD_PORT"
 """The local cluster's dashboard port (default 8265, Ray's; 0: any free port). The test suite sets 0:
 its two processes start local clusters at the same moment, and both would probe 8265 free."""
@@ -98,20 +99,27 @@ def _init(*, num_cpus: int | None, quiet: bool | None) -> None:
             _quiet_console()
         return
     cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
-    ray.init(
-        # "local" starts a new cluster; a bare init() would attach to whatever cluster
-        # /tmp/ray/ray_current_cluster names (another job's), then reject num_cpus.
-        address="local",
-        _node_ip_address="127.0.0.1",
-        num_cpus=cpus,
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
-        # without it the driver prints a warning every few seconds.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(_dashboard_port()),  # a second local Ray (e.g. a test) must not fail
-        configure_logging=True,
-        **common,
-    )
+    # Commands starting local clusters at the same moment would each find the dashboard port free and
+    # then collide on it: the starts on one machine take turns (a few seconds each).
+    with locks.waiting("local Ray cluster start", what="starts a local Ray cluster"):
+        dashboard_port = free_port(_dashboard_port())
+        # Ray's own state queries (Ray Train's placement-group cleaner) look for "the" local cluster and fail
+        # when another command runs one too: they are pointed at this cluster's dashboard.
+        env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
+        ray.init(
+            # "local" starts a new cluster; a bare init() would attach to whatever cluster
+            # /tmp/ray/ray_current_cluster names (another job's), then reject num_cpus.
+            address="local",
+            _node_ip_address="127.0.0.1",
+            num_cpus=cpus,
+            # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+            # without it the driver prints a warning every few seconds.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,  # a second local Ray (e.g. a test) must not fail
+            configure_logging=True,
+            **common,
+        )
     # This command started the cluster: should it be killed outright, its watcher stops the cluster.
     context = ray.get_runtime_context()  # the session folder, as Ray's node names it: <temp dir>/<session name>
     guardian.cluster_started(os.path.join(context.get_temp_dir(), context.get_session_name()))

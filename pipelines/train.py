@@ -18,10 +18,10 @@ from ray.train.torch import TorchTrainer
 
 from avgk.config import Config
 from avgk.evaluation.passes import Evaluation
-from avgk.inference.serving import log_pyfunc_model
+from avgk.inference.serving import log_pyfunc_model_or_queue
 from avgk.records import tracking
 from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint
-from avgk.runtime import provenance, storage
+from avgk.runtime import outbox, provenance, storage
 from avgk.runtime.console import say
 from avgk.training import checkpoints, engine, preflight
 from pipelines import job, ray_private
@@ -59,6 +59,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = Config.model_validate(loop_config["config"])
     run_id: str | None = loop_config.get("mlflow_run_id")
     uri: str | None = loop_config.get("tracking_uri")  # set whenever run_id is
+    if run_id:  # records the server cannot take wait in the run directory, delivered by the driver
+        outbox.attach(run_id, config.run_dir)
     prefix = loop_config.get("log_prefix")
     log = (lambda line: say(f"[{prefix}] {line}")) if prefix else say
     rank = ray.train.get_context().get_world_rank()
@@ -92,11 +94,12 @@ def record_results(config: Config, evaluation: Evaluation, *, uri: str | None, r
     if uri and run_id and config.tracking.log_model:
         # The checkpoint the final evaluation used, so the model matches thresholds.json.
         checkpoint = resolve_checkpoint(run_dir, None, default=config.eval.checkpoint)
-        model_uri = log_pyfunc_model(
+        model_uri = log_pyfunc_model_or_queue(
             uri, run_id, run_dir, checkpoint=checkpoint, register_as=config.tracking.register_model
         )
-        log(f"pyfunc model logged: {model_uri}"
-            + (f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""))
+        registered = f" (registered as {config.tracking.register_model})" if config.tracking.register_model else ""
+        log(f"pyfunc model logged: {model_uri}{registered}" if model_uri else
+            f"pyfunc model queued{registered.replace('registered', 'to be registered')}: the tracking server does not answer")
 
 
 def runs_in_one_process(config: Config) -> bool:

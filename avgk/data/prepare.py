@@ -3,14 +3,16 @@ check every training entry point runs first (ensure_shards)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 
 from avgk.config import SOURCES, Config, ConfigError
 from avgk.config.data import GENERATED_SOURCES
 from avgk.data.manifest import Manifest, read_manifest
 from avgk.data.sources import ConvertOptions, available_cpus
-from avgk.runtime import storage
+from avgk.runtime import console, locks, storage
 
 SPLITS = ("train", "val", "test")
 
@@ -36,6 +38,19 @@ def prepare(config: Config, *, progress: bool = True) -> Manifest:
     untouched. Conversion runs in data.prepare_workers processes with tqdm bars on stderr;
     skipped files are listed in the manifest and summarised on stderr.
     """
+    with _writing(config):
+        return _prepare(config, progress=progress)
+
+
+@contextlib.contextmanager
+def _writing(config: Config) -> Iterator[None]:
+    """One command at a time writes (or checks) a shard folder on this machine; the others wait."""
+    shards = storage.absolute(config.data.shards)
+    with locks.waiting(f"shard folder {shards}", what=f"writes data.shards={shards}", say=console.say):
+        yield
+
+
+def _prepare(config: Config, *, progress: bool = True) -> Manifest:
     data = config.data
     manifest: Manifest = SOURCES.get(data.source)(data, convert_options(config, progress=progress))
     if "train" in manifest.splits:
@@ -58,13 +73,31 @@ def ensure_shards(config: Config) -> None:
     its manifest says what the shards are, and training never writes over its input. The
     config is then checked against the manifest (check_data).
     """
-    try:
-        existing = read_manifest(config.data.shards)
-    except FileNotFoundError:
-        existing = None
-    if config.data.source in GENERATED_SOURCES and (existing is None or existing.source == config.data.source):
-        prepare(config)
+    if config.data.source not in GENERATED_SOURCES:
+        check_data(config, read_manifest(config.data.shards))
+        return
+    with _writing(config):  # a command generating this folder now is waited for, then its data reused
+        try:
+            existing = read_manifest(config.data.shards)
+        except FileNotFoundError:
+            existing = None
+        if existing is None or existing.source == config.data.source:
+            if existing is not None:
+                refuse_other_settings(config, existing)
+            _prepare(config)
     check_data(config, read_manifest(config.data.shards))
+
+
+def refuse_other_settings(config: Config, existing: Manifest) -> None:
+    """Generated data asked for with other settings than the folder's: rewriting it would pull the data
+    from under any command reading it (another training on the same machine), so it is refused."""
+    wanted = {**config.data.synthetic.model_dump(), "maxcount": config.data.shard_maxcount}
+    differ = [f"{key}={existing.settings[key]!r} (this config: {value!r})" for key, value in wanted.items()
+              if key in existing.settings and existing.settings[key] != value]
+    if differ:
+        raise ConfigError(f"data error: data.shards={config.data.shards} holds {existing.source} data made with "
+                          f"{', '.join(differ)}: choose another data.shards for these settings (or remove that "
+                          "folder to write it again)")
 
 
 def check_data(config: Config, manifest: Manifest) -> None:

@@ -33,7 +33,7 @@ from avgk.inference.predict import (
     model_only_checkpoint,
 )
 from avgk.records import runs
-from avgk.runtime import console, storage
+from avgk.runtime import console, outbox, storage
 from avgk.training import checkpoints
 
 if TYPE_CHECKING:
@@ -164,6 +164,15 @@ def quiet_mlflow() -> Iterator[None]:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = progress
+
+
+def log_pyfunc_model_or_queue(uri: str, run_id: str, run_dir: str, *, checkpoint: str,
+                              register_as: str | None = None) -> str | None:
+    """log_pyfunc_model, queued in the run's outbox (avgk.runtime.outbox) if its tracking server does
+    not answer: the model URI, or None when queued."""
+    sent = outbox.send(log_pyfunc_model, uri, run_id,
+                       {"run_dir": run_dir, "checkpoint": checkpoint, "register_as": register_as})
+    return str(sent.value) if sent.delivered else None
 
 
 def log_pyfunc_model(

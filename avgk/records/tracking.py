@@ -1,7 +1,9 @@
 """MLflow bookkeeping through an explicit client and run id (no global active run, so no duplicates).
 
 The driver creates the run (or finds the one a resumed run directory already names), the
-rank-0 worker logs into it by id, and the driver ends it with the final status.
+rank-0 worker logs into it by id, and the driver ends it with the final status. Every record after
+the run's creation goes through avgk.runtime.outbox: a tracking server that does not answer delays
+the records, never the work.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from avgk.config import Config
-from avgk.runtime import guardian, storage
+from avgk.runtime import guardian, locks, outbox, storage
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -42,9 +44,19 @@ def tracking_uri(config: Config) -> str:
 def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):  # made when first opened, not when named: a failed check writes nothing
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri)
+    if uri.startswith("sqlite:///") and uri not in _opened_stores:
+        # Made when first opened, not when named: a failed check writes nothing. Commands starting at once
+        # would each create and migrate its tables: one does, under a lock, the others then find them.
+        path = Path(uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locks.waiting(f"tracking store {path}", what=f"creates the MLflow store {path}"):
+            client.search_experiments(max_results=1)
+        _opened_stores.add(uri)
+    return client
+
+
+_opened_stores: set[str] = set()
 
 
 def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
@@ -56,7 +68,10 @@ def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping
     id_file = storage.join(storage.absolute(config.run_dir), RUN_ID_FILE)
     if storage.exists(id_file):
         run_id = storage.read_bytes(id_file).decode().strip()
+        outbox.attach(run_id, storage.absolute(config.run_dir))
         try:
+            if outbox.pending(outbox.folder_of(run_id)):  # an earlier command's records go first, its end included
+                outbox.flush(outbox.folder_of(run_id), timeout_s=0.0)
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return run_id
         except Exception:  # the store was wiped or moved: start a fresh run
@@ -68,6 +83,7 @@ def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=config.run.name, tags=all_tags)
     new_run_id: str = run.info.run_id
+    outbox.attach(new_run_id, storage.absolute(config.run_dir))
     log_params(uri, new_run_id, config.flat())
     storage.write_bytes(id_file, new_run_id.encode())
     return new_run_id
@@ -80,9 +96,13 @@ def run_params(uri: str, run_id: str) -> dict[str, str]:
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    outbox.send(_log_params_now, uri, run_id, {"params": {k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()}})
+
+
+def _log_params_now(uri: str, run_id: str, *, params: Mapping[str, str]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    items = [Param(k, v) for k, v in sorted(params.items())]
     client = _client(uri)
     for start in range(0, len(items), 100):  # MLflow caps params per batch at 100
         client.log_batch(run_id, params=items[start : start + 100])
@@ -91,31 +111,52 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], *, step: int) -> None:
     import time
 
+    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    # The time of the measurement, not of its delivery: a queued record keeps it.
+    outbox.send(_log_metrics_now, uri, run_id, {"metrics": finite, "step": step, "timestamp": int(time.time() * 1000)})
+
+
+def _log_metrics_now(uri: str, run_id: str, *, metrics: Mapping[str, float], step: int, timestamp: int) -> None:
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if v is not None and math.isfinite(v)]
+    items = [Metric(k, v, timestamp, step) for k, v in sorted(metrics.items())]
     client = _client(uri)
     for start in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[start : start + 1000])
 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-    _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+    outbox.send(_log_artifacts_now, uri, run_id, {"local_dir": str(local_dir), "artifact_path": artifact_path},
+                files=("local_dir",))
+
+
+def _log_artifacts_now(uri: str, run_id: str, *, local_dir: str, artifact_path: str | None) -> None:
+    _client(uri).log_artifacts(run_id, local_dir, artifact_path)
 
 
 def log_artifact(uri: str, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
-    _client(uri).log_artifact(run_id, str(local_path), artifact_path)
+    outbox.send(_log_artifact_now, uri, run_id, {"local_path": str(local_path), "artifact_path": artifact_path},
+                files=("local_path",))
+
+
+def _log_artifact_now(uri: str, run_id: str, *, local_path: str, artifact_path: str | None) -> None:
+    _client(uri).log_artifact(run_id, local_path, artifact_path)
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    outbox.send(_set_tags_now, uri, run_id, {"tags": {k: str(v) for k, v in tags.items()}})
+
+
+def _set_tags_now(uri: str, run_id: str, *, tags: Mapping[str, str]) -> None:
     client = _client(uri)
     for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
+        client.set_tag(run_id, key, value)
 
 
 def end_run(uri: str, run_id: str, *, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status=status)
+    if uri.startswith("sqlite:///"):
+        _client(uri)  # the store's folder
+    outbox.send(outbox.set_terminated, uri, run_id, {"status": status})
 
 
 @dataclass
@@ -135,15 +176,19 @@ def lifecycle(uri: str | None, run_id: str | None) -> Iterator[Outcome]:
         yield outcome
         return
     assert uri is not None  # a run id comes with the URI of its tracking store
-    guardian.run_started(uri, run_id)  # a command killed outright (kill -9) cannot end the run: its watcher will
-    try:
-        yield outcome
-    except BaseException as err:
-        end_run(uri, run_id, status="KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+    # a command killed outright (kill -9) cannot end the run: its watcher will (or queue that in the outbox)
+    guardian.run_started(uri, run_id, outbox=str(outbox.folder_of(run_id)))
+    with outbox.delivering(uri, run_id) as delivery:
+        try:
+            yield outcome
+        except BaseException as err:
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            delivery.hurry = interrupted  # Ctrl-C or SIGTERM: what waits stays for later, the command ends now
+            end_run(uri, run_id, status="KILLED" if interrupted else "FAILED")
+            guardian.run_ended(run_id)
+            raise
+        end_run(uri, run_id, status=outcome.status)
         guardian.run_ended(run_id)
-        raise
-    end_run(uri, run_id, status=outcome.status)
-    guardian.run_ended(run_id)
 
 
 TEST_METRICS = ("avg_k_accuracy", "macro_avg_k_accuracy", "avg_set_size", "top_k_accuracy",

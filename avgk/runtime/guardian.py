@@ -48,9 +48,10 @@ def _send(message: dict[str, Any]) -> None:
         pass
 
 
-def run_started(uri: str, run_id: str) -> None:
-    """End this MLflow run KILLED if the command dies before `run_ended`."""
-    _send({"run": run_id, "uri": uri})
+def run_started(uri: str, run_id: str, *, outbox: str | None = None) -> None:
+    """End this MLflow run KILLED if the command dies before `run_ended` (queued in `outbox`, its
+    outbox folder, if the tracking server does not answer then)."""
+    _send({"run": run_id, "uri": uri, **({"outbox": outbox} if outbox else {})})
 
 
 def run_ended(run_id: str) -> None:
@@ -118,14 +119,18 @@ def stop_processes(members: dict[int, int], *, grace_s: float = 5.0) -> list[int
     return alive()
 
 
-def end_runs_killed(runs: dict[str, str]) -> None:
+def end_runs_killed(runs: dict[str, str], outboxes: dict[str, str] | None = None) -> None:
     """Mark each still-RUNNING run KILLED (a run another command already ended keeps its status), and
     with it its still-RUNNING child runs, at any depth: a sweep's trials open theirs in Ray workers,
-    which never talk to this watcher, and die with the cluster."""
+    which never talk to this watcher, and die with the cluster. A server that does not answer gets
+    the run's end queued in its outbox (`outboxes`: run id -> folder), for the next command or
+    `avgk sync`; its children then stay RUNNING."""
     from mlflow.tracking import MlflowClient
 
+    from avgk.runtime import outbox
+
     for run_id, uri in runs.items():
-        with contextlib.suppress(Exception):  # an unreachable store: nothing more this process can do
+        try:
             client = MlflowClient(tracking_uri=uri)
             run = client.get_run(run_id)
             if run.info.status != "RUNNING":
@@ -138,6 +143,11 @@ def end_runs_killed(runs: dict[str, str]) -> None:
                     [run.info.experiment_id],
                     filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
                 pending.extend(child.info.run_id for child in children)
+        except Exception as err:
+            if outboxes and run_id in outboxes and outbox.is_server(uri) and outbox.is_outage(err):
+                outbox.remember(run_id, outboxes[run_id])
+                with contextlib.suppress(Exception):  # nothing more this process can do
+                    outbox.send(outbox.set_terminated, uri, run_id, {"status": "KILLED"})
 
 
 def _watch(stream: IO[str], *, refresh_s: float = 2.0) -> int:
@@ -156,6 +166,7 @@ def _watch(stream: IO[str], *, refresh_s: float = 2.0) -> int:
 
     threading.Thread(target=read, daemon=True).start()
     runs: dict[str, str] = {}
+    outboxes: dict[str, str] = {}
     session_dirs: list[str] = []
     members: dict[int, int] = {}
     while True:
@@ -172,6 +183,8 @@ def _watch(stream: IO[str], *, refresh_s: float = 2.0) -> int:
             message = json.loads(line)
             if "run" in message:
                 runs[message["run"]] = message["uri"]
+                if "outbox" in message:
+                    outboxes[message["run"]] = message["outbox"]
             elif "ended" in message:
                 runs.pop(message["ended"], None)
             elif "session_dir" in message:
@@ -182,7 +195,7 @@ def _watch(stream: IO[str], *, refresh_s: float = 2.0) -> int:
     for session_dir in session_dirs:
         members.update(cluster_members(session_dir))
     stop_processes(members)
-    end_runs_killed(runs)
+    end_runs_killed(runs, outboxes)
     return 1
 
 
