@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 from avgk.config import Config, ConfigError, load_config
 from avgk.runtime import console, guardian
+from avgk.runtime.retrying_fs import OutageError
 from avgk.runtime.storage import StorageError
 from pipelines import cli_support
-from pipelines.cli_support import Terminated, root_cause, terminate, version
+from pipelines.cli_support import Terminated, one_line, root_cause, terminate, version
 
 if TYPE_CHECKING:
     from avgk.experiments.pipeline_plan import Plan
@@ -428,9 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # one clear line for the errors a user can fix
         cause = root_cause(err)
-        if isinstance(cause, (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError)):
-            message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            print(f"avgk: error: {message}", file=sys.stderr)
+        if isinstance(cause, (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError, OutageError)):
+            print(f"avgk: error: {one_line(cause)}", file=sys.stderr)
             return 2
         raise
     finally:

@@ -33,6 +33,20 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def one_line(err: BaseException) -> str:
+    """The error's own first line. A DataLoader worker's error comes back as 'Caught X in DataLoader worker
+    process N.' with the worker's traceback below: its last line, 'module.X: message', holds the message."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "in DataLoader worker process" in lines[0]:
+        last = next((line for line in reversed(lines) if line.strip()), lines[0])
+        name = type(err).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else lines[0]
+    return lines[0]
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is; a KeyboardInterrupt so every handler that ends
     a run on Ctrl-C (tracking.lifecycle: KILLED) treats it the same."""

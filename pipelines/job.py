@@ -22,7 +22,7 @@ from avgk.config import Config, ConfigError
 from avgk.data.prepare import ensure_shards
 from avgk.records import tracking
 from avgk.records.runs import with_absolute_paths
-from avgk.runtime import locks
+from avgk.runtime import locks, retrying_fs
 from avgk.training import preflight
 from pipelines import ray_env
 
@@ -38,6 +38,7 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
     the cluster to the caller's join_cluster, after checks of its own.
     """
     config = with_absolute_paths(config)
+    use_retry_budget(config)
     if resume:
         claim_run_dir(config)
     if resume is not None:
@@ -47,6 +48,11 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
     if join:
         join_cluster(cpus=cpus)
     return config
+
+
+def use_retry_budget(config: Config) -> None:
+    """run.object_store_retry_s for this process and, through the environment, the Ray workers it starts."""
+    os.environ[retrying_fs.BUDGET_ENV] = f"{config.run.object_store_retry_s:g}"
 
 
 def run_dir_lock(config: Config) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from avgk.evaluation.passes import Evaluation
 from avgk.inference.serving import log_pyfunc_model_or_queue
 from avgk.records import tracking
 from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint
-from avgk.runtime import outbox, provenance, storage
+from avgk.runtime import outbox, provenance, retrying_fs, storage
 from avgk.runtime.console import say
 from avgk.training import checkpoints, engine, preflight
 from pipelines import job, ray_private
@@ -59,6 +60,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = Config.model_validate(loop_config["config"])
     run_id: str | None = loop_config.get("mlflow_run_id")
     uri: str | None = loop_config.get("tracking_uri")  # set whenever run_id is
+    os.environ[retrying_fs.BUDGET_ENV] = f"{config.run.object_store_retry_s:g}"  # a joined cluster's workers too
     if run_id:  # records the server cannot take wait in the run directory, delivered by the driver
         outbox.attach(run_id, config.run_dir)
     prefix = loop_config.get("log_prefix")
@@ -143,8 +145,11 @@ def build_trainer(
     log_prefix: str | None = None,
 ) -> TorchTrainer:
     storage_path = storage.absolute(config.run.storage)
+    storage_filesystem = None
     if "://" not in storage_path:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
+    else:  # checkpoints through avgk's filesystem: its retries ride out a blip of the store (avgk.runtime.retrying_fs)
+        storage_filesystem, storage_path = storage.resolve(storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri,
@@ -164,6 +169,7 @@ def build_trainer(
         run_config=RunConfig(  # type: ignore[call-arg]  # v2's logging_config (see above)
             name=config.run.name,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             # The last checkpoint is what resumes; the best model is kept apart in <run_dir>/best.
             checkpoint_config=CheckpointConfig(num_to_keep=2),

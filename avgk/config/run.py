@@ -54,6 +54,13 @@ class RunConfig(Section):
         "the differing keys); never = stop; force = resume with this config",
     )
 
+    object_store_retry_s: float = Field(
+        180.0, ge=0,
+        description="seconds a read or write of shards, manifests, checkpoints or pseudo-labels in object storage "
+        "(s3://, gs://) keeps retrying while the store does not answer, before the job stops naming the URI "
+        "(an outage shorter than this costs no restart); 0: no retry",
+    )
+
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:

@@ -21,7 +21,7 @@ from webdataset import tariterators
 from avgk.data.decoding import Collate, DataSetupError, SampleDecoder
 from avgk.data.manifest import Manifest, read_manifest
 from avgk.data.transforms import ImageTransform, Transform
-from avgk.runtime import storage
+from avgk.runtime import retrying_fs, storage
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class _SkipAndCount:
     def __call__(self, exn: Exception) -> bool:
         if isinstance(exn, DataSetupError):
             raise exn
+        if isinstance(exn, retrying_fs.OutageError):  # the store, not the shard: every later shard would fail too
+            raise DataSetupError(str(exn).split("\n")[0]) from None
         self.num_skipped += 1
         now = time.monotonic()
         if now - self._last_warning >= self.interval_s:
@@ -89,7 +91,7 @@ def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -
     for url in urls:
         try:
             stream = storage.open_input_stream(url)
-        except storage.StorageError as err:
+        except (storage.StorageError, retrying_fs.OutageError) as err:
             raise DataSetupError(str(err)) from None
         except Exception as exn:
             exn.args = (*exn.args, url)

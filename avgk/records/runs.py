@@ -17,8 +17,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
 """The resolved config a run was trained with, written into its run directory when training starts."""
 
-RESUME_FREE_KEYS = ("run.resume", "train.epochs", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
-                    "data.loader_workers", "tracking.")
+RESUME_FREE_KEYS = ("run.resume", "run.object_store_retry_s", "train.epochs", "train.max_failures",
+                    "train.use_gpu", "train.cpus_per_worker", "data.loader_workers", "tracking.")
 """Keys a resumed run may change: where and how long it trains, not what it learns (a prefix ends with a dot)."""
 
 

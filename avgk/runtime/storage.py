@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.fs as pafs
 
+from avgk.runtime import retrying_fs
+
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
     from pyarrow import NativeFile
@@ -98,6 +100,7 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
             fs, _ = pafs.FileSystem.from_uri(f"{parts.scheme}://{parts.netloc}/{query}")
         except (OSError, ValueError) as err:
             raise describe_error(err, uri) from None
+        fs = retrying_fs.retrying(fs)  # a blip of the object store costs time, not the run
         _FILESYSTEMS[key] = fs
     return fs, f"{parts.netloc}{parts.path}".rstrip("/")
 
@@ -136,6 +139,8 @@ CREDENTIALS_RULE = ("credentials come from the standard places only (AWS_ACCESS_
 def describe_error(err: BaseException, uri: str) -> BaseException:
     """A one-line error for a failed access to `uri`: StorageError for setup problems (credentials,
     access, bucket, endpoint), else `err` itself (e.g. FileNotFoundError for a missing object)."""
+    if isinstance(err, retrying_fs.OutageError):  # says already what, where and for how long
+        return err
     text = str(err)
     where = display(uri)
     if "ACCESS_DENIED" in text or "AccessDenied" in text or "FORBIDDEN" in text or "SignatureDoesNotMatch" in text \

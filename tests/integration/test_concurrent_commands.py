@@ -39,7 +39,7 @@ def test_three_trainings_and_a_same_named_one_at_once(tmp_path):
     codes = [proc.returncode for proc in procs]
     refused = [i for i, (code, out) in enumerate(zip(codes, outputs, strict=True))
                if code == 2 and "is in use by another command" in out]
-    assert len(refused) == 1 and names[refused[0]] == "a", list(zip(names, codes, [o[-1500:] for o in outputs]))
+    assert len(refused) == 1 and names[refused[0]] == "a", list(zip(names, codes, [o[-1500:] for o in outputs], strict=True))
     finished = [i for i in range(len(names)) if i not in refused]
     assert all(codes[i] == 0 for i in finished), [(names[i], codes[i], outputs[i][-3000:]) for i in finished]
     line = outputs[refused[0]].strip().splitlines()[-1]

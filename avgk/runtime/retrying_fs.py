@@ -1,0 +1,249 @@
+"""An object store that goes away for a while costs time, not the run: every call to it retries
+with back-off within a time budget before it gives up.
+
+`retrying(fs)` wraps a pyarrow filesystem (S3, GCS) so that each operation that fails for want of an
+answer (no connection, a timeout, a 5xx or a throttle) is tried again, 0.5 s after the first failure,
+then doubling up to 10 s, until it succeeds or `budget_s()` seconds have passed since the first
+failure; then one OSError names the URI and the time waited. Errors that an answer gave (access denied,
+no such bucket or key) are raised at once. Reads resume where they stopped: a stream that breaks
+mid-shard is reopened at its offset. Writes go to a local temporary file and are uploaded whole at
+close, so that a failed upload can be tried again (an object store publishes an object at close anyway).
+
+The budget is $AVGK_OBJECT_STORE_RETRY_S (default 180 s), set from the config's
+run.object_store_retry_s by every process of a job; it is separate from Ray Train's
+train.max_failures, which is meant for workers that die.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+BUDGET_ENV = "AVGK_OBJECT_STORE_RETRY_S"
+DEFAULT_BUDGET_S = 180.0
+
+T = TypeVar("T")
+
+_TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|Could not connect|Couldn't connect|Failed to connect|Connection refused|Connection reset|connection was "
+    r"closed|timed out|Timeout|TIMEOUT|SERVICE_UNAVAILABLE|ServiceUnavailable|SLOW_DOWN|SlowDown|INTERNAL_FAILURE|"
+    r"InternalError|Unable to connect|curlCode: (6|7|28|52|55|56)|HTTP response code: 5\d\d|Broken pipe",
+)
+"""Messages of pyarrow's S3/GCS errors that mean no (or no useful) answer: worth another try."""
+
+
+class OutageError(OSError):
+    """The object store did not answer within the budget: the job stops (a shard is not skipped for it)."""
+
+
+def budget_s() -> float:
+    value = os.environ.get(BUDGET_ENV)
+    return float(value) if value else DEFAULT_BUDGET_S
+
+
+def is_transient(err: BaseException) -> bool:
+    return isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and bool(_TRANSIENT.search(str(err)))
+
+
+def with_retries(what: str, call: Callable[[], T], *, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> T:
+    """call() until it succeeds, an answer says no, or the budget is spent since its first failure."""
+    first_failure: float | None = None
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except OSError as err:
+            if not is_transient(err):
+                raise
+            now = clock()
+            first_failure = now if first_failure is None else first_failure
+            budget = budget_s()
+            if now - first_failure + delay > budget:
+                raise OutageError(f"{what}: the object store did not answer for {now - first_failure:.0f} s "
+                              f"({BUDGET_ENV}={budget:g} s, run.object_store_retry_s): "
+                              f"{' '.join(str(err).split())[:240]}") from None
+            sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+class _ResumingReader:
+    """A read-only file over `fs.open_input_file(path)` that reopens at its offset when a read fails."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str) -> None:
+        self._fs, self._path = fs, path
+        self._file = with_retries(path, lambda: fs.open_input_file(path))
+        self._pos = 0
+        self.closed = False
+
+    def _reopen(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._file = self._fs.open_input_file(self._path)
+        self._file.seek(self._pos)
+
+    def read(self, nbytes: int | None = None) -> bytes:
+        broken = False
+
+        def call() -> bytes:
+            nonlocal broken
+            if broken:  # the connection under the last read failed: a new one, at the same offset
+                self._reopen()
+            try:
+                data: bytes = self._file.read() if nbytes is None or nbytes < 0 else self._file.read(nbytes)
+            except OSError:
+                broken = True
+                raise
+            return data
+
+        data = with_retries(self._path, call)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self._pos
+        elif whence == 2:
+            offset += self.size()
+        self._file.seek(offset)
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return int(with_retries(self._path, self._file.size))
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._file.close()
+
+
+class _UploadAtClose:
+    """A write-only file spooled to local disk and uploaded whole at close, tried again on a blip."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, metadata: Any) -> None:
+        self._fs, self._path, self._metadata = fs, path, metadata
+        self._spool = tempfile.NamedTemporaryFile(prefix="avgk-upload-", delete=False)  # noqa: SIM115  # closed in close()
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        return self._spool.write(data)
+
+    def tell(self) -> int:
+        return self._spool.tell()
+
+    def flush(self) -> None:
+        self._spool.flush()
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._spool.close()
+        try:
+            def upload() -> None:
+                with open(self._spool.name, "rb") as source, \
+                        self._fs.open_output_stream(self._path, metadata=self._metadata) as target:
+                    shutil.copyfileobj(source, target, length=8 << 20)
+
+            with_retries(self._path, upload)
+        finally:
+            os.unlink(self._spool.name)
+
+
+class RetryingHandler(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow ships no stubs for it
+    """pyarrow's FileSystemHandler over another filesystem, each call under `with_retries`."""
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray ships the filesystem to its workers
+        return (RetryingHandler, (self.fs,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RetryingHandler) and self.fs.equals(other.fs)
+
+    def __hash__(self) -> int:
+        return id(self.fs)
+
+    def get_type_name(self) -> str:
+        return f"retrying-{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return str(self.fs.normalize_path(path))
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return with_retries(",".join(paths[:3]), lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return with_retries(selector.base_dir, lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        with_retries(path, lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        with_retries(path, lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        with_retries(path, lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        with_retries("/", lambda: self.fs.delete_dir_contents("/", accept_root_dir=True))
+
+    def delete_file(self, path: str) -> None:
+        with_retries(path, lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        with_retries(src, lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with_retries(src, lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(_ResumingReader(self.fs, path), mode="r")
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(_ResumingReader(self.fs, path), mode="r")
+
+    def open_output_stream(self, path: str, metadata: Any = None) -> pa.NativeFile:
+        return pa.PythonFile(_UploadAtClose(self.fs, path, metadata), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any = None) -> pa.NativeFile:
+        raise OSError(f"{path}: appending to an object is not supported by object stores")
+
+
+def retrying(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """`fs` with every call retried within the budget (see the module docstring); local filesystems as they are."""
+    if isinstance(fs, (pafs.LocalFileSystem, pafs.PyFileSystem)):
+        return fs
+    return pafs.PyFileSystem(RetryingHandler(fs))
