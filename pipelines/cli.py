@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from avgk.config import Config, ConfigError, load_config
 from avgk.runtime import console, guardian
-from avgk.runtime.retrying_fs import OutageError
+from avgk.runtime.safe_fs import DiskFullError, OutageError
 from avgk.runtime.storage import StorageError
 from pipelines import cli_support
 from pipelines.cli_support import Terminated, one_line, root_cause, terminate, version
@@ -393,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ONE_LINE_ERRORS = (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError, OutageError, DiskFullError)
+"""The errors a user can fix: told in one line (`avgk: error: ...`, exit 2), without a traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -429,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # one clear line for the errors a user can fix
         cause = root_cause(err)
-        if isinstance(cause, (ConfigError, ValueError, FileNotFoundError, FloatingPointError, StorageError, OutageError)):
+        if isinstance(cause, ONE_LINE_ERRORS):
             print(f"avgk: error: {one_line(cause)}", file=sys.stderr)
             return 2
         raise

@@ -17,7 +17,7 @@ def version() -> str:
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The user's error inside Ray's wrappers (TrainingFailedError -> worker error -> cause)."""
+    """The user's error inside Ray's wrappers (TrainingFailedError -> worker or controller error -> cause)."""
     seen = set()
     while id(err) not in seen:
         seen.add(id(err))
@@ -25,7 +25,7 @@ def root_cause(err: BaseException) -> BaseException:
         if isinstance(inner, dict) and inner:
             err = next(iter(inner.values()))
             continue
-        cause = err.__cause__ or getattr(err, "cause", None)
+        cause = err.__cause__ or getattr(err, "cause", None) or getattr(err, "controller_failure", None)
         if isinstance(cause, BaseException):
             err = cause
             continue

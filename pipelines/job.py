@@ -22,7 +22,7 @@ from avgk.config import Config, ConfigError
 from avgk.data.prepare import ensure_shards
 from avgk.records import tracking
 from avgk.records.runs import with_absolute_paths
-from avgk.runtime import locks, retrying_fs
+from avgk.runtime import locks, safe_fs
 from avgk.training import preflight
 from pipelines import ray_env
 
@@ -52,7 +52,7 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
 
 def use_retry_budget(config: Config) -> None:
     """run.object_store_retry_s for this process and, through the environment, the Ray workers it starts."""
-    os.environ[retrying_fs.BUDGET_ENV] = f"{config.run.object_store_retry_s:g}"
+    os.environ[safe_fs.BUDGET_ENV] = f"{config.run.object_store_retry_s:g}"
 
 
 def run_dir_lock(config: Config) -> str:

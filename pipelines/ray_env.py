@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 
 import ray
 
-from avgk.runtime import console, guardian, locks, retrying_fs
+from avgk.runtime import console, guardian, locks, safe_fs
 from pipelines import ray_private
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -84,8 +84,8 @@ def _init(*, num_cpus: int | None, quiet: bool | None) -> None:
     # Workers must import avgk and pipelines the same way the driver does.
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-    if os.environ.get(retrying_fs.BUDGET_ENV):  # run.object_store_retry_s, for every worker's storage calls
-        env_vars[retrying_fs.BUDGET_ENV] = os.environ[retrying_fs.BUDGET_ENV]
+    if os.environ.get(safe_fs.BUDGET_ENV):  # run.object_store_retry_s, for every worker's storage calls
+        env_vars[safe_fs.BUDGET_ENV] = os.environ[safe_fs.BUDGET_ENV]
     if quiet:  # MLflow's per-file progress bars when the workers log artifacts
         env_vars["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     else:

@@ -22,7 +22,7 @@ from avgk.evaluation.passes import Evaluation
 from avgk.inference.serving import log_pyfunc_model_or_queue
 from avgk.records import tracking
 from avgk.records.runs import CHECKPOINT_FILE, resolve_checkpoint
-from avgk.runtime import outbox, provenance, retrying_fs, storage
+from avgk.runtime import outbox, provenance, safe_fs, storage
 from avgk.runtime.console import say
 from avgk.training import checkpoints, engine, preflight
 from pipelines import job, ray_private
@@ -60,7 +60,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = Config.model_validate(loop_config["config"])
     run_id: str | None = loop_config.get("mlflow_run_id")
     uri: str | None = loop_config.get("tracking_uri")  # set whenever run_id is
-    os.environ[retrying_fs.BUDGET_ENV] = f"{config.run.object_store_retry_s:g}"  # a joined cluster's workers too
+    os.environ[safe_fs.BUDGET_ENV] = f"{config.run.object_store_retry_s:g}"  # a joined cluster's workers too
     if run_id:  # records the server cannot take wait in the run directory, delivered by the driver
         outbox.attach(run_id, config.run_dir)
     prefix = loop_config.get("log_prefix")
@@ -145,10 +145,12 @@ def build_trainer(
     log_prefix: str | None = None,
 ) -> TorchTrainer:
     storage_path = storage.absolute(config.run.storage)
-    storage_filesystem = None
     if "://" not in storage_path:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
-    else:  # checkpoints through avgk's filesystem: its retries ride out a blip of the store (avgk.runtime.retrying_fs)
+        # Ray Train writes its checkpoint index in place: on a full disk it was left empty and the run could
+        # not resume. Through this filesystem every file is published by a rename (avgk.runtime.safe_fs).
+        storage_filesystem = safe_fs.atomic_local()
+    else:  # checkpoints through avgk's filesystem: its retries ride out a blip of the store (avgk.runtime.safe_fs)
         storage_filesystem, storage_path = storage.resolve(storage_path)
     return TorchTrainer(
         train_loop_per_worker,
@@ -191,7 +193,12 @@ def run_training(
     config = job.start(config, cpus=config.train.num_workers * config.train.cpus_per_worker)
     check_resources(config)
     with job.tracked(config, parent_run_id=parent_run_id, tags=tags) as run:
-        build_trainer(config, mlflow_run_id=run.run_id, tracking_uri=run.uri, log_prefix=log_prefix).fit()
+        try:
+            build_trainer(config, mlflow_run_id=run.run_id, tracking_uri=run.uri, log_prefix=log_prefix).fit()
+        except Exception as err:
+            if safe_fs.is_disk_full(err) or "No space left on device" in str(err):
+                raise safe_fs.DiskFullError(storage.display(config.run_dir)) from None
+            raise
     metrics_file = storage.join(storage.absolute(config.run_dir), "metrics.json")
     if not storage.exists(metrics_file):
         return None

@@ -21,7 +21,7 @@ from webdataset import tariterators
 from avgk.data.decoding import Collate, DataSetupError, SampleDecoder
 from avgk.data.manifest import Manifest, read_manifest
 from avgk.data.transforms import ImageTransform, Transform
-from avgk.runtime import retrying_fs, storage
+from avgk.runtime import safe_fs, storage
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class _SkipAndCount:
     def __call__(self, exn: Exception) -> bool:
         if isinstance(exn, DataSetupError):
             raise exn
-        if isinstance(exn, retrying_fs.OutageError):  # the store, not the shard: every later shard would fail too
+        if isinstance(exn, safe_fs.OutageError):  # the store, not the shard: every later shard would fail too
             raise DataSetupError(str(exn).split("\n")[0]) from None
         self.num_skipped += 1
         now = time.monotonic()
@@ -91,7 +91,7 @@ def _open_shards(urls: Iterator[str], *, handler: Callable[[Exception], bool]) -
     for url in urls:
         try:
             stream = storage.open_input_stream(url)
-        except (storage.StorageError, retrying_fs.OutageError) as err:
+        except (storage.StorageError, safe_fs.OutageError) as err:
             raise DataSetupError(str(err)) from None
         except Exception as exn:
             exn.args = (*exn.args, url)

@@ -12,7 +12,7 @@ from avgk.config import SOURCES, Config, ConfigError
 from avgk.config.data import GENERATED_SOURCES
 from avgk.data.manifest import Manifest, read_manifest
 from avgk.data.sources import ConvertOptions, available_cpus
-from avgk.runtime import console, locks, storage
+from avgk.runtime import console, locks, safe_fs, storage
 
 SPLITS = ("train", "val", "test")
 
@@ -52,7 +52,12 @@ def _writing(config: Config) -> Iterator[None]:
 
 def _prepare(config: Config, *, progress: bool = True) -> Manifest:
     data = config.data
-    manifest: Manifest = SOURCES.get(data.source)(data, convert_options(config, progress=progress))
+    try:
+        manifest: Manifest = SOURCES.get(data.source)(data, convert_options(config, progress=progress))
+    except OSError as err:
+        if safe_fs.is_disk_full(err):
+            raise safe_fs.DiskFullError(storage.display(data.shards)) from None
+        raise
     if "train" in manifest.splits:
         empty = [manifest.classes[c] for c, n in enumerate(manifest.split("train").class_counts) if n == 0]
         if empty:

@@ -9,6 +9,7 @@ join() keeps the query at the end of every path built from it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.fs as pafs
 
-from avgk.runtime import retrying_fs
+from avgk.runtime import safe_fs
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -100,7 +101,7 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
             fs, _ = pafs.FileSystem.from_uri(f"{parts.scheme}://{parts.netloc}/{query}")
         except (OSError, ValueError) as err:
             raise describe_error(err, uri) from None
-        fs = retrying_fs.retrying(fs)  # a blip of the object store costs time, not the run
+        fs = safe_fs.retrying(fs)  # a blip of the object store costs time, not the run
         _FILESYSTEMS[key] = fs
     return fs, f"{parts.netloc}{parts.path}".rstrip("/")
 
@@ -139,7 +140,7 @@ CREDENTIALS_RULE = ("credentials come from the standard places only (AWS_ACCESS_
 def describe_error(err: BaseException, uri: str) -> BaseException:
     """A one-line error for a failed access to `uri`: StorageError for setup problems (credentials,
     access, bucket, endpoint), else `err` itself (e.g. FileNotFoundError for a missing object)."""
-    if isinstance(err, retrying_fs.OutageError):  # says already what, where and for how long
+    if isinstance(err, safe_fs.OutageError):  # says already what, where and for how long
         return err
     text = str(err)
     where = display(uri)
@@ -217,8 +218,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.create_dir(parent, recursive=True)
         if isinstance(fs, pafs.LocalFileSystem):
             tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+            except OSError as err:  # the previous file stays; no partial file beside it
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if safe_fs.is_disk_full(err):
+                    raise safe_fs.DiskFullError(path) from None
+                raise
             os.replace(tmp, path)
             return
         with fs.open_output_stream(path) as f:  # object stores publish a whole object at close

@@ -17,7 +17,7 @@ from avgk.config import Config
 from avgk.method.losses import loss_class
 from avgk.models.networks import build_model, unwrap
 from avgk.records.runs import CHECKPOINT_FILE
-from avgk.runtime import storage
+from avgk.runtime import safe_fs, storage
 from avgk.training.parts import Parts
 
 # ---------------------------------------------------------------- reporting hooks
@@ -52,7 +52,13 @@ class LocalReporter:
             return
         staging = self.dir.with_name("latest.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, staging)
+        try:
+            shutil.copytree(checkpoint_dir, staging)
+        except OSError as err:  # the previous checkpoint stays in latest/
+            shutil.rmtree(staging, ignore_errors=True)
+            if safe_fs.is_disk_full(err):
+                raise safe_fs.DiskFullError(str(staging)) from None
+            raise
         shutil.rmtree(self.dir, ignore_errors=True)
         staging.rename(self.dir)
 

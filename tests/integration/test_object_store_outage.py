@@ -1,6 +1,6 @@
 """An object store that goes away for a while (stopped: connection refused; frozen with SIGSTOP: a hung
 connection) costs time within run.object_store_retry_s, not the work; longer, one line naming the URI
-and the time waited (avgk.runtime.retrying_fs). Each test has its own S3 server."""
+and the time waited (avgk.runtime.safe_fs). Each test has its own S3 server."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from avgk.runtime import retrying_fs, storage
+from avgk.runtime import safe_fs, storage
 from tests.helpers.runs import ROOT
 from tests.helpers.s3 import S3Server, weed_binary
 
@@ -21,18 +21,31 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(weed_binary() is None, reason
 PAYLOAD = os.urandom(3 << 20)
 
 
+@pytest.fixture(scope="module")
+def _module_store(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    server = S3Server(tmp_path / "s3").start()
+def store(_module_store, monkeypatch, request):
+    """This module's own S3 server (not the suite's), answering when each test starts (a test that stopped or
+    froze it leaves it running again), and a fresh object in a bucket of the test's own."""
+    server = _module_store
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(key, raising=False)
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv(retrying_fs.BUDGET_ENV, "60")
-    uri = server.create_bucket("outage") + "/blob.bin"
+    monkeypatch.setenv(safe_fs.BUDGET_ENV, "60")
+    bucket = f"outage-{len(request.node.name)}-{abs(hash(request.node.name)) % 10**6}"
+    uri = server.create_bucket(bucket) + "/blob.bin"
     storage.write_bytes(uri, PAYLOAD)
     yield server, uri
-    server.stop()
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    else:
+        server.thaw()
 
 
 def _later(seconds: float, action) -> threading.Thread:
@@ -77,10 +90,10 @@ def test_a_write_waits_out_a_frozen_store(store):
 
 def test_an_outage_longer_than_the_budget_is_one_line_naming_the_uri_and_the_wait(store, monkeypatch):
     server, uri = store
-    monkeypatch.setenv(retrying_fs.BUDGET_ENV, "4")
+    monkeypatch.setenv(safe_fs.BUDGET_ENV, "4")
     server.stop()
     start = time.monotonic()
-    with pytest.raises(retrying_fs.OutageError, match=r"outage/blob.bin: the object store did not answer for \d+ s "
+    with pytest.raises(safe_fs.OutageError, match=r"outage-[0-9-]+/blob.bin: the object store did not answer for \d+ s "
                                                       r"\(AVGK_OBJECT_STORE_RETRY_S=4 s, run.object_store_retry_s\)"):
         storage.read_bytes(uri)
     assert time.monotonic() - start < 30

@@ -21,11 +21,22 @@ from tests.helpers.runs import ROOT
 pytestmark = [pytest.mark.mlflow, pytest.mark.slow]
 
 
-@pytest.fixture
-def server(tmp_path):
-    server = MlflowServer(tmp_path / "mlflow").start()
+@pytest.fixture(scope="module")
+def _module_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def server(_module_server):
+    """This module's own server (not the suite's), answering when each test starts: a test that stopped or
+    froze it leaves it running again."""
+    yield _module_server
+    if _module_server.proc is None:
+        _module_server.start()
+    else:
+        _module_server.thaw()
 
 
 @pytest.fixture(autouse=True)

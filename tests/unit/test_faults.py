@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from avgk.runtime import outbox, retrying_fs
+from avgk.runtime import outbox, safe_fs
 from pipelines.cli_support import one_line
 
 
 def test_transient_store_errors_are_retried_and_answers_are_not():
-    assert retrying_fs.is_transient(OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7"))
-    assert retrying_fs.is_transient(OSError("When reading key 'a': AWS Error SLOW_DOWN during GetObject operation"))
-    assert not retrying_fs.is_transient(OSError("AWS Error ACCESS_DENIED during HeadObject operation"))
-    assert not retrying_fs.is_transient(FileNotFoundError("Path does not exist 'bucket/key'"))
-    assert not retrying_fs.is_transient(ValueError("timed out"))  # not an I/O error
+    assert safe_fs.is_transient(OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7"))
+    assert safe_fs.is_transient(OSError("When reading key 'a': AWS Error SLOW_DOWN during GetObject operation"))
+    assert not safe_fs.is_transient(OSError("AWS Error ACCESS_DENIED during HeadObject operation"))
+    assert not safe_fs.is_transient(FileNotFoundError("Path does not exist 'bucket/key'"))
+    assert not safe_fs.is_transient(ValueError("timed out"))  # not an I/O error
 
 
 def test_retries_stop_at_the_budget_counted_from_the_first_failure(monkeypatch):
-    monkeypatch.setenv(retrying_fs.BUDGET_ENV, "10")
+    monkeypatch.setenv(safe_fs.BUDGET_ENV, "10")
     slept: list[float] = []
     calls = []
 
@@ -25,10 +27,10 @@ def test_retries_stop_at_the_budget_counted_from_the_first_failure(monkeypatch):
         calls.append(1)
         raise OSError("Could not connect to server\nsecond line")
 
-    with pytest.raises(retrying_fs.OutageError, match=r"^s3://b/k: the object store did not answer for 8 s "
+    with pytest.raises(safe_fs.OutageError, match=r"^s3://b/k: the object store did not answer for 8 s "
                                                       r"\(AVGK_OBJECT_STORE_RETRY_S=10 s, run.object_store_retry_s\): "
                                                       r"Could not connect to server second line$"):
-        retrying_fs.with_retries("s3://b/k", failing, sleep=slept.append, clock=lambda: 1000.0 + sum(slept))
+        safe_fs.with_retries("s3://b/k", failing, sleep=slept.append, clock=lambda: 1000.0 + sum(slept))
     assert slept == [0.5, 1.0, 2.0, 4.0]  # doubling; the next wait (8 s) would pass the 10 s budget
     assert len(calls) == 5
 
@@ -42,7 +44,7 @@ def test_a_call_that_succeeds_after_failures_returns_its_value(monkeypatch):
             raise answer
         return answer
 
-    assert retrying_fs.with_retries("s3://b/k", flaky, sleep=lambda s: None) == "ok"
+    assert safe_fs.with_retries("s3://b/k", flaky, sleep=lambda s: None) == "ok"
 
 
 def test_tracking_outages_are_told_from_rejections():
@@ -67,3 +69,34 @@ def test_a_dataloader_workers_error_is_told_by_its_own_message():
     assert one_line(wrapped) == "s3://b/k: the object store did not answer for 8 s"
     assert one_line(ValueError("first\nsecond")) == "first"
     assert one_line(ValueError("")) == "ValueError"
+
+
+def test_a_full_disk_keeps_the_previous_file_and_names_it(tmp_path):
+    """ENOSPC injected at the write: the temporary file is /dev/full."""
+    import os
+
+    from avgk.runtime import safe_fs, storage
+
+    target = tmp_path / "metrics.json"
+    storage.write_bytes(str(target), b"previous")
+    tmp = Path(f"{target}.tmp-{os.getpid()}")
+    tmp.symlink_to("/dev/full")
+    with pytest.raises(safe_fs.DiskFullError, match=rf"^no space left on the device of {target}: what was written "
+                                                    r"before is kept"):
+        storage.write_bytes(str(target), b"new")
+    assert target.read_bytes() == b"previous" and not tmp.exists() and not tmp.is_symlink()
+
+
+def test_writes_through_the_atomic_local_filesystem_never_leave_a_truncated_file(tmp_path):
+    from avgk.runtime import safe_fs
+    from tests.helpers.small_disk import small_disk
+
+    with small_disk(tmp_path / "disk", size="256k") as disk:
+        fs = safe_fs.atomic_local()
+        with fs.open_output_stream(str(disk / "index.json")) as f:
+            f.write(b"{\"checkpoints\": 1}")
+        with pytest.raises(OSError) as raised, fs.open_output_stream(str(disk / "index.json")) as f:
+            f.write(b"x" * (512 << 10))
+        assert safe_fs.is_disk_full(raised.value)
+        assert (disk / "index.json").read_bytes() == b"{\"checkpoints\": 1}"
+        assert sorted(p.name for p in disk.iterdir()) == ["index.json"]

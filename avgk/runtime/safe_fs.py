@@ -1,13 +1,18 @@
-"""An object store that goes away for a while costs time, not the run: every call to it retries
-with back-off within a time budget before it gives up.
+"""Filesystems that survive the faults of real storage: an object store that goes away for a while,
+a local disk that fills up.
 
 `retrying(fs)` wraps a pyarrow filesystem (S3, GCS) so that each operation that fails for want of an
 answer (no connection, a timeout, a 5xx or a throttle) is tried again, 0.5 s after the first failure,
 then doubling up to 10 s, until it succeeds or `budget_s()` seconds have passed since the first
-failure; then one OSError names the URI and the time waited. Errors that an answer gave (access denied,
-no such bucket or key) are raised at once. Reads resume where they stopped: a stream that breaks
-mid-shard is reopened at its offset. Writes go to a local temporary file and are uploaded whole at
-close, so that a failed upload can be tried again (an object store publishes an object at close anyway).
+failure; then one OutageError names the URI and the time waited. Errors that an answer gave (access
+denied, no such bucket or key) are raised at once. Reads resume where they stopped: a stream that
+breaks mid-shard is reopened at its offset. Writes go to a local temporary file and are uploaded whole
+at close, so that a failed upload can be tried again (an object store publishes an object at close anyway).
+
+`atomic_local()` is the local filesystem with every written file published by a rename at close: a
+write that fails (no space left) leaves the previous file in place, never a truncated one. Ray Train
+writes its checkpoint index (checkpoint_manager_snapshot.json) in place; through this filesystem a
+full disk no longer leaves it empty, which made the run impossible to resume.
 
 The budget is $AVGK_OBJECT_STORE_RETRY_S (default 180 s), set from the config's
 run.object_store_retry_s by every process of a job; it is separate from Ray Train's
@@ -240,6 +245,158 @@ class RetryingHandler(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow 
 
     def open_append_stream(self, path: str, metadata: Any = None) -> pa.NativeFile:
         raise OSError(f"{path}: appending to an object is not supported by object stores")
+
+
+class _AtomicLocalWriter:
+    """A local file written under a temporary name beside its path and renamed over it at close; a failed
+    write (or a close after one) removes the temporary file and leaves the old one."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._tmp = f"{path}.tmp-{os.getpid()}-{id(self)}"
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115  # closed in close()
+        self._failed = False
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError:
+            self._failed = True
+            raise
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._file.close()  # flushes: a full disk may show only here
+        except OSError:
+            self._failed = True
+            raise
+        finally:
+            if self._failed:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._tmp)
+        os.replace(self._tmp, self._path)
+
+
+class AtomicLocalHandler(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow ships no stubs for it
+    """The local filesystem, its written files published by a rename at close."""
+
+    def __init__(self) -> None:
+        self.fs = pafs.LocalFileSystem()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AtomicLocalHandler, ())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AtomicLocalHandler)
+
+    def __hash__(self) -> int:
+        return hash(AtomicLocalHandler)
+
+    def get_type_name(self) -> str:
+        return "atomic-local"
+
+    def normalize_path(self, path: str) -> str:
+        return str(self.fs.normalize_path(path))
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return list(self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return list(self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of / through avgk's local filesystem")
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with open(src, "rb") as source:
+            target = _AtomicLocalWriter(dest)
+            try:
+                shutil.copyfileobj(source, target, length=8 << 20)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    target.close()
+                raise
+            target.close()
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any = None) -> pa.NativeFile:
+        return pa.PythonFile(_AtomicLocalWriter(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any = None) -> pa.NativeFile:
+        return self.fs.open_append_stream(path)
+
+
+def atomic_local() -> pafs.FileSystem:
+    return pafs.PyFileSystem(AtomicLocalHandler())
+
+
+DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+"""No space left on the device; disk quota exceeded."""
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it was raised from, says the disk (or the user's quota) is full."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class DiskFullError(OSError):
+    """A write that found no space: one line naming where, the files written before kept."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"no space left on the device of {where}: what was written before is kept (the last "
+                         "checkpoint included); free space, then run the same command again: it resumes")
+        self.where = where
+
+    def __reduce__(self) -> tuple[Any, ...]:  # from a Ray worker to the driver: the same message, not wrapped twice
+        return (DiskFullError, (self.where,))
 
 
 def retrying(fs: pafs.FileSystem) -> pafs.FileSystem:
