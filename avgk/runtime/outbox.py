@@ -132,7 +132,10 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 def _resolve(name: str) -> Callable[..., Any]:
+    """The function a record names: avgk's own only (a record is a file anyone with the folder could write)."""
     module, _, qualname = name.partition(":")
+    if not module.startswith("avgk.") or not qualname:
+        raise ValueError(f"a tracking record names {name!r}: only avgk's own functions are called")
     target: Any = importlib.import_module(module)
     for part in qualname.split("."):
         target = getattr(target, part)
@@ -238,9 +241,9 @@ def deliver(folder: Path) -> tuple[int, int]:
                     with _state_lock:
                         _down_since.setdefault(uri, time.monotonic())
                     return sent, len(pending(folder))
-                # The server answered and refused this record: kept aside (it would block the others forever).
+                # Refused (by the server, or as no record of avgk's): kept aside, or it would block the others forever.
                 path.rename(path.with_suffix(_REJECTED_SUFFIX))
-                console.say(f"avgk: tracking server {uri} refused a waiting record, kept as "
+                console.say(f"avgk: a waiting tracking record for {uri} was refused and is kept aside as "
                             f"{path.with_suffix(_REJECTED_SUFFIX)}: {str(err).splitlines()[0][:200]}")
                 continue
             shutil.rmtree(folder / "files" / path.stem, ignore_errors=True)
@@ -252,7 +255,8 @@ def deliver(folder: Path) -> tuple[int, int]:
                 console.say(f"avgk: tracking server {uri} answers again after {time.monotonic() - back:.0f} s: "
                             "delivering its waiting records")
         with contextlib.suppress(OSError):  # empty now: no folder left in the run directory
-            shutil.rmtree(folder / "files", ignore_errors=True)
+            (folder / "files").rmdir()  # only if no record kept aside still has its files there
+        with contextlib.suppress(OSError):
             if not any(p.name != _LOCK for p in folder.iterdir()):
                 shutil.rmtree(folder)
     return sent, 0

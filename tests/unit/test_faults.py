@@ -100,3 +100,18 @@ def test_writes_through_the_atomic_local_filesystem_never_leave_a_truncated_file
         assert safe_fs.is_disk_full(raised.value)
         assert (disk / "index.json").read_bytes() == b"{\"checkpoints\": 1}"
         assert sorted(p.name for p in disk.iterdir()) == ["index.json"]
+
+
+def test_a_record_naming_anything_but_avgks_own_functions_is_kept_aside_not_called(tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "run" / outbox.OUTBOX_DIR
+    folder.mkdir(parents=True)
+    marker = tmp_path / "called"
+    record = {"call": "os:system", "uri": "http://127.0.0.1:1", "run_id": "r",
+              "kwargs": {"command": f"touch {marker}"}}
+    (folder / "00000000000000000001-1-000000.json").write_text(json.dumps(record))
+    assert outbox.deliver(folder) == (0, 0)
+    assert not marker.exists()
+    assert [p.name for p in folder.glob("*.rejected")] == ["00000000000000000001-1-000000.rejected"]
+    assert "was refused and is kept aside" in capsys.readouterr().out
