@@ -95,7 +95,9 @@ def aps_conformity(*, probs_NL: npt.ArrayLike, labels_N: npt.ArrayLike, penalty:
     cumulative = np.cumsum(sorted_NL.astype(np.float64), axis=1)
     position = np.argmax(order == labels[:, None], axis=1)  # 0-based rank of the true label
     rows = np.arange(labels.shape[0])
-    return cumulative[rows, position] + _penalties(sorted_NL.shape[1], penalty=penalty, k_reg=k_reg)[position]
+    conformity: np.ndarray = cumulative[rows, position] + _penalties(sorted_NL.shape[1], penalty=penalty,
+                                                                      k_reg=k_reg)[position]
+    return conformity
 
 
 def aps_sets(*, probs_NL: npt.ArrayLike, q: float, penalty: float = 0.0, k_reg: int = 0) -> np.ndarray:
@@ -104,7 +106,7 @@ def aps_sets(*, probs_NL: npt.ArrayLike, q: float, penalty: float = 0.0, k_reg: 
     scores = np.cumsum(sorted_NL.astype(np.float64), axis=1) + _penalties(sorted_NL.shape[1], penalty=penalty,
                                                                              k_reg=k_reg)
     keep_sorted = scores <= q
-    members = np.zeros_like(keep_sorted)
+    members: np.ndarray = np.zeros_like(keep_sorted)
     np.put_along_axis(members, order, keep_sorted, axis=1)
     return members
 
