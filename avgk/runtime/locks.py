@@ -2,7 +2,7 @@
 operating system when their process ends, however it ends (kill -9 included): no stale lock.
 
 A lock is named by what it guards (a run directory, a shard folder, a tracking store, the start of
-a local Ray cluster); its file lives in $AVGK_LOCK_DIR (default <temp dir>/avgk-locks), so that a
+a local Ray cluster); its file lives in $AVGK_LOCK_DIR (default <temp dir>/avgk-locks-<uid>), so that a
 lock never adds a file to the folder it guards, and the folder may be remote. Commands on other
 machines do not see these locks: a run directory in object storage shared by several machines is
 the user's to keep apart (README, "Several commands at once").
@@ -28,7 +28,8 @@ _held: dict[str, IO[str]] = {}
 
 
 def _path(name: str) -> Path:
-    folder = Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "avgk-locks")
+    # One folder per user: another user's lock files are not this user's to open.
+    folder = Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / f"avgk-locks-{os.getuid()}")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.lock"
 
