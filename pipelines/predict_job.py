@@ -41,7 +41,7 @@ from avgk.inference.prediction_parts import (
     rows_to_parquet,
 )
 from avgk.records.runs import resolve_checkpoint, saved_run_config
-from avgk.runtime import storage
+from avgk.runtime import locks, storage
 from avgk.runtime.console import say
 
 NEAR = 1e-6
@@ -224,16 +224,33 @@ def run_predict_job(*, run: str, k: float, inputs: list[str], out: str | None, s
                     num_actors: int | None = None, progress: bool = True, stream: IO[str] | None = None,
                     log: Callable[[str], None] = say) -> PredictSummary:
     """Label every input; Parquet parts under `out` (resumable), or JSON lines on `stream` without it."""
-    from tqdm import tqdm
-
-    from pipelines import job, scoring
-
     start = time.perf_counter()
     stream = stream if stream is not None else sys.stdout
     run = storage.absolute(run)
     out = storage.absolute(out) if out is not None else None
     if num_actors is not None and num_actors < 1:
         raise ValueError(f"--num-actors must be >= 1, got {num_actors}")
+    lock = f"prediction output {out}"
+    if out is not None:  # one job at a time writes a folder of parts on this machine (avgk.runtime.locks)
+        holder = locks.claim(lock)
+        if holder:
+            raise ValueError(f"--out {out} is being written by another command ({holder}): wait for it to end "
+                             "(then run this one again: it reuses the finished parts), or choose another --out")
+    try:
+        return _run(run=run, k=k, inputs=inputs, out=out, split=split, top_k=top_k, batch_size=batch_size,
+                    checkpoint=checkpoint, num_parts=num_parts, num_actors=num_actors, progress=progress,
+                    stream=stream, log=log, start=start)
+    finally:
+        locks.release(lock)
+
+
+def _run(*, run: str, k: float, inputs: list[str], out: str | None, split: str, top_k: bool, batch_size: int,
+         checkpoint: str | None, num_parts: int | None, num_actors: int | None, progress: bool, stream: IO[str],
+         log: Callable[[str], None], start: float) -> PredictSummary:
+    from tqdm import tqdm
+
+    from pipelines import job, scoring
+
     check_rule(run, k=k, top_k=top_k)
     saved = saved_run_config(run)
     checkpoint_file = resolve_checkpoint(run, checkpoint, default=saved.eval.checkpoint if saved else "best")

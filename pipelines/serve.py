@@ -165,13 +165,16 @@ def run_serve(*, run: str, checkpoint: str | None = None, replicas: int = 1, max
             raise ValueError(f"{name} must be >= 1, got {value}")
     if batch_wait_ms < 0:
         raise ValueError(f"--batch-wait-ms must be >= 0, got {batch_wait_ms}")
+    if port < 0 or port > 65535:
+        raise ValueError(f"--port must be a port number (0: a free one), got {port}")
+    if port and ray_env.free_port(port) != port:  # before a cluster starts: a second `avgk serve` on one port
+        raise ValueError(f"--port {port} is in use on this machine (another avgk serve?): choose another --port, "
+                         "or 0 for a free one")
     run = storage.absolute(run)
     saved = saved_run_config(run)
     resolve_checkpoint(run, checkpoint, default=saved.eval.checkpoint if saved else "best")  # a bad run: one line now
     if not storage.exists(storage.join(run, "thresholds.json")):
         raise FileNotFoundError(f"no thresholds.json in run directory {run}: evaluate it first")
-    if port < 0 or port > 65535:
-        raise ValueError(f"--port must be a port number (0: a free one), got {port}")
     port = ray_env.free_port(port) if port == 0 else port
     job.join_cluster(cpus=replicas + 1)
     serve.start(http_options={"host": host, "port": port})

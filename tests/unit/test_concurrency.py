@@ -115,3 +115,33 @@ def test_a_pipeline_folder_in_use_is_refused_in_one_line_naming_the_command(tmp_
     finally:
         _end(proc)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_second_prediction_job_on_one_output_folder_is_refused(tmp_path):
+    from pipelines.predict_job import run_predict_job
+
+    out = (tmp_path / "labels").resolve()
+    proc = _holder(f"prediction output {out}", argv=("avgk", "predict"))
+    try:
+        with pytest.raises(ValueError, match=rf"--out {out} is being written by another command \(pid {proc.pid} since "
+                                             r".*: avgk predict\): wait for it to end"):
+            run_predict_job(run=str(tmp_path / "run"), k=2, inputs=[str(tmp_path)], out=str(out))
+    finally:
+        _end(proc)
+    assert not out.exists()
+
+
+def test_a_second_server_on_a_busy_port_is_refused_before_any_cluster_starts(tmp_path):
+    import socket
+
+    import ray
+
+    from pipelines.serve import run_serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"--port {port} is in use on this machine \(another avgk serve\?\)"):
+            run_serve(run=str(tmp_path / "run"), port=port)
+    assert not ray.is_initialized()
