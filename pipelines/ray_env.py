@@ -46,7 +46,25 @@ def free_port(preferred: int) -> int:
 
 def _quiet_console() -> None:
     """Drop console.NOISE lines from what Ray forwards to the driver's console (they stay in Ray's log files)."""
-    ray_private.filter_worker_output(lambda line: not console.NOISE.search(line))
+    ray_private.filter_worker_output(NoiseFilter())
+
+
+class NoiseFilter:
+    """Keeps a line unless it is console.NOISE, or console.NOISE_WITH_TRACEBACK and the traceback right after it."""
+
+    def __init__(self) -> None:
+        self.in_traceback = False
+
+    def __call__(self, line: str) -> bool:
+        if console.NOISE.search(line):
+            return False
+        if console.NOISE_WITH_TRACEBACK.search(line):
+            self.in_traceback = True
+            return False
+        if self.in_traceback and console.TRACEBACK_LINE.match(line):
+            return False
+        self.in_traceback = False
+        return True
 
 
 def connect(*, num_cpus: int | None = None, quiet: bool | None = None) -> None:

@@ -32,3 +32,12 @@ NOISE = re.compile(
 )
 """Lines from Ray's processes that a user cannot act on, dropped from the console unless verbose();
 they stay in Ray's own log files (/tmp/ray/session_latest/logs)."""
+
+NOISE_WITH_TRACEBACK = re.compile(
+    # Ray Train's controller on a machine too busy to answer within its timeout; Ray retries, and says so.
+    r"Failed to send resource request for train-.*safe to ignore"
+)
+"""Noise that Ray logs with a traceback below it: the line and its traceback are dropped unless verbose()."""
+
+TRACEBACK_LINE = re.compile(r"Traceback \(most recent call last\):|\s|[\w.]+(Error|Exception)\b")
+"""A line of a Python traceback: its header, an indented frame or source line, the exception line."""

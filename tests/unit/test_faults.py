@@ -115,3 +115,21 @@ def test_a_record_naming_anything_but_avgks_own_functions_is_kept_aside_not_call
     assert not marker.exists()
     assert [p.name for p in folder.glob("*.rejected")] == ["00000000000000000001-1-000000.rejected"]
     assert "was refused and is kept aside" in capsys.readouterr().out
+
+
+def test_rays_busy_machine_warning_and_its_traceback_leave_the_console_and_nothing_else_does():
+    from pipelines.ray_env import NoiseFilter
+
+    keep = NoiseFilter()
+    lines = ["epoch 1/3 step 10/20 loss 3.1",
+             "Failed to send resource request for train-f82e. If this only happens transiently during network "
+             "partition or CPU being overloaded, it's safe to ignore this",
+             "Traceback (most recent call last):",
+             '  File "autoscaling_coordinator_client.py", line 58, in send_resource_request',
+             "    ray.get(",
+             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+             "epoch 1/3 train_loss 3.0",
+             "Traceback (most recent call last):",
+             "ValueError: a real error"]
+    assert [line for line in lines if keep(line)] == ["epoch 1/3 step 10/20 loss 3.1", "epoch 1/3 train_loss 3.0",
+                                                      "Traceback (most recent call last):", "ValueError: a real error"]
