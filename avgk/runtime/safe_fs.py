@@ -81,7 +81,7 @@ def with_retries(what: str, call: Callable[[], T], *, sleep: Callable[[float], N
             delay = min(delay * 2, 10.0)
 
 
-class _ResumingReader:
+class ResumingReader:
     """A read-only file over `fs.open_input_file(path)` that reopens at its offset when a read fails."""
 
     def __init__(self, fs: pafs.FileSystem, path: str) -> None:
@@ -235,10 +235,10 @@ class RetryingHandler(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow 
         with_retries(src, lambda: self.fs.copy_file(src, dest))
 
     def open_input_stream(self, path: str) -> pa.NativeFile:
-        return pa.PythonFile(_ResumingReader(self.fs, path), mode="r")
+        return pa.PythonFile(ResumingReader(self.fs, path), mode="r")
 
     def open_input_file(self, path: str) -> pa.NativeFile:
-        return pa.PythonFile(_ResumingReader(self.fs, path), mode="r")
+        return pa.PythonFile(ResumingReader(self.fs, path), mode="r")
 
     def open_output_stream(self, path: str, metadata: Any = None) -> pa.NativeFile:
         return pa.PythonFile(_UploadAtClose(self.fs, path, metadata), mode="w")
@@ -397,6 +397,13 @@ class DiskFullError(OSError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # from a Ray worker to the driver: the same message, not wrapped twice
         return (DiskFullError, (self.where,))
+
+
+def resuming_reader(fs: pafs.FileSystem, path: str) -> ResumingReader | None:
+    """A resuming reader of `path` when `fs` is `retrying`'s (for a caller that reads it sequentially, without
+    pyarrow's Python-file adapter in between); None for any other filesystem."""
+    handler = getattr(fs, "handler", None) if isinstance(fs, pafs.PyFileSystem) else None
+    return ResumingReader(handler.fs, path) if isinstance(handler, RetryingHandler) else None
 
 
 def retrying(fs: pafs.FileSystem) -> pafs.FileSystem:

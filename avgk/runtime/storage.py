@@ -265,7 +265,7 @@ class _RawReader(io.RawIOBase):
     """A pyarrow input file as a raw stream for io.BufferedReader, whose buffer serves the many small
     reads of a tar parser in Python: 4-5x faster than pyarrow's own buffered stream there."""
 
-    def __init__(self, native: NativeFile) -> None:
+    def __init__(self, native: NativeFile | safe_fs.ResumingReader) -> None:
         self._native = native
 
     def readable(self) -> bool:
@@ -294,7 +294,8 @@ def open_input_stream(uri: str, *, buffer_size: int = READ_BUFFER_BYTES) -> io.B
         return open(resolve(uri)[1], "rb")
     fs, path = resolve(uri)
     try:
-        native = fs.open_input_stream(path)
+        # The resuming reader itself, not through pyarrow's Python-file adapter: one copy less per request.
+        native = safe_fs.resuming_reader(fs, path) or fs.open_input_stream(path)
     except FileNotFoundError:
         _check_bucket(fs, path, uri)
         raise
