@@ -102,8 +102,9 @@ def _init(*, num_cpus: int | None, quiet: bool | None) -> None:
     # Workers must import avgk and pipelines the same way the driver does.
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-    if os.environ.get(safe_fs.BUDGET_ENV):  # run.object_store_retry_s, for every worker's storage calls
-        env_vars[safe_fs.BUDGET_ENV] = os.environ[safe_fs.BUDGET_ENV]
+    for key in (safe_fs.BUDGET_ENV, safe_fs.ANSWERED_ENV):  # run.object_store_retry_s, and whether the store answered
+        if os.environ.get(key):
+            env_vars[key] = os.environ[key]
     if quiet:  # MLflow's per-file progress bars when the workers log artifacts
         env_vars["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     else:

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 BUDGET_ENV = "AVGK_OBJECT_STORE_RETRY_S"
+ANSWERED_ENV = "AVGK_OBJECT_STORE_ANSWERED"
 DEFAULT_BUDGET_S = 180.0
 
 T = TypeVar("T")
@@ -61,14 +62,18 @@ def is_transient(err: BaseException) -> bool:
 
 def with_retries(what: str, call: Callable[[], T], *, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> T:
-    """call() until it succeeds, an answer says no, or the budget is spent since its first failure."""
+    """call() until it succeeds, an answer says no, or the budget is spent since its first failure.
+
+    Patient only once an object store has answered this job (this process, or the driver that started
+    it: ANSWERED_ENV): a store never reached is a setup error (a wrong endpoint, no network), told at once,
+    not after the budget; a dry run of a pipeline whose bucket is unreachable says so in seconds."""
     first_failure: float | None = None
     delay = 0.5
     while True:
         try:
-            return call()
+            result = call()
         except OSError as err:
-            if not is_transient(err):
+            if not is_transient(err) or not answered():
                 raise
             now = clock()
             first_failure = now if first_failure is None else first_failure
@@ -79,6 +84,15 @@ def with_retries(what: str, call: Callable[[], T], *, sleep: Callable[[float], N
                               f"{' '.join(str(err).split())[:240]}") from None
             sleep(delay)
             delay = min(delay * 2, 10.0)
+            continue
+        if ANSWERED_ENV not in os.environ:
+            os.environ[ANSWERED_ENV] = "1"  # inherited by the processes this one starts (Ray passes it on too)
+        return result
+
+
+def answered() -> bool:
+    """Whether an object store has answered this process, or the driver of its job, at least once."""
+    return os.environ.get(ANSWERED_ENV) == "1"
 
 
 class ResumingReader:

@@ -20,6 +20,7 @@ def test_transient_store_errors_are_retried_and_answers_are_not():
 
 def test_retries_stop_at_the_budget_counted_from_the_first_failure(monkeypatch):
     monkeypatch.setenv(safe_fs.BUDGET_ENV, "10")
+    monkeypatch.setenv(safe_fs.ANSWERED_ENV, "1")  # the store answered this job before
     slept: list[float] = []
     calls = []
 
@@ -36,6 +37,7 @@ def test_retries_stop_at_the_budget_counted_from_the_first_failure(monkeypatch):
 
 
 def test_a_call_that_succeeds_after_failures_returns_its_value(monkeypatch):
+    monkeypatch.setenv(safe_fs.ANSWERED_ENV, "1")
     answers = iter([OSError("Connection refused"), OSError("Timeout"), "ok"])
 
     def flaky() -> str:
@@ -45,6 +47,22 @@ def test_a_call_that_succeeds_after_failures_returns_its_value(monkeypatch):
         return answer
 
     assert safe_fs.with_retries("s3://b/k", flaky, sleep=lambda s: None) == "ok"
+
+
+def test_a_store_that_never_answered_is_a_setup_error_told_at_once(monkeypatch):
+    """A wrong endpoint, or a dry run of a spec whose bucket is unreachable: no wait of the budget. The first
+    answer makes the job patient, its later processes included (they inherit the variable)."""
+    monkeypatch.delenv(safe_fs.ANSWERED_ENV, raising=False)
+    slept: list[float] = []
+
+    def refused() -> None:
+        raise OSError("Could not connect to server")
+
+    with pytest.raises(OSError, match="Could not connect") as raised:
+        safe_fs.with_retries("s3://b/k", refused, sleep=slept.append)
+    assert not isinstance(raised.value, safe_fs.OutageError) and slept == []
+    assert safe_fs.with_retries("s3://b/k", lambda: "ok") == "ok"
+    assert safe_fs.answered()
 
 
 def test_tracking_outages_are_told_from_rejections():
