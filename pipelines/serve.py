@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -167,7 +168,8 @@ def run_serve(*, run: str, checkpoint: str | None = None, replicas: int = 1, max
         raise ValueError(f"--batch-wait-ms must be >= 0, got {batch_wait_ms}")
     if port < 0 or port > 65535:
         raise ValueError(f"--port must be a port number (0: a free one), got {port}")
-    if port and ray_env.free_port(port) != port:  # before a cluster starts: a second `avgk serve` on one port
+    # Before a cluster starts: a second `avgk serve` on one port of this machine (a joined cluster's head is elsewhere).
+    if port and not os.environ.get("RAY_ADDRESS") and ray_env.free_port(port) != port:
         raise ValueError(f"--port {port} is in use on this machine (another avgk serve?): choose another --port, "
                          "or 0 for a free one")
     run = storage.absolute(run)

@@ -96,7 +96,9 @@ def ensure_shards(config: Config) -> None:
 def refuse_other_settings(config: Config, existing: Manifest) -> None:
     """Generated data asked for with other settings than the folder's: rewriting it would pull the data
     from under any command reading it (another training on the same machine), so it is refused."""
-    wanted = {**config.data.synthetic.model_dump(), "maxcount": config.data.shard_maxcount}
+    data = config.data
+    options = convert_options(config, progress=False).output_settings()  # what the digits' converter records
+    wanted = {**data.synthetic.model_dump(), "maxcount": data.shard_maxcount, **options}
     differ = [f"{key}={existing.settings[key]!r} (this config: {value!r})" for key, value in wanted.items()
               if key in existing.settings and existing.settings[key] != value]
     if differ:

@@ -8,8 +8,9 @@ label with probability at least 1 - alpha (marginal coverage; per class for `cla
   scores, the m-th largest true-label score of the calibration samples, m = ceil((n + 1)(1 - alpha)).
   With continuous scores the coverage given the calibration set follows Beta(m, n + 1 - m).
 - **aps** and **raps** (adaptive prediction sets): a sample's labels in decreasing score, kept while
-  the mass of the labels before it (plus a RAPS penalty lambda per rank beyond k_reg) is below q,
-  the m-th smallest conformity score of the calibration samples; deterministic (not randomised).
+  the mass up to and including each (plus a RAPS penalty lambda per rank beyond k_reg) is at most q,
+  the m-th smallest conformity score of the calibration samples; deterministic (not randomised), so a
+  set may be empty when the top score alone exceeds q.
 - **class_coverage** (Mondrian): a LAC threshold per class from that class's calibration samples;
   classes with fewer than `min_count` are pooled into one group that shares a threshold.
 

@@ -44,16 +44,20 @@ def tracking_uri(config: Config) -> str:
 def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    if outbox.is_server(uri):
+        outbox.configure_client()  # seconds, not MLflow's minutes of retries, before a hung server is told
     if uri.startswith("sqlite:///") and uri not in _opened_stores:
         # Made when first opened, not when named: a failed check writes nothing. Commands starting at once
-        # would each create and migrate its tables: one does, under a lock, the others then find them.
+        # would each create and migrate its tables (the client does when it is built): one does, under a
+        # lock, the others then find them.
         path = Path(uri.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
         with locks.waiting(f"tracking store {path}", what=f"creates the MLflow store {path}"):
+            client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
         _opened_stores.add(uri)
-    return client
+        return client
+    return MlflowClient(tracking_uri=uri)
 
 
 _opened_stores: set[str] = set()
@@ -69,13 +73,19 @@ def start_run(config: Config, *, parent_run_id: str | None = None, tags: Mapping
     if storage.exists(id_file):
         run_id = storage.read_bytes(id_file).decode().strip()
         outbox.attach(run_id, storage.absolute(config.run_dir))
+        folder = outbox.folder_of(run_id)
+        if outbox.pending(folder):  # an earlier command's records go first, its end included
+            left = outbox.flush(folder, timeout_s=10.0)
+            if left:
+                raise ValueError(f"{left} tracking record(s) of an earlier command on {config.run_dir} wait in {folder} "
+                                 f"and could not be delivered to {uri}: run `avgk sync {config.run_dir}`, then this command")
         try:
-            if outbox.pending(outbox.folder_of(run_id)):  # an earlier command's records go first, its end included
-                outbox.flush(outbox.folder_of(run_id), timeout_s=0.0)
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return run_id
-        except Exception:  # the store was wiped or moved: start a fresh run
-            pass
+        except Exception as err:
+            if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            # the store was wiped or moved: a fresh run
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
     all_tags = {"avgk.run_dir": storage.absolute(config.run_dir), **(tags or {})}

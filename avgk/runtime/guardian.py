@@ -129,6 +129,7 @@ def end_runs_killed(runs: dict[str, str], outboxes: dict[str, str] | None = None
 
     from avgk.runtime import outbox
 
+    outbox.configure_client()  # a hung server costs seconds per run here, not MLflow's minutes
     for run_id, uri in runs.items():
         try:
             client = MlflowClient(tracking_uri=uri)

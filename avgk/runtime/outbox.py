@@ -26,6 +26,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -53,12 +54,16 @@ timeout (of a silent connection, not of an upload) make an outage cost one recor
 most, then nothing: the outbox does the waiting."""
 
 _RETRY_S = (2.0, 5.0, 10.0, 20.0, 30.0)
+REPROBE_S = 30.0
+"""A process that found the server away and has nothing waiting tries it directly again after this long."""
 """Seconds between a deliverer's tries while the server does not answer (the last one repeats)."""
 
 _owned: dict[str, Path] = {}
 """Run id -> outbox folder, for the runs this process knows (`attach`)."""
 _down_since: dict[str, float] = {}
 """Tracking URI -> when this process found it not answering (absent: answering, as far as it knows)."""
+_unwritable: set[str] = set()
+"""Outbox folders this process could not write a record into (said once)."""
 _state_lock = threading.RLock()
 _sequence = itertools.count()
 
@@ -95,21 +100,36 @@ def folder_of(run_id: str) -> Path:
         return _owned.get(run_id) or default_root() / run_id
 
 
+_CONNECTION_TROUBLE = re.compile(r"Max retries exceeded|Connection(Error| refused| reset|Reset)|timed out|Timeout|"
+                                 r"RemoteDisconnected|Connection aborted|NewConnectionError|Temporary failure")
+"""What requests says, inside MLflow's "API request to ... failed with exception ..." wrapper, when nothing answered."""
+
+
+def _is_outage_status(status: int) -> bool:
+    return status == 429 or (status >= 500 and status != 501)  # throttled, or a server (or its proxy) in trouble
+
+
 def is_outage(err: BaseException) -> bool:
-    """Whether `err` says the server is away (no connection, a hung one, a 5xx), not that it refused a record."""
+    """Whether `err` says the server is away (no connection, a hung one, a 5xx or 429 status), not that it
+    refused a record (any other answer)."""
     import requests
     from mlflow.exceptions import MlflowException
 
+    if isinstance(err, requests.exceptions.HTTPError):  # the artifact proxy's uploads raise these
+        return err.response is not None and _is_outage_status(err.response.status_code)
     if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
         return True
     if isinstance(err, MlflowException):
-        if isinstance(err.__cause__, (requests.exceptions.RequestException, OSError)):
+        if isinstance(err.__cause__, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, OSError)):
             return True
         message = str(err)
+        code = re.search(r"failed with error code (\d{3})", message)  # a non-JSON error page (a proxy's)
+        if code:
+            return _is_outage_status(int(code.group(1)))
         if message.startswith("API request to ") and " failed with " in message:
-            return True  # the client's wrapper of a connection error or of exhausted retries
+            return bool(_CONNECTION_TROUBLE.search(message))  # the client's wrapper of any exception
         status: int = err.get_http_status_code()  # type: ignore[no-untyped-call]
-        return status >= 500 and status not in (501,)  # a proxy's 502/503/504, a server restarting
+        return _is_outage_status(status)
     return False
 
 
@@ -143,27 +163,42 @@ def _resolve(name: str) -> Callable[..., Any]:
 
 
 def _enqueue(folder: Path, fn: Callable[..., Any], uri: str, run_id: str, kwargs: Mapping[str, Any],
-             files: Sequence[str]) -> Path:
+             files: Sequence[str]) -> Path | None:
     """One record written atomically (a temporary name, then a rename); the files named by the
-    `files` keys of kwargs copied into the outbox, so that a temporary folder may go."""
-    folder.mkdir(parents=True, exist_ok=True)
+    `files` keys of kwargs copied into the outbox, so that a temporary folder may go. None: it could not
+    be written (a full disk): said once, and the work goes on without it."""
     stem = f"{time.time_ns():020d}-{os.getpid()}-{next(_sequence):06d}"
     arguments = dict(kwargs)
-    for key in files:
-        source = Path(arguments[key])
-        copy = folder / "files" / stem / source.name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, copy)
-        else:
-            shutil.copy2(source, copy)
-        arguments[key] = str(copy)
-    record = {"call": _name_of(fn), "uri": uri, "run_id": run_id, "kwargs": arguments}
-    tmp = folder / f".{stem}.tmp"
-    tmp.write_text(json.dumps(record))
-    final = folder / f"{stem}{_RECORD_SUFFIX}"
-    tmp.rename(final)
-    return final
+    for attempt in range(3):  # a deliverer may remove the emptied folder between our mkdir and our write
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for key in files:
+                source = Path(kwargs[key])
+                copy = folder / "files" / stem / source.name
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                if source.is_dir():
+                    shutil.copytree(source, copy, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(source, copy)
+                arguments[key] = str(copy)
+            record = {"call": _name_of(fn), "uri": uri, "run_id": run_id, "kwargs": arguments}
+            tmp = folder / f".{stem}.tmp"
+            tmp.write_text(json.dumps(record))
+            final = folder / f"{stem}{_RECORD_SUFFIX}"
+            tmp.rename(final)
+            return final
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+        except OSError as err:  # no space for the record: tracking must not stop the work either
+            with _state_lock:
+                first = str(folder) not in _unwritable
+                _unwritable.add(str(folder))
+            if first:
+                console.say(f"avgk: a tracking record could not be kept in {folder} ({err.strerror or err}): "
+                            "records are dropped while that lasts; the run directory has the results")
+            return None
+    return None
 
 
 def _went_away(uri: str, folder: Path, err: BaseException) -> None:
@@ -193,14 +228,25 @@ def send(fn: Callable[..., Any], uri: str, run_id: str, kwargs: Mapping[str, Any
     configure_client()
     folder = folder_of(run_id)
     with _state_lock:
-        away = uri in _down_since
+        since = _down_since.get(uri)
+        # Away, as far as this process knows; a worker never delivers, so once the driver has emptied the
+        # outbox it tries the server again itself, at most every REPROBE_S.
+        away = since is not None and time.monotonic() - since < REPROBE_S
     if not away and not pending(folder):
         try:
-            return Sent(True, fn(uri, run_id, **kwargs))
+            value = fn(uri, run_id, **kwargs)
         except Exception as err:
             if not is_outage(err):
                 raise
-            _went_away(uri, folder, err)
+            if since is not None:  # still away: the next probe in REPROBE_S
+                with _state_lock:
+                    _down_since[uri] = time.monotonic()
+            else:
+                _went_away(uri, folder, err)
+        else:
+            with _state_lock:
+                _down_since.pop(uri, None)
+            return Sent(True, value)
     _enqueue(folder, fn, uri, run_id, kwargs, files)
     return Sent(False)
 
@@ -232,10 +278,16 @@ def deliver(folder: Path) -> tuple[int, int]:
         if not mine:
             return 0, len(pending(folder))
         for path in pending(folder):
-            record = json.loads(path.read_text())
-            uri = record["uri"]
             try:
-                _resolve(record["call"])(uri, record["run_id"], **record["kwargs"])
+                record = json.loads(path.read_text())
+                uri, call, run_id, kwargs = record["uri"], record["call"], record["run_id"], record["kwargs"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                path.rename(path.with_suffix(_REJECTED_SUFFIX))
+                console.say(f"avgk: an unreadable tracking record is kept aside as {path.with_suffix(_REJECTED_SUFFIX)}: "
+                            f"{err}")
+                continue
+            try:
+                _resolve(call)(uri, run_id, **kwargs)
             except Exception as err:
                 if is_outage(err):
                     with _state_lock:
@@ -254,11 +306,14 @@ def deliver(folder: Path) -> tuple[int, int]:
             if back is not None:
                 console.say(f"avgk: tracking server {uri} answers again after {time.monotonic() - back:.0f} s: "
                             "delivering its waiting records")
-        with contextlib.suppress(OSError):  # empty now: no folder left in the run directory
-            (folder / "files").rmdir()  # only if no record kept aside still has its files there
+        # Empty now: no folder left in the run directory. Only empty folders are removed (rmdir), so a record
+        # another process writes meanwhile stays, and its writer makes the folder again if it has to.
         with contextlib.suppress(OSError):
-            if not any(p.name != _LOCK for p in folder.iterdir()):
-                shutil.rmtree(folder)
+            (folder / "files").rmdir()
+        with contextlib.suppress(OSError):
+            if not pending(folder):
+                (folder / _LOCK).unlink()
+                folder.rmdir()
     return sent, 0
 
 
@@ -307,9 +362,21 @@ def delivering(uri: str, run_id: str, *, flush_s: float = 10.0) -> Iterator[Deli
         thread.join(timeout=0.1 if delivery.hurry else 15.0)
         with _state_lock:
             away = uri in _down_since
-        left = len(pending(folder)) if delivery.hurry and away else flush(folder, timeout_s=0.0 if delivery.hurry else flush_s)
-        if left:
-            console.say(_left_line(folder, left))
+        # The run directory's outbox, and those of the runs below it (a pipeline's cells and stage runs).
+        folders = outboxes(folder.parent) if folder.name == OUTBOX_DIR and folder.parent.is_dir() else [folder]
+        folders = folders if folder in folders else [folder, *folders]
+        answering = not (delivery.hurry and away)
+        for each in folders:
+            left = len(pending(each))
+            if left and answering:
+                try:  # the first folder gets the wait; once the server is known away, the others are only counted
+                    left = flush(each, timeout_s=0.0 if delivery.hurry or each != folder else flush_s)
+                except Exception as err:  # never mask the block's own outcome; the records stay
+                    console.say(f"avgk: the tracking records in {each} could not be delivered: {err}")
+                    left = len(pending(each))
+                answering = not left
+            if left:
+                console.say(_left_line(each, left))
 
 
 def flush(folder: Path, *, timeout_s: float) -> int:

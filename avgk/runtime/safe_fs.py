@@ -42,7 +42,8 @@ T = TypeVar("T")
 _TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|Could not connect|Couldn't connect|Failed to connect|Connection refused|Connection reset|connection was "
     r"closed|timed out|Timeout|TIMEOUT|SERVICE_UNAVAILABLE|ServiceUnavailable|SLOW_DOWN|SlowDown|INTERNAL_FAILURE|"
-    r"InternalError|Unable to connect|curlCode: (6|7|28|52|55|56)|HTTP response code: 5\d\d|Broken pipe",
+    r"InternalError|Unable to connect|curlCode: (6|7|28|52|55|56)|HTTP response code: 5\d\d|HTTP status (5\d\d|429)|"
+    r"Broken pipe",
 )
 """Messages of pyarrow's S3/GCS errors that mean no (or no useful) answer: worth another try."""
 
@@ -164,10 +165,15 @@ class _UploadAtClose:
     def __init__(self, fs: pafs.FileSystem, path: str, metadata: Any) -> None:
         self._fs, self._path, self._metadata = fs, path, metadata
         self._spool = tempfile.NamedTemporaryFile(prefix="avgk-upload-", delete=False)  # noqa: SIM115  # closed in close()
+        self._failed = False
         self.closed = False
 
     def write(self, data: bytes) -> int:
-        return self._spool.write(data)
+        try:
+            return self._spool.write(data)
+        except OSError:
+            self._failed = True  # a partial spool is never uploaded over the object
+            raise
 
     def tell(self) -> int:
         return self._spool.tell()
@@ -188,7 +194,14 @@ class _UploadAtClose:
         if self.closed:
             return
         self.closed = True
-        self._spool.close()
+        try:
+            self._spool.close()
+        except OSError:
+            self._failed = True
+        if self._failed:
+            with contextlib.suppress(OSError):
+                os.unlink(self._spool.name)
+            raise OSError(f"{self._path}: not uploaded, its local spool file {self._spool.name} could not be written")
         try:
             def upload() -> None:
                 with open(self._spool.name, "rb") as source, \
@@ -213,7 +226,7 @@ class RetryingHandler(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow 
         return isinstance(other, RetryingHandler) and self.fs.equals(other.fs)
 
     def __hash__(self) -> int:
-        return id(self.fs)
+        return hash(self.fs.type_name)
 
     def get_type_name(self) -> str:
         return f"retrying-{self.fs.type_name}"

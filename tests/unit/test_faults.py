@@ -76,6 +76,17 @@ def test_tracking_outages_are_told_from_rejections():
     assert outbox.is_outage(MlflowException("upstream", error_code=TEMPORARILY_UNAVAILABLE))  # a 503
     assert not outbox.is_outage(MlflowException("Invalid parameter name", error_code=INVALID_PARAMETER_VALUE))
     assert not outbox.is_outage(ValueError("bad"))
+    # MLflow wraps any exception, and a proxy's non-JSON error pages, in "API request to ... failed with ...":
+    assert not outbox.is_outage(MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with "
+                                                "error code 413 != 200. Response body: 'Request Entity Too Large'"))
+    assert outbox.is_outage(MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with "
+                                            "error code 502 != 200. Response body: 'Bad Gateway'"))
+    assert not outbox.is_outage(MlflowException("API request to http://x failed with exception ValueError('bad json')"))
+    response = requests.Response()
+    response.status_code = 503
+    assert outbox.is_outage(requests.exceptions.HTTPError("503 Server Error", response=response))
+    response.status_code = 403
+    assert not outbox.is_outage(requests.exceptions.HTTPError("403 Forbidden", response=response))
 
 
 def test_a_dataloader_workers_error_is_told_by_its_own_message():
