@@ -258,13 +258,14 @@ def run_sweep(sweep: SweepConfig, base: Config, *, log: Callable[[str], None] = 
     # resume=False: trials resume through Tune (_check_resume below checks the sweep folder)
     base = job.start(base, cpus=per_trial_cpus, resume=False, join=False)
     paths = SweepPaths(storage.join(base.run.storage, sweep.name))
+    parent_config = base.model_copy(update={"run": base.run.model_copy(update={"name": sweep.name})})
+    job.claim_run_dir(parent_config)  # the sweep folder: a second `avgk tune` of this sweep stops in one line
     # What decides the trials; evaluate_best, max_concurrent_trials and trial_cpus may change on resume.
     trials_spec = sweep.model_dump(mode="json", include={"space", "overrides", "num_samples", "scheduler", "seed"})
     _check_resume(paths, {"sweep": trials_spec, "base": base.to_dict()}, log=log)  # before any Ray process starts
     job.join_cluster(cpus=per_trial_cpus)
 
     # The parent run's directory is the sweep folder (its mlflow_run_id.txt reopens it on resume).
-    parent_config = base.model_copy(update={"run": base.run.model_copy(update={"name": sweep.name})})
     base_tree = base.to_dict()
     resumed = storage.exists(storage.join(paths.root, tracking.RUN_ID_FILE))
     with job.tracked(parent_config, parent_run_id=parent_run_id,
