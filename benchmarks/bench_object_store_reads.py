@@ -46,8 +46,29 @@ def _read_all(stream: io.BufferedIOBase) -> int:
         total += len(data)
 
 
+class _Raw(io.RawIOBase):
+    """A pyarrow stream as a raw stream for io.BufferedReader: the read path of avgk's storage before issue 33."""
+
+    def __init__(self, native: object) -> None:
+        self._native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        with memoryview(buffer) as view:
+            data = self._native.read(len(view))  # type: ignore[attr-defined]
+            view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._native.close()  # type: ignore[attr-defined]
+        super().close()
+
+
 def read_native(fs: pafs.FileSystem, path: str) -> int:
-    with io.BufferedReader(storage._RawReader(fs.open_input_stream(path)), buffer_size=CHUNK) as stream:
+    with io.BufferedReader(_Raw(fs.open_input_stream(path)), buffer_size=CHUNK) as stream:
         return _read_all(stream)
 
 
