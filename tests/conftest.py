@@ -47,6 +47,15 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture(autouse=True)
+def _object_store_patience_is_per_test(monkeypatch):
+    """avgk's object-store retries turn patient for the rest of a process once a store answered it
+    (avgk.runtime.safe_fs.ANSWERED_ENV): right for a job, a leak between tests that share a process."""
+    from avgk.runtime import safe_fs
+
+    monkeypatch.delenv(safe_fs.ANSWERED_ENV, raising=False)
+
+
 @pytest.fixture(scope="session")
 def smoke_shards(tmp_path_factory) -> Path:
     """Shards of configs/smoke.yaml's synthetic data, written once."""
