@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -159,27 +159,25 @@ class ResumingReader:
             self._file.close()
 
 
-class _UploadAtClose:
-    """A write-only file spooled to local disk and uploaded whole at close, tried again on a blip."""
+class _WriteOnlyFile:
+    """A write-only file object for pa.PythonFile over a local file `_file`, published by the subclass's
+    close(); a failed write marks it `_failed`, so that close() never publishes a partial file."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, metadata: Any) -> None:
-        self._fs, self._path, self._metadata = fs, path, metadata
-        self._spool = tempfile.NamedTemporaryFile(prefix="avgk-upload-", delete=False)  # noqa: SIM115  # closed in close()
-        self._failed = False
-        self.closed = False
+    _file: IO[bytes]
+    _failed: bool
 
     def write(self, data: bytes) -> int:
         try:
-            return self._spool.write(data)
+            return self._file.write(data)
         except OSError:
-            self._failed = True  # a partial spool is never uploaded over the object
+            self._failed = True
             raise
 
     def tell(self) -> int:
-        return self._spool.tell()
+        return self._file.tell()
 
     def flush(self) -> None:
-        self._spool.flush()
+        self._file.flush()
 
     def seekable(self) -> bool:
         return False
@@ -190,27 +188,37 @@ class _UploadAtClose:
     def writable(self) -> bool:
         return True
 
+
+class _UploadAtClose(_WriteOnlyFile):
+    """A write-only file spooled to local disk and uploaded whole at close, tried again on a blip."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, metadata: Any) -> None:
+        self._fs, self._path, self._metadata = fs, path, metadata
+        self._file = tempfile.NamedTemporaryFile(prefix="avgk-upload-", delete=False)  # noqa: SIM115  # closed in close()
+        self._failed = False
+        self.closed = False
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            self._spool.close()
+            self._file.close()
         except OSError:
             self._failed = True
         if self._failed:
             with contextlib.suppress(OSError):
-                os.unlink(self._spool.name)
-            raise OSError(f"{self._path}: not uploaded, its local spool file {self._spool.name} could not be written")
+                os.unlink(self._file.name)
+            raise OSError(f"{self._path}: not uploaded, its local spool file {self._file.name} could not be written")
         try:
             def upload() -> None:
-                with open(self._spool.name, "rb") as source, \
+                with open(self._file.name, "rb") as source, \
                         self._fs.open_output_stream(self._path, metadata=self._metadata) as target:
                     shutil.copyfileobj(source, target, length=8 << 20)
 
             with_retries(self._path, upload)
         finally:
-            os.unlink(self._spool.name)
+            os.unlink(self._file.name)
 
 
 class RetryingHandler(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow ships no stubs for it
@@ -274,7 +282,7 @@ class RetryingHandler(pafs.FileSystemHandler):  # type: ignore[misc]  # pyarrow 
         raise OSError(f"{path}: appending to an object is not supported by object stores")
 
 
-class _AtomicLocalWriter:
+class _AtomicLocalWriter(_WriteOnlyFile):
     """A local file written under a temporary name beside its path and renamed over it at close; a failed
     write (or a close after one) removes the temporary file and leaves the old one."""
 
@@ -285,28 +293,6 @@ class _AtomicLocalWriter:
         self._file = open(self._tmp, "wb")  # noqa: SIM115  # closed in close()
         self._failed = False
         self.closed = False
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self._file.write(data)
-        except OSError:
-            self._failed = True
-            raise
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def seekable(self) -> bool:
-        return False
-
-    def readable(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
 
     def close(self) -> None:
         if self.closed:
