@@ -8,11 +8,11 @@ connections, nothing answers: a hung server).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import server_process
 from tests.helpers.runs import free_port, wait_for_http
 
 
@@ -49,22 +49,13 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        for sig in (signal.SIGCONT, signal.SIGTERM):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        server_process.end_group(self.proc, grace_s=30)
         self.proc = None
 
     def freeze(self) -> None:
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        server_process.freeze(self.proc)
 
     def thaw(self) -> None:
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        server_process.thaw(self.proc)

@@ -14,14 +14,14 @@ temporary folder), removing the unix sockets SeaweedFS leaves in /tmp.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.helpers import server_process
 
 ACCESS_KEY = "avgk-test-access"
 SECRET_KEY = "avgk-test-secret-key"
@@ -142,13 +142,7 @@ class S3Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen server would not act on SIGTERM
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+            server_process.end_group(self.proc, grace_s=1)
         if hasattr(self, "_log"):
             self._log.close()
         for port in self.ports.values():  # the gRPC services' unix sockets, named by port
@@ -156,13 +150,12 @@ class S3Server:
                 sock.unlink(missing_ok=True)
 
     def freeze(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel, nothing answers (a hung store)."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        server_process.freeze(self.proc)
 
     def thaw(self) -> None:
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        server_process.thaw(self.proc)
 
     def __enter__(self) -> S3Server:
         return self.start()
