@@ -94,18 +94,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if (args.k is None) == (args.rule is None and args.coverage is None):
+        raise ValueError("avgk predict needs either --k K [--top-k] or --rule NAME --coverage C (one of the two)")
     from avgk.inference.prediction_parts import needs_job
 
     if args.out is not None or any(needs_job(item) for item in args.paths):
         from pipelines.predict_job import run_predict_job
 
         summary = run_predict_job(run=args.run, k=args.k, inputs=args.paths, out=args.out, split=args.split,
-                                  top_k=args.top_k, batch_size=args.batch_size, checkpoint=args.checkpoint,
-                                  num_parts=args.parts, num_actors=args.num_actors)
+                                  top_k=args.top_k, batch_size=args.batch_size, checkpoint=args.checkpoint, rule=args.rule,
+                                  num_parts=args.parts, num_actors=args.num_actors, coverage=args.coverage)
         return 1 if summary.failed else 0
     num_failed = run_predict(
         run=args.run, k=args.k, paths=args.paths, top_k=args.top_k,
-        batch_size=args.batch_size, checkpoint=args.checkpoint,
+        batch_size=args.batch_size, checkpoint=args.checkpoint, rule=args.rule, coverage=args.coverage,
     )
     return 1 if num_failed else 0
 
@@ -286,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image files or folders (searched recursively), a bucket prefix (s3://bucket/prefix), "
                               "or a shard set (a folder or prefix holding manifest.json)")
     predict.add_argument("--run", metavar="RUN_DIR", required=True, help="the training's run directory")
-    predict.add_argument("--k", type=float, required=True, help="a calibrated K (see the run's thresholds.json)")
+    predict.add_argument("--k", type=float, default=None, help="a calibrated K (see the run's thresholds.json)")
     predict.add_argument("--top-k", action="store_true", help="the K best labels instead (integer K)")
+    predict.add_argument("--rule", metavar="NAME", help="instead of K: a calibrated set rule (eval.set_rules)")
+    predict.add_argument("--coverage", type=float, metavar="C", help="with --rule: a calibrated coverage target")
     predict.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
     predict.add_argument("--out", metavar="DIR", default=None,
                          help="a folder or bucket prefix for Parquet parts, written by a Ray Data job on the local "

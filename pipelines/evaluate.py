@@ -5,6 +5,9 @@ default only each sample's top-T form, eval.score_rows=top); lambda_K for all of
 comes from one two-pass streamed selection over the val scores, and the test metrics from
 one counting pass; only int64 states reach the driver. When top-T rows cannot prove a result
 the job says so and scores both splits again with full rows.
+Val is scored first: the set rules (eval.set_rules) are calibrated on a few numbers per val row,
+gathered exactly; then test is scored, and its scorers count each row's set for every calibrated
+coverage target from the full row they hold, so those metrics are exact however large the sets.
 The result has the schema of the training's own final evaluation (avgk.evaluation.passes.evaluate)
 and, for the same checkpoint, the same numbers bit for bit.
 """
@@ -18,9 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from avgk.config import Config
-from avgk.evaluation import passes, top_scores
+from avgk.evaluation import passes, set_rules, top_scores
 from avgk.evaluation.accounting import account_samples, shortfall_warning
 from avgk.evaluation.passes import Evaluation
+from avgk.evaluation.set_rules import CalibratedRule
 from avgk.method.losses import score_head_for
 from avgk.records import tracking
 from avgk.runtime import storage
@@ -28,7 +32,7 @@ from avgk.runtime.console import say
 from avgk.training import evaluation
 from pipelines import job
 from pipelines.reduction import ray_runner
-from pipelines.scoring import quiet_ray_data, score_dataset, top_t_for
+from pipelines.scoring import SetColumns, quiet_ray_data, score_dataset, top_t_for
 from pipelines.scoring_inputs import load_job_inputs
 
 if TYPE_CHECKING:
@@ -75,44 +79,52 @@ def run_evaluate(
     with_posterior = manifest.source == "synthetic"
     log(f"evaluating {scoring.uri} ({head} head) on {config.data.shards}")
 
-    def score_splits(top_t: int | None) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
-        splits: dict[str, ray.data.Dataset] = {}
-        read: dict[str, int] = {}
-        for split in ("val", "test"):
-            start = time.perf_counter()
-            splits[split] = score_dataset(
-                scoring, manifest=manifest, split=split, head=head, with_posterior=with_posterior,
-                use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
-                gpu_wait_seconds=config.eval.gpu_wait_seconds, top_t=top_t,
-            ).materialize()
-            read[split] = splits[split].count()
-            rows = "full rows" if top_t is None else f"top-{top_t} rows"
-            log(f"scored {split}: {read[split]} samples in {time.perf_counter() - start:.1f} s ({rows})")
-        return splits, read
+    rules = config.eval.set_rules
+    calibration = SetColumns(calibration=True, with_mass=set_rules.needs_mass(rules)) if rules else None
+    samples: dict[str, dict[str, int]] = {}
 
-    def evaluate(splits: dict[str, ray.data.Dataset], *, top: bool) -> Evaluation:
-        return passes.evaluate(
-            ray_runner(splits, log=log), ks=config.eval.ks, num_classes=manifest.num_classes,
-            train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
-            freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior, top=top,
-        )
+    def score(split: str, top_t: int | None, set_columns: SetColumns | None) -> ray.data.Dataset:
+        start = time.perf_counter()
+        scored: ray.data.Dataset = score_dataset(
+            scoring, manifest=manifest, split=split, head=head, with_posterior=with_posterior,
+            use_gpu=config.train.use_gpu, num_actors=num_actors or config.eval.num_actors,
+            gpu_wait_seconds=config.eval.gpu_wait_seconds, top_t=top_t, set_columns=set_columns,
+        ).materialize()
+        rows = "full rows" if top_t is None else f"top-{top_t} rows"
+        log(f"scored {split}: {scored.count()} samples in {time.perf_counter() - start:.1f} s ({rows})")
+        return scored
+
+    def evaluate(top_t: int | None) -> Evaluation:
+        """val scored, its thresholds and set rules calibrated, then test scored with each row's sets."""
+        splits = {"val": score("val", top_t, calibration)}
+
+        def score_test(calibrated: list[CalibratedRule]) -> None:
+            splits["test"] = score("test", top_t, SetColumns(rules=tuple(calibrated)) if calibrated else None)
+            samples.update(account_samples(
+                read={split: splits[split].count() for split in ("val", "test")},
+                expected={split: manifest.split(split).num_samples for split in ("val", "test")},
+                strict=config.eval.strict, shards=config.data.shards,
+            ))
+
+        try:
+            return passes.evaluate(
+                ray_runner(splits, log=log), ks=config.eval.ks, num_classes=manifest.num_classes,
+                train_class_counts=np.asarray(manifest.split("train").class_counts, dtype=np.int64),
+                freq_bins=config.eval.freq_bins, score_head=head, with_posterior=with_posterior,
+                top=top_t is not None, set_rules=rules, num_val_samples=manifest.split("val").num_samples,
+                on_calibrated=score_test,
+            )
+        finally:
+            splits.clear()  # these blocks leave the object store before any others arrive
 
     top_t = top_t_for(config, max_k=max(config.eval.ks))
-    splits, read = score_splits(top_t)
-    samples = account_samples(read=read, expected={s: manifest.split(s).num_samples for s in read},
-                              strict=config.eval.strict, shards=config.data.shards)
     start = time.perf_counter()
-
-    def full_rows() -> Evaluation:
-        splits.clear()  # the top-T blocks leave the object store before the full ones arrive
-        return evaluate(score_splits(None)[0], top=False)
-
     if top_t is None:
-        result = evaluate(splits, top=False)
+        result = evaluate(None)
     else:
-        result = top_scores.exact_or_full(lambda: evaluate(splits, top=True), full_rows, log=log, what="evaluate")
+        result = top_scores.exact_or_full(lambda: evaluate(top_t), lambda: evaluate(None), log=log, what="evaluate")
     result.metrics["samples"] = samples
-    log(f"thresholds and metrics in {time.perf_counter() - start:.1f} s")
+    log(f"scored, calibrated and counted in {time.perf_counter() - start:.1f} s")
     warning = shortfall_warning(samples, shards=config.data.shards)
     if warning:
         log(warning)

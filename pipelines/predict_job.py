@@ -27,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from avgk.evaluation import set_rules
 from avgk.evaluation.metrics import format_k
+from avgk.evaluation.set_rules import CalibratedRule
 from avgk.inference.prediction_parts import (
     DEFAULT_PARTS,
     JOB_FILE,
@@ -75,13 +77,21 @@ class PredictSummary:
         return text + (f"; output: {self.out}" if self.out else "")
 
 
-def rule_of(*, k: float, top_k: bool) -> dict[str, Any]:
-    return {"k": format_k(k), "top_k": bool(top_k)}
+def rule_of(*, k: float | None, top_k: bool, rule: str | None = None, coverage: float | None = None) -> dict[str, Any]:
+    """The choice of sets as a part's record keeps it (parts written with another choice are not reused)."""
+    if rule is not None:
+        return {"rule": rule, "coverage": format_k(coverage if coverage is not None else math.nan)}
+    return {"k": format_k(k if k is not None else math.nan), "top_k": bool(top_k)}
 
 
-def check_rule(run: str, *, k: float, top_k: bool) -> None:
-    """An uncalibrated K (or a fractional top-K) fails before any image is read or Ray starts."""
-    if top_k:
+def check_rule(run: str, *, k: float | None, top_k: bool, rule: str | None = None, coverage: float | None = None) -> None:
+    """An uncalibrated K or set rule (or a fractional top-K) fails before any image is read or Ray starts."""
+    if rule is not None or coverage is not None:
+        if rule is None or coverage is None or k is not None or top_k:
+            raise ValueError("a set rule needs --rule NAME and --coverage C, without --k or --top-k")
+    elif k is None:
+        raise ValueError("choose a calibrated K (--k) or a set rule (--rule NAME --coverage C)")
+    elif top_k:
         if float(k) != int(k):
             raise ValueError(f"--top-k needs an integer --k, got {k}")
         return
@@ -89,7 +99,13 @@ def check_rule(run: str, *, k: float, top_k: bool) -> None:
     if not storage.exists(thresholds_file):
         raise FileNotFoundError(f"no thresholds.json in run directory {run}: evaluate it first "
                                 "(`avgk evaluate CONFIG --run DIR`)")
-    calibrated = storage.read_json(thresholds_file)["thresholds"]
+    document = storage.read_json(thresholds_file)
+    if rule is not None:
+        assert coverage is not None  # checked above
+        set_rules.select(set_rules.rules_from_json(document.get("set_rules") or {}), name=rule, coverage=coverage)
+        return
+    calibrated = document["thresholds"]
+    assert k is not None  # checked above
     if format_k(k) not in calibrated:
         raise ValueError(f"k={format_k(k)} was not calibrated for this run; calibrated K: "
                          f"{', '.join(sorted(calibrated, key=float))}")
@@ -98,7 +114,7 @@ def check_rule(run: str, *, k: float, top_k: bool) -> None:
 class PredictActor:
     """One SetPredictor: reads, decodes and labels a batch of inputs; one row out per input."""
 
-    def __init__(self, *, run: str, checkpoint: str, k: float, top_k: bool, batch_size: int, device: str,
+    def __init__(self, *, run: str, checkpoint: str, choice: dict[str, Any], batch_size: int, device: str,
                  num_threads: int) -> None:
         import torch
 
@@ -106,8 +122,11 @@ class PredictActor:
 
         torch.set_num_threads(num_threads)
         self.predictor = SetPredictor.from_run(run, checkpoint, batch_size=batch_size, device=device)
-        self.k, self.top_k = k, top_k
-        self.threshold = self.predictor.rule(k=k, top_k=top_k)
+        self.choice = choice
+        chosen = self.predictor.rule(**choice)
+        # "near the threshold" only has a meaning for one global threshold
+        self.threshold = chosen if not isinstance(chosen, CalibratedRule) else (
+            np.float32(chosen.threshold) if chosen.rule == "coverage" and chosen.threshold is not None else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from avgk.inference.predict import decode_image
@@ -127,7 +146,7 @@ class PredictActor:
         scores: list[list[float]] = [[] for _ in keys]
         names: list[list[str]] = [[] for _ in keys]
         near = np.zeros(len(keys), dtype=bool)
-        for row, scores_L, label_set in zip(good, scores_NL, self.predictor.sets_of(scores_NL, k=self.k, top_k=self.top_k),
+        for row, scores_L, label_set in zip(good, scores_NL, self.predictor.sets_of(scores_NL, **self.choice),
                                             strict=True):
             labels[row], scores[row], names[row] = label_set.ids, label_set.scores, label_set.names
             if self.threshold is not None:
@@ -219,10 +238,11 @@ class _Sink:
         self.rows = {}
 
 
-def run_predict_job(*, run: str, k: float, inputs: list[str], out: str | None, split: str = "test", top_k: bool = False,
-                    batch_size: int = 64, checkpoint: str | None = None, num_parts: int | None = None,
-                    num_actors: int | None = None, progress: bool = True, stream: IO[str] | None = None,
-                    log: Callable[[str], None] = say) -> PredictSummary:
+def run_predict_job(*, run: str, k: float | None, inputs: list[str], out: str | None, split: str = "test",
+                    top_k: bool = False, batch_size: int = 64, checkpoint: str | None = None,
+                    num_parts: int | None = None, num_actors: int | None = None, progress: bool = True,
+                    stream: IO[str] | None = None, log: Callable[[str], None] = say, rule: str | None = None,
+                    coverage: float | None = None) -> PredictSummary:
     """Label every input; Parquet parts under `out` (resumable), or JSON lines on `stream` without it."""
     start = time.perf_counter()
     stream = stream if stream is not None else sys.stdout
@@ -237,27 +257,28 @@ def run_predict_job(*, run: str, k: float, inputs: list[str], out: str | None, s
             raise ValueError(f"--out {out} is being written by another command ({holder}): wait for it to end "
                              "(then run this one again: it reuses the finished parts), or choose another --out")
     try:
-        return _run(run=run, k=k, inputs=inputs, out=out, split=split, top_k=top_k, batch_size=batch_size,
+        return _run(run=run, choice=dict(k=k, top_k=top_k, rule=rule, coverage=coverage), inputs=inputs, out=out,
+                    split=split, batch_size=batch_size,
                     checkpoint=checkpoint, num_parts=num_parts, num_actors=num_actors, progress=progress,
                     stream=stream, log=log, start=start)
     finally:
         locks.release(lock)
 
 
-def _run(*, run: str, k: float, inputs: list[str], out: str | None, split: str, top_k: bool, batch_size: int,
+def _run(*, run: str, choice: dict[str, Any], inputs: list[str], out: str | None, split: str, batch_size: int,
          checkpoint: str | None, num_parts: int | None, num_actors: int | None, progress: bool, stream: IO[str],
          log: Callable[[str], None], start: float) -> PredictSummary:
     from tqdm import tqdm
 
     from pipelines import job, scoring
 
-    check_rule(run, k=k, top_k=top_k)
+    check_rule(run, **choice)
     saved = saved_run_config(run)
     checkpoint_file = resolve_checkpoint(run, checkpoint, default=saved.eval.checkpoint if saved else "best")
     found: Inputs = list_inputs(inputs, split=split)
     parts = _parts_of(found, out, num_parts)
     digests = found.digests(parts)
-    rule = rule_of(k=k, top_k=top_k)
+    rule = rule_of(**choice)
     identity = checkpoint_identity(checkpoint_file)
     records = {p: PartRecord(part=p, num_parts=parts, inputs=d, checkpoint=identity, rule=rule) for p, d in digests.items()}
     reused = done_parts(out, records.values()) if out is not None else set()
@@ -289,7 +310,7 @@ def _run(*, run: str, k: float, inputs: list[str], out: str | None, split: str, 
         batch_size=batch_size,
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
-        fn_constructor_kwargs=dict(run=run, checkpoint=checkpoint_file, k=k, top_k=top_k, batch_size=batch_size,
+        fn_constructor_kwargs=dict(run=run, checkpoint=checkpoint_file, choice=choice, batch_size=batch_size,
                                    device="cuda" if use_gpu else "cpu",
                                    num_threads=max(1, int(cpus // plan.num_actors)) if not use_gpu else 1),
     )

@@ -26,7 +26,8 @@ import torch
 
 from avgk.config import Config
 from avgk.data.manifest import Manifest
-from avgk.evaluation import top_scores
+from avgk.evaluation import set_rules, top_scores
+from avgk.evaluation.set_rules import CalibratedRule
 from avgk.models.inputs import image_transform
 from avgk.training import checkpoints, evaluation
 from pipelines.scoring_inputs import ScoringModel
@@ -151,6 +152,24 @@ def _read_stream(
             yield row
 
 
+@dataclasses.dataclass(frozen=True)
+class SetColumns:
+    """What a scorer adds per row for the set rules (avgk.evaluation.set_rules), from the full row it holds:
+    val's calibration columns (`calibration`), or test's set size and coverage for each calibrated target."""
+
+    calibration: bool = False
+    with_mass: bool = False
+    rules: tuple[CalibratedRule, ...] = ()
+
+    def of(self, scores_NL: np.ndarray, *, labels_N: np.ndarray) -> dict[str, np.ndarray]:
+        columns = {}
+        if self.calibration:
+            columns.update(set_rules.calibration_columns(scores_NL, labels_N=labels_N, with_mass=self.with_mass))
+        if self.rules:
+            columns.update(set_rules.rule_columns(scores_NL, labels_N=labels_N, rules=self.rules))
+        return columns
+
+
 class ScoringActor:
     """Runs the model on model batches: the same head, transform output and precision as evaluation.score_batches.
 
@@ -162,7 +181,7 @@ class ScoringActor:
 
     def __init__(
         self, *, model_box: tuple[Any], head: str, use_gpu: bool, num_threads: int, top_t: int | None = None,
-        with_classes: bool = False,
+        with_classes: bool = False, set_columns: SetColumns | None = None,
     ) -> None:
         # The weights travel through the object store (no shared filesystem needed); the box
         # keeps Ray from resolving the reference before this actor asks for it.
@@ -182,6 +201,7 @@ class ScoringActor:
         self.head = head
         self.top_t = top_t
         self.with_classes = with_classes
+        self.set_columns = set_columns
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs: dict[str, list[np.ndarray]] = {}
@@ -194,6 +214,8 @@ class ScoringActor:
             columns = {"idx": np.asarray(rows["idx"][i], dtype=np.int64), "label": chunk.labels_N.astype(np.int64)}
             columns.update(score_columns(chunk.scores_NL, labels_N=columns["label"], column="scores",
                                          top_t=self.top_t, with_classes=self.with_classes))
+            if self.set_columns is not None:
+                columns.update(self.set_columns.of(chunk.scores_NL, labels_N=columns["label"]))
             if "posterior" in rows:
                 assert chunk.posterior_NL is not None  # the batch had one
                 columns.update(score_columns(chunk.posterior_NL, labels_N=columns["label"], column="posterior",
@@ -248,6 +270,7 @@ def score_dataset(
     top_t: int | None = None,
     with_classes: bool = False,
     actors: bool | None = None,
+    set_columns: SetColumns | None = None,
 ) -> ray.data.Dataset:
     """A lazy Dataset of the split's scores: rows idx, label, scores (float32 L) [, posterior].
 
@@ -261,7 +284,7 @@ def score_dataset(
     "multilabel" or "softmax". Call .materialize() to run the model once and keep the
     scores in the object store for several passes. With `top_t`, the rows hold the top-T
     columns of scores [and posterior] instead (avgk.evaluation.top_scores.top_rows; the scores' class
-    ids too with `with_classes`, which global pseudo-labels need).
+    ids too with `with_classes`, which global pseudo-labels need). `set_columns` adds the set rules' columns.
     """
     if head not in scoring.heads:
         raise ValueError(f"the checkpoint's model has heads {list(scoring.heads)}, not {head!r}")
@@ -280,7 +303,8 @@ def score_dataset(
         ),
     )
     scorer = dict(model_box=(ray.put(scoring),), head=head, use_gpu=use_gpu,
-                  num_threads=max(1, int(plan.actor_cpus)), top_t=top_t, with_classes=with_classes)
+                  num_threads=max(1, int(plan.actor_cpus)), top_t=top_t, with_classes=with_classes,
+                  set_columns=set_columns)
     if not (use_gpu if actors is None else actors):
         return batches.map_batches(
             _score_on_cpu,  # type: ignore[arg-type]  # as _read_stream's

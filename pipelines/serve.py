@@ -3,7 +3,7 @@
 The request and the answer are the MLflow model's (`mlflow models serve`, avgk.inference.serving):
 
     POST /invocations  {"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG/JPEG>"], ...]},
-                        "params": {"k": 2, "top_k": false}}
+                        "params": {"k": 2, "top_k": false}}    (or {"rule": "coverage", "coverage": 0.95})
     ->                 {"predictions": [{"label_set": "{\\"labels\\": [...], \\"names\\": [...], ...}"}, ...]}
     GET /ping          200 once the replica has loaded the model
 
@@ -33,6 +33,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from avgk.evaluation.metrics import format_k
 from avgk.runtime.console import say
 
 DEFAULT_MAX_BATCH = 32
@@ -43,8 +44,9 @@ class BadRequest(ValueError):
     """The request's own fault: HTTP 400 with this message."""
 
 
-def parse_request(body: Any, *, default_k: float) -> tuple[list[bytes], float, bool]:
-    """(image bytes per row, k, top_k) of an MLflow-style JSON request; BadRequest names what is wrong."""
+def parse_request(body: Any, *, default_k: float) -> tuple[list[bytes], dict[str, Any]]:
+    """(image bytes per row, the choice of sets: k and top_k, or rule and coverage) of an MLflow-style JSON
+    request; BadRequest names what is wrong."""
     if not isinstance(body, dict):
         raise BadRequest("the request must be a JSON object with dataframe_split or dataframe_records")
     if "dataframe_split" in body:
@@ -71,11 +73,17 @@ def parse_request(body: Any, *, default_k: float) -> tuple[list[bytes], float, b
     if errors:
         raise BadRequest("column 'image' must hold base64-encoded images: " + "; ".join(errors[:5]))
     params = body.get("params") or {}
+    if params.get("rule") is not None or params.get("coverage") is not None:
+        try:
+            coverage = None if params.get("coverage") is None else float(params["coverage"])
+        except (TypeError, ValueError):
+            raise BadRequest(f"params.coverage must be a number, got {params.get('coverage')!r}") from None
+        return images, {"rule": str(params["rule"]) if params.get("rule") is not None else None, "coverage": coverage}
     try:
         k = float(params.get("k", default_k))
     except (TypeError, ValueError):
         raise BadRequest(f"params.k must be a number, got {params.get('k')!r}") from None
-    return images, k, bool(params.get("top_k", False))
+    return images, {"k": k, "top_k": bool(params.get("top_k", False))}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -106,15 +114,18 @@ class LabelSets:
 
     async def __call__(self, request: Request) -> JSONResponse:
         if request.url.path.rstrip("/").endswith("/ping") or request.method == "GET":
-            return JSONResponse({"status": "ready", "calibrated_k": self.predictor.ks})
+            rules: dict[str, list[str]] = {}
+            for rule in self.predictor.set_rules:
+                rules.setdefault(rule.name, []).append(format_k(rule.coverage))
+            return JSONResponse({"status": "ready", "calibrated_k": self.predictor.ks, "set_rules": rules})
         try:
             try:
                 body = await request.json()
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest("the request body is not JSON") from None
-            encoded, k, top_k = parse_request(body, default_k=self.default_k)
+            encoded, choice = parse_request(body, default_k=self.default_k)
             try:
-                self.predictor.rule(k=k, top_k=top_k)  # an uncalibrated K or a bad top-K: this request's fault
+                self.predictor.rule(**choice)  # an uncalibrated K or rule, a bad top-K: this request's fault
             except ValueError as err:
                 raise BadRequest(str(err)) from None
             images = self._decode(encoded)
@@ -123,7 +134,7 @@ class LabelSets:
         import asyncio
 
         scores = await asyncio.gather(*(self.score_images(image) for image in images))
-        sets = self.predictor.sets_of(np.stack(scores), k=k, top_k=top_k)
+        sets = self.predictor.sets_of(np.stack(scores), **choice)
         return JSONResponse({"predictions": [{"label_set": json.dumps(s.to_dict())} for s in sets]})
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""The eval section: the K values evaluated, frequency bins, and how the scoring jobs keep scores."""
+"""The eval section: the K values evaluated, the coverage set rules, frequency bins, and how the scoring jobs keep scores."""
 
 from __future__ import annotations
 
@@ -12,11 +12,47 @@ from avgk.config.base import Section
 _DEFAULT_KS: list[float] = [1, 2, 3, 5, 10]
 """eval.ks by default (ints: the config shows and saves them as written)."""
 
+SET_RULES = ("coverage", "aps", "raps", "class_coverage")
+"""Set rules with a coverage target, beside average-K (avgk.method.coverage_sets)."""
+
+
+class SetRuleConfig(Section):
+    """One set rule calibrated on val for each of its coverage targets (avgk.method.coverage_sets)."""
+
+    rule: Literal["coverage", "aps", "raps", "class_coverage"]
+    coverages: list[float] = Field(default_factory=lambda: [0.9, 0.95, 0.99], min_length=1)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$",
+                             description="the rule's name in metrics.json and `avgk predict --rule`; default: rule")
+    penalty: float = Field(0.01, ge=0, description="raps: lambda, added per rank of a label beyond k_reg")
+    k_reg: int = Field(5, ge=0, description="raps: ranks without penalty")
+    min_count: int = Field(
+        10, ge=1, description="class_coverage: classes with fewer val samples share one pooled threshold"
+    )
+
+    @field_validator("coverages")
+    @classmethod
+    def _coverages(cls, coverages: list[float]) -> list[float]:
+        for c in coverages:
+            if not (0 < c < 1):
+                raise ValueError(f"every coverage target must lie strictly between 0 and 1, got {c}")
+        if len(set(coverages)) != len(coverages):
+            raise ValueError(f"coverages has duplicates: {coverages}")
+        return sorted(coverages)
+
+    @property
+    def key(self) -> str:
+        return self.name or self.rule
+
 
 class EvalConfig(Section):
     """Which K are evaluated, and the class-frequency bins."""
 
     ks: list[float] = Field(default_factory=lambda: _DEFAULT_KS.copy(), min_length=1)
+    set_rules: list[SetRuleConfig] = Field(
+        default_factory=lambda: [SetRuleConfig(rule="coverage")],
+        description="label sets with a coverage guarantee, calibrated on val beside average-K (avgk.method.coverage_sets); "
+        "[] for none",
+    )
     freq_bins: tuple[int, int] = Field((20, 100), description="few < a <= medium <= b < many (train counts)")
     batch_size: int = Field(256, ge=1)
     strict: bool = Field(
@@ -52,6 +88,15 @@ class EvalConfig(Section):
         if len(set(ks)) != len(ks):
             raise ValueError(f"eval.ks has duplicates: {ks}")
         return sorted(ks)
+
+    @field_validator("set_rules")
+    @classmethod
+    def _set_rules(cls, rules: list[SetRuleConfig]) -> list[SetRuleConfig]:
+        names = [rule.key for rule in rules]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"eval.set_rules names must be unique, got {twice} more than once (give each a name)")
+        return rules
 
     @field_validator("freq_bins")
     @classmethod

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
+from avgk.config.evaluation import SetRuleConfig
+from avgk.evaluation import set_rules as rules_module
 from avgk.evaluation import top_scores
+from avgk.evaluation.coverage_passes import CalibrationPass, CoverageMetricsPass
 from avgk.evaluation.metrics import SetMetrics, format_k
+from avgk.evaluation.set_rules import CalibratedRule
 from avgk.evaluation.top_scores import NotExact, TopPseudoLabeler, TopThresholds
 from avgk.method.pseudo_labels import GlobalPseudoLabeler, GlobalSelection
 from avgk.method.streamed_thresholds import StreamingThresholds
@@ -250,6 +254,7 @@ class Evaluation:
     metrics: dict[str, Any]  # the metrics.json document
     per_class: dict[str, np.ndarray]
     thresholds: dict[float, float]
+    set_rules: list[CalibratedRule] = dataclasses.field(default_factory=list)
 
 
 def metrics_document(
@@ -294,6 +299,14 @@ def count_metrics(
     return spec.metrics(run(spec, split))
 
 
+def calibrate_set_rules(
+    run: RunPasses, split: str, *, rules: Sequence[SetRuleConfig], num_samples: int, num_classes: int
+) -> list[CalibratedRule]:
+    """Every set rule at every coverage target, from a split's rows gathered by sample index (exact)."""
+    spec = CalibrationPass(rules=tuple(rules), num_samples=int(num_samples), num_classes=int(num_classes))
+    return spec.calibrate(run(spec, split))
+
+
 def evaluate(
     run: RunPasses,
     *,
@@ -304,17 +317,40 @@ def evaluate(
     score_head: str,
     with_posterior: bool,
     top: bool = False,
+    set_rules: Sequence[SetRuleConfig] = (),
+    num_val_samples: int | None = None,
+    on_calibrated: Callable[[list[CalibratedRule]], None] | None = None,
 ) -> Evaluation:
     """Thresholds calibrated on val only, then every test metric; with the true posteriors (synthetic
     data) the Bayes oracle, thresholded the same way. top: the splits hold top-T rows (raises
-    NotExact when they cannot prove a result)."""
+    NotExact when they cannot prove a result). `set_rules` are calibrated on val's `num_val_samples`
+    samples; `on_calibrated` is called with them before any pass over test (a job that scores test
+    then computes each row's set sizes from its full row)."""
     thresholds = calibrate(run, "val", ks=ks, top=top, num_classes=num_classes)
+    oracle_thresholds = None
+    if with_posterior:
+        oracle_thresholds = calibrate(run, "val", ks=ks, column="posterior", top=top, num_classes=num_classes)
+    calibrated: list[CalibratedRule] = []
+    if set_rules:
+        if num_val_samples is None:
+            raise ValueError("set rules need num_val_samples (the val split's size in its manifest)")
+        calibrated = calibrate_set_rules(run, "val", rules=set_rules, num_samples=num_val_samples,
+                                         num_classes=num_classes)
+    if on_calibrated is not None:
+        on_calibrated(calibrated)
     test = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=thresholds,
                          train_class_counts=train_class_counts, freq_bins=freq_bins, top=top)
     oracle = None
-    if with_posterior:
-        oracle_thresholds = calibrate(run, "val", ks=ks, column="posterior", top=top, num_classes=num_classes)
+    if oracle_thresholds is not None:
         oracle = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=oracle_thresholds,
                                train_class_counts=None, freq_bins=freq_bins, column="posterior", top=top).compute()
     document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test, oracle=oracle)
-    return Evaluation(metrics=document, per_class=test.per_class(), thresholds=thresholds)
+    per_class = test.per_class()
+    if calibrated:
+        spec = CoverageMetricsPass(rules=tuple(calibrated), num_classes=int(num_classes), freq_bins=freq_bins,
+                                   train_class_counts=tuple(int(c) for c in train_class_counts))
+        counts = spec.counts(run(spec, "test"))
+        document["val"]["set_rules"] = rules_module.rules_summary(calibrated)
+        document["test"]["set_rules"] = counts.compute()
+        per_class.update(counts.per_class())
+    return Evaluation(metrics=document, per_class=per_class, thresholds=thresholds, set_rules=calibrated)

@@ -23,7 +23,9 @@ from PIL import Image
 
 from avgk.config import Config
 from avgk.data.manifest import read_manifest
+from avgk.evaluation import set_rules
 from avgk.evaluation.metrics import format_k
+from avgk.evaluation.set_rules import CalibratedRule
 from avgk.method.losses import head_scores, loss_class
 from avgk.models import networks as models
 from avgk.models.inputs import image_transform
@@ -105,6 +107,7 @@ class SetPredictor:
         self.thresholds = {str(k): float(v) for k, v in thresholds["thresholds"].items()}
         if not self.thresholds:
             raise ValueError("thresholds.json holds no calibrated K")
+        self.set_rules = set_rules.rules_from_json(thresholds.get("set_rules") or {})
         names = [str(c) for c in range(self.num_classes)] if class_names is None else [str(n) for n in class_names]
         if len(names) != self.num_classes:
             raise ValueError(f"class_names must name the model's {self.num_classes} classes, got {len(names)} names")
@@ -197,13 +200,26 @@ class SetPredictor:
             chunks.append(head_scores(logits, self.score_head).float().cpu().numpy())
         return np.concatenate(chunks)
 
-    def predict(self, images: Sequence[ImageInput], *, k: float, top_k: bool = False) -> list[LabelSet]:
-        """Per image, the average-K set for a calibrated k, or (top_k=True) the k best labels."""
-        self.rule(k=k, top_k=top_k)  # an uncalibrated K fails before any image is scored
-        return self.sets_of(self.score(list(images)), k=k, top_k=top_k)
+    def predict(self, images: Sequence[ImageInput], *, k: float | None = None, top_k: bool = False,
+                rule: str | None = None, coverage: float | None = None) -> list[LabelSet]:
+        """Per image, the average-K set for a calibrated k, (top_k=True) the k best labels, or the set of a
+        calibrated set rule at a calibrated coverage target (eval.set_rules)."""
+        self.rule(k=k, top_k=top_k, rule=rule, coverage=coverage)  # an uncalibrated choice fails before any scoring
+        return self.sets_of(self.score(list(images)), k=k, top_k=top_k, rule=rule, coverage=coverage)
 
-    def rule(self, *, k: float, top_k: bool) -> np.float32 | None:
-        """The float32 lambda_K of a calibrated k, or None for top-K (k checked: an integer in [1, L])."""
+    def rule(self, *, k: float | None = None, top_k: bool = False, rule: str | None = None,
+             coverage: float | None = None) -> np.float32 | CalibratedRule | None:
+        """The float32 lambda_K of a calibrated k, None for top-K (k checked: an integer in [1, L]), or the
+        calibrated set rule `rule` at `coverage`."""
+        if rule is not None or coverage is not None:
+            if rule is None or coverage is None:
+                raise ValueError(f"a set rule needs both a rule name and a coverage target, got rule={rule} "
+                                 f"coverage={coverage}")
+            if k is not None or top_k:
+                raise ValueError("choose K (k, top_k) or a set rule (rule, coverage), not both")
+            return set_rules.select(self.set_rules, name=rule, coverage=coverage)
+        if k is None:
+            raise ValueError("choose a calibrated K, or a set rule and its coverage target")
         if top_k:
             if float(k) != int(k) or not 1 <= int(k) <= self.num_classes:
                 raise ValueError(f"top-K needs an integer k in [1, {self.num_classes}], got {k}")
@@ -211,14 +227,22 @@ class SetPredictor:
         threshold: np.float32 = np.float32(self.threshold(k))
         return threshold
 
-    def sets_of(self, scores_NL: np.ndarray, *, k: float, top_k: bool = False) -> list[LabelSet]:
+    def sets_of(self, scores_NL: np.ndarray, *, k: float | None = None, top_k: bool = False, rule: str | None = None,
+                coverage: float | None = None) -> list[LabelSet]:
         """The label sets of N x L scores (this predictor's head): every place that labels uses this."""
-        threshold = self.rule(k=k, top_k=top_k)
+        chosen = self.rule(k=k, top_k=top_k, rule=rule, coverage=coverage)
+        members_NL = chosen.members(scores_NL) if isinstance(chosen, CalibratedRule) else None
         sets = []
-        for scores_L in scores_NL:
+        for row, scores_L in enumerate(scores_NL):
             order_L = np.argsort(-scores_L, kind="stable")  # ties: lower class id first
-            chosen = order_L[: int(k)] if threshold is None else order_L[scores_L[order_L] >= threshold]
-            sets.append(self.label_set(chosen, scores_L))
+            if members_NL is not None:
+                ids = order_L[members_NL[row][order_L]]
+            elif chosen is None:
+                assert k is not None  # rule() checked it
+                ids = order_L[: int(k)]
+            else:
+                ids = order_L[scores_L[order_L] >= chosen]
+            sets.append(self.label_set(ids, scores_L))
         return sets
 
     def label_set(self, ids: Iterable[int], scores_L: np.ndarray) -> LabelSet:
@@ -257,13 +281,15 @@ def iter_image_files(paths: Sequence[str]) -> Iterator[Path]:
 def run_predict(
     *,
     run: str,
-    k: float,
+    k: float | None,
     paths: Sequence[str],
     top_k: bool = False,
     batch_size: int = 64,
     checkpoint: str | None = None,
     out: IO[str] | None = None,
     progress: bool = True,
+    rule: str | None = None,
+    coverage: float | None = None,
 ) -> int:
     """One JSON line per image on `out` (default: sys.stdout at call time); unreadable files give {"path", "error"}.
 
@@ -273,10 +299,8 @@ def run_predict(
     from tqdm import tqdm
 
     predictor = SetPredictor.from_run(run, checkpoint, batch_size=batch_size)
-    if not top_k:
-        predictor.threshold(k)  # an uncalibrated K fails before any image is read
-    elif float(k) != int(k):
-        raise ValueError(f"--top-k needs an integer --k, got {k}")
+    choice: dict[str, Any] = dict(k=k, top_k=top_k, rule=rule, coverage=coverage)
+    predictor.rule(**choice)  # an uncalibrated choice fails before any image is read
     files = list(iter_image_files(paths))
     num_failed = 0
     with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress) as bar:
@@ -289,7 +313,7 @@ def run_predict(
                 except Exception as err:  # a corrupt or non-image file is reported, not fatal
                     num_failed += 1
                     out.write(json.dumps({"path": str(path), "error": f"{type(err).__name__}: {err}"}) + "\n")
-            for path, label_set in zip(good, predictor.predict(images, k=k, top_k=top_k), strict=True):
+            for path, label_set in zip(good, predictor.predict(images, **choice), strict=True):
                 out.write(json.dumps({"path": str(path), **label_set.to_dict()}) + "\n")
             out.flush()
             bar.update(len(files[start : start + batch_size]))

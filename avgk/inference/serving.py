@@ -49,7 +49,8 @@ MAX_ERRORS_SHOWN = 5
 class AvgKSetModel(PythonModel):
     """Image bytes (column "image") -> average-K label sets as JSON strings (column "label_set").
 
-    params: k (a calibrated K, default the training's loss.k when calibrated) and top_k. A row that
+    params: k (a calibrated K, default the training's loss.k when calibrated) and top_k, or rule and
+    coverage (a set rule of eval.set_rules at one of its calibrated coverage targets). A row that
     is not an image, or a K that was not calibrated, raises an MLflow INVALID_PARAMETER_VALUE error
     naming the rows or the calibrated K: `mlflow models serve` answers it with HTTP 400 and that
     message instead of a stack trace.
@@ -72,9 +73,13 @@ class AvgKSetModel(PythonModel):
         if not isinstance(frame, pd.DataFrame):
             frame = pd.DataFrame({IMAGE_COLUMN: list(model_input)})
         column = IMAGE_COLUMN if IMAGE_COLUMN in frame.columns else frame.columns[0]
-        k = params.get("k")
-        k = float(k) if k is not None else float(self.predictor.ks[0])
-        top_k = bool(params.get("top_k", False))
+        rule, coverage = params.get("rule"), params.get("coverage")
+        if rule is not None or coverage is not None:  # a set rule (eval.set_rules) instead of K
+            choice: dict[str, Any] = dict(rule=rule, coverage=None if coverage is None else float(coverage))
+        else:
+            k = params.get("k")
+            choice = dict(k=float(k) if k is not None else float(self.predictor.ks[0]),
+                          top_k=bool(params.get("top_k", False)))
         values = list(frame[column])
         sets: list[LabelSet] = []
         errors: list[str] = []
@@ -85,8 +90,8 @@ class AvgKSetModel(PythonModel):
             if errors:
                 continue
             try:
-                sets += self.predictor.predict(images, k=k, top_k=top_k)
-            except ValueError as err:  # an uncalibrated K, a top-K out of range: the request's fault
+                sets += self.predictor.predict(images, **choice)
+            except ValueError as err:  # an uncalibrated K or rule, a top-K out of range: the request's fault
                 raise MlflowException.invalid_parameter_value(str(err)) from err
         if errors:
             shown = "; ".join(errors[:MAX_ERRORS_SHOWN]) + ("; ..." if len(errors) > MAX_ERRORS_SHOWN else "")
@@ -118,7 +123,8 @@ def pyfunc_signature(*, default_k: float) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
         outputs=Schema([ColSpec("string", "label_set")]),
-        params=ParamSchema([ParamSpec("k", "double", float(default_k)), ParamSpec("top_k", "boolean", False)]),
+        params=ParamSchema([ParamSpec("k", "double", float(default_k)), ParamSpec("top_k", "boolean", False),
+                            ParamSpec("rule", "string", None), ParamSpec("coverage", "double", None)]),
     )
 
 

@@ -33,7 +33,7 @@ FULL = -math.inf
 """The threshold of a set that holds every label (m > n: too few calibration samples for 1 - alpha)."""
 
 __all__ = ["FULL", "ClassThresholds", "aps_conformity", "aps_sets", "class_thresholds", "conformal_rank",
-           "conformity_quantile", "lac_threshold", "validate_alpha"]
+           "conformity_quantile", "lac_threshold", "raps_conformity", "true_mass_and_rank", "validate_alpha"]
 
 
 def validate_alpha(alpha: float) -> float:
@@ -86,19 +86,34 @@ def _penalties(num_labels: int, *, penalty: float, k_reg: int) -> np.ndarray:
     return penalty * np.maximum(ranks - k_reg, 0).astype(np.float64)
 
 
-def aps_conformity(*, probs_NL: npt.ArrayLike, labels_N: npt.ArrayLike, penalty: float = 0.0, k_reg: int = 0) -> np.ndarray:
-    """APS (penalty 0) or RAPS conformity scores: the mass of the labels ranked before the true label plus its
-    own (in float64, over float32 scores), plus lambda per rank of the true label beyond k_reg."""
+def true_mass_and_rank(*, probs_NL: npt.ArrayLike, labels_N: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample, the mass of the labels ranked before the true label plus its own (float64 cumulative sum over
+    the row's float32 scores in decreasing order, ties by label id) and the true label's 1-based rank."""
     sorted_NL, order = _sorted_rows(probs_NL)
     labels = np.asarray(labels_N, dtype=np.int64).ravel()
     if labels.shape[0] != sorted_NL.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {sorted_NL.shape[0]} score rows")
     cumulative = np.cumsum(sorted_NL.astype(np.float64), axis=1)
     position = np.argmax(order == labels[:, None], axis=1)  # 0-based rank of the true label
-    rows = np.arange(labels.shape[0])
-    conformity: np.ndarray = cumulative[rows, position] + _penalties(sorted_NL.shape[1], penalty=penalty,
-                                                                      k_reg=k_reg)[position]
+    mass: np.ndarray = cumulative[np.arange(labels.shape[0]), position]
+    return mass, position + 1
+
+
+def raps_conformity(*, mass_N: npt.ArrayLike, rank_N: npt.ArrayLike, penalty: float = 0.0, k_reg: int = 0) -> np.ndarray:
+    """APS (penalty 0) or RAPS conformity scores from true_mass_and_rank: the mass plus lambda per rank of the
+    true label beyond k_reg (the same float64 operations as aps_sets' scores, so q compares exactly)."""
+    if penalty < 0 or k_reg < 0:
+        raise ValueError(f"the RAPS penalty and k_reg must be >= 0, got penalty={penalty} k_reg={k_reg}")
+    rank = np.asarray(rank_N, dtype=np.int64)
+    conformity: np.ndarray = np.asarray(mass_N, dtype=np.float64) + penalty * np.maximum(rank - k_reg, 0).astype(np.float64)
     return conformity
+
+
+def aps_conformity(*, probs_NL: npt.ArrayLike, labels_N: npt.ArrayLike, penalty: float = 0.0, k_reg: int = 0) -> np.ndarray:
+    """APS (penalty 0) or RAPS conformity scores: the mass of the labels ranked before the true label plus its
+    own (in float64, over float32 scores), plus lambda per rank of the true label beyond k_reg."""
+    mass, rank = true_mass_and_rank(probs_NL=probs_NL, labels_N=labels_N)
+    return raps_conformity(mass_N=mass, rank_N=rank, penalty=penalty, k_reg=k_reg)
 
 
 def aps_sets(*, probs_NL: npt.ArrayLike, q: float, penalty: float = 0.0, k_reg: int = 0) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from avgk.config import Config
-from avgk.evaluation import passes
+from avgk.evaluation import passes, set_rules
 from avgk.evaluation.accounting import account_samples
 from avgk.evaluation.metrics import format_k
 from avgk.evaluation.passes import Evaluation
@@ -39,6 +39,8 @@ class ScoredChunk:
     scores_NL: np.ndarray
     labels_N: np.ndarray
     posterior_NL: np.ndarray | None = None
+    idx_N: np.ndarray | None = None
+    """The samples' indices in their split (set rules gather val numbers by them)."""
 
 
 @torch.inference_mode()
@@ -57,6 +59,7 @@ def score_batches(
             scores_NL=scores,
             labels_N=batch["label"].numpy(),
             posterior_NL=None if posterior is None else np.asarray(posterior, dtype=np.float32),
+            idx_N=None if "idx" not in batch else np.asarray(batch["idx"], dtype=np.int64),
         )
 
 
@@ -66,6 +69,8 @@ def chunk_batches(chunks: list[ScoredChunk]) -> Iterator[passes.Batch]:
         batch = {"scores": chunk.scores_NL, "label": chunk.labels_N}
         if chunk.posterior_NL is not None:
             batch["posterior"] = chunk.posterior_NL
+        if chunk.idx_N is not None:
+            batch["idx"] = chunk.idx_N
         yield batch
 
 
@@ -135,6 +140,7 @@ def final_evaluation(parts: Parts) -> Evaluation:
         local_runner(scored, reduce=dist.all_reduce_sum), ks=cfg.eval.ks, num_classes=parts.num_classes,
         train_class_counts=parts.train_class_counts, freq_bins=cfg.eval.freq_bins,
         score_head=parts.score_head, with_posterior=has_posterior,
+        set_rules=cfg.eval.set_rules, num_val_samples=parts.manifest.split("val").num_samples,
     )
     evaluation.metrics["samples"] = samples
     return evaluation
@@ -148,7 +154,8 @@ def write_evaluation(evaluation: Evaluation, run_dir: str) -> None:
     storage.write_json(storage.join(run_dir, "metrics.json"), evaluation.metrics)
     storage.write_json(
         storage.join(run_dir, "thresholds.json"),
-        {"score_head": evaluation.metrics["score_head"], "thresholds": evaluation.metrics["val"]["thresholds"]},
+        {"score_head": evaluation.metrics["score_head"], "thresholds": evaluation.metrics["val"]["thresholds"],
+         "set_rules": set_rules.rules_to_json(evaluation.set_rules)},
     )
     sink = io.BytesIO()
     pq.write_table(pa.table({k: np.asarray(v) for k, v in evaluation.per_class.items()}), sink)

@@ -24,6 +24,8 @@ from tests.helpers.runs import ROOT, checkpoint_dirs
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 KS = [1, 1.5, 2, 3, 5, 10]
+ALL_SET_RULES = ("[{rule: coverage}, {rule: aps, coverages: [0.9]}, {rule: raps, coverages: [0.8, 0.99]}, "
+                 "{rule: class_coverage, min_count: 30}]")
 
 
 def smoke_config(smoke_shards, storage: Path, *overrides):
@@ -141,7 +143,8 @@ def trained(smoke_shards, tmp_path_factory, local_ray, mlflow_server):
 
     storage = tmp_path_factory.mktemp("scoring") / "runs"
     config = smoke_config(smoke_shards, storage, "run.name=trained", f"tracking.uri={mlflow_server}",
-                          "tracking.log_model=false")  # the jobs read the checkpoint, not the logged model
+                          "tracking.log_model=false",  # the jobs read the checkpoint, not the logged model
+                          f"eval.set_rules={ALL_SET_RULES}")
     run_training(config)
     run_dir = storage / "trained"
     return SimpleNamespace(
@@ -181,6 +184,36 @@ def test_evaluate_equals_the_trainings_evaluation(trained):
     assert run.data.tags["avgk.evaluated_checkpoint"] == str(trained.run_dir / "best" / "checkpoint.pt")
     assert run.data.metrics["test_avg_k_accuracy_k2"] == written["test"]["avg_k_accuracy"]["2"]
     assert {"metrics.json", "thresholds.json", "per_class.parquet"} <= {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_coverage_sets_larger_than_top_t_are_counted_exactly_from_top_t_rows(trained):
+    """The job's scorers keep 6 scores per row, yet every coverage metric equals the training's full-row one."""
+    from avgk.evaluation import passes, set_rules
+    from avgk.evaluation.coverage_passes import CoverageMetricsPass
+    from pipelines.reduction import ray_runner
+    from pipelines.scoring import SetColumns, score_dataset
+    from pipelines.scoring_inputs import load_scoring_model
+
+    config = trained.config
+    manifest = read_manifest(config.data.shards)
+    scoring = load_scoring_model(str(trained.run_dir / "best" / "checkpoint.pt"))
+
+    def score(split, set_columns):
+        return score_dataset(scoring, manifest=manifest, split=split, head="multilabel", with_posterior=False,
+                             top_t=6, num_actors=2, set_columns=set_columns).materialize()
+
+    val = score("val", SetColumns(calibration=True, with_mass=True))
+    assert "scores" not in val.schema().names and val.schema().names.count("scores_top") == 1
+    run = ray_runner({"val": val})
+    rules = passes.calibrate_set_rules(run, "val", rules=config.eval.set_rules, num_samples=400, num_classes=20)
+    assert set_rules.rules_to_json(rules) == trained.thresholds["set_rules"]  # bit for bit
+    test = score("test", SetColumns(rules=tuple(rules)))
+    spec = CoverageMetricsPass(rules=tuple(rules), num_classes=20, freq_bins=config.eval.freq_bins,
+                               train_class_counts=tuple(manifest.split("train").class_counts))
+    counted = spec.counts(ray_runner({"test": test}, num_tasks=3)(spec, "test")).compute()
+    assert counted == trained.metrics["test"]["set_rules"]
+    sizes = counted["coverage"]["0.99"]["set_size_histogram"]
+    assert max(int(size) for size in sizes) > 6  # sets the top-6 rows alone could not have counted
 
 
 def test_job_thresholds_equal_reference_on_smoke_val_scores(trained):

@@ -57,6 +57,35 @@ def test_average_k_sets_reproduce_the_evaluation(predictor, trained_run, test_sp
             assert all(score >= predictor.threshold(float(key)) - 1e-6 for score in s.scores)
 
 
+def test_coverage_sets_reproduce_the_evaluation(predictor, trained_run, test_split):
+    images, labels_N = test_split
+    metrics = json.loads((trained_run / "metrics.json").read_text())["test"]["set_rules"]["coverage"]
+    scores = predictor.score(images)
+    assert sorted(metrics) == ["0.9", "0.95", "0.99"]
+    for key, expected in metrics.items():
+        sets = predictor.sets_of(scores, rule="coverage", coverage=float(key))
+        assert np.mean([s.size for s in sets]) == pytest.approx(expected["avg_set_size"], abs=1e-12), key
+        covered = np.mean([label in s.ids for s, label in zip(sets, labels_N, strict=True)])
+        assert covered == pytest.approx(expected["coverage"], abs=1e-12), key
+        assert all(s.scores == sorted(s.scores, reverse=True) for s in sets)
+
+
+@pytest.mark.parametrize(
+    "choice, match",
+    [
+        ({"rule": "aps", "coverage": 0.9}, r"no set rule 'aps' calibrated at coverage 0.9: calibrated are coverage at "
+                                           r"0.9, coverage at 0.95, coverage at 0.99"),
+        ({"rule": "coverage", "coverage": 0.8}, r"no set rule 'coverage' calibrated at coverage 0.8"),
+        ({"rule": "coverage"}, r"a set rule needs both a rule name and a coverage target"),
+        ({"rule": "coverage", "coverage": 0.9, "k": 2}, r"choose K \(k, top_k\) or a set rule \(rule, coverage\), not both"),
+        ({}, r"choose a calibrated K, or a set rule and its coverage target"),
+    ],
+)
+def test_an_uncalibrated_set_rule_is_refused_naming_those_calibrated(predictor, test_split, choice, match):
+    with pytest.raises(ValueError, match=match):
+        predictor.predict(test_split[0][:2], **choice)
+
+
 def test_average_k_sets_average_exactly_k_on_the_calibration_split(predictor, shards):
     images, _ = read_split(shards, "val")
     for key in predictor.ks:
@@ -126,6 +155,11 @@ def test_cli_predict_prints_a_line_per_image_and_an_error_line(trained_run, test
     code = cli.main(["predict", "--run", str(trained_run), "--k", "3", "--top-k", str(folder / "img0.png")])
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert code == 0 and line["set_size"] == 3
+    code = cli.main(["predict", "--run", str(trained_run), "--rule", "coverage", "--coverage", "0.99",
+                     str(folder / "img0.png")])
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    threshold = json.loads((trained_run / "thresholds.json").read_text())["set_rules"]["coverage"]["0.99"]["threshold"]
+    assert code == 0 and line["set_size"] >= 1 and min(line["scores"]) >= np.float32(threshold)
 
 
 def test_cli_predict_errors_are_one_line(trained_run, tmp_path, capsys):
@@ -133,6 +167,12 @@ def test_cli_predict_errors_are_one_line(trained_run, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "avgk: error: k=7 was not calibrated for this run; calibrated K: 1, 2, 3"
     assert cli.main(["predict", "--run", str(tmp_path / "nope"), "--k", "2", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("avgk: error: run directory")
+    assert cli.main(["predict", "--run", str(trained_run), str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("avgk: error: avgk predict needs either --k K [--top-k] or --rule NAME "
+                                               "--coverage C (one of the two)")
+    assert cli.main(["predict", "--run", str(trained_run), "--rule", "raps", "--coverage", "0.9", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("avgk: error: no set rule 'raps' calibrated at coverage 0.9: calibrated "
+                                               "are coverage at 0.9, coverage at 0.95, coverage at 0.99")
 
 
 @pytest.mark.parametrize(
