@@ -61,9 +61,9 @@ def _reference_sets(rule: set_rules.CalibratedRule, probs: np.ndarray) -> np.nda
         if rule.rule == "coverage":
             members[i] = row >= np.float32(rule.threshold)
         elif rule.rule == "class_coverage":
-            members[i] = [row[l] >= np.float32(rule.thresholds_L[l]) for l in range(L)]
+            members[i] = [row[c] >= np.float32(rule.thresholds_L[c]) for c in range(L)]
         else:
-            order = sorted(range(L), key=lambda l: (-row[l], l))
+            order = sorted(range(L), key=lambda c: (-row[c], c))
             mass = 0.0
             for rank, label in enumerate(order, start=1):
                 mass += float(row[label])
@@ -99,7 +99,7 @@ def test_calibration_and_counts_over_ranks_equal_the_numpy_reference(ties):
         doc = evaluation.metrics["test"]["set_rules"][rule.name][set_rules.format_k(rule.coverage)]
         assert doc["coverage"] == covered.mean()
         assert doc["avg_set_size"] == sizes.mean()
-        assert doc["set_size_histogram"] == {str(s): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))}
+        assert doc["set_size_histogram"] == {str(s): int(c) for s, c in zip(*np.unique(sizes, return_counts=True), strict=True)}
         assert doc["coverage_by_set_size"] == {str(s): covered[sizes == s].mean() for s in np.unique(sizes)}
         per_class = np.array([covered[labels == c].mean() for c in range(L)])
         np.testing.assert_array_equal(evaluation.per_class[f"coverage@{rule.key}"], per_class)
