@@ -149,6 +149,76 @@ def plot_set_size_histogram(runs: Mapping[str, RunResults], *, k: str) -> Figure
     return fig
 
 
+def _set_rules(run: RunResults) -> dict[str, dict[str, Any]]:
+    rules: dict[str, dict[str, Any]] = run.metrics["test"].get("set_rules") or {}
+    return rules
+
+
+def plot_coverage_vs_target(runs: Mapping[str, RunResults]) -> Figure:
+    """Test coverage (solid: marginal, dashed: mean over classes) against the coverage target of each set rule."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    targets: list[float] = []
+    markers = "os^vDP*X"
+    for i, (name, run) in enumerate(runs.items()):
+        for j, (rule, entries) in enumerate(_set_rules(run).items()):
+            x, y = _sorted_points({t: e["coverage"] for t, e in entries.items()})
+            _, macro = _sorted_points({t: e["macro_coverage"] for t, e in entries.items()})
+            ax.plot(x, y, f"{markers[j % len(markers)]}-", color=f"C{i}", label=f"{name} {rule}")
+            ax.plot(x, macro, f"{markers[j % len(markers)]}--", color=f"C{i}", alpha=0.6, label=f"{name} {rule} (per class)")
+            targets += x
+    if targets:
+        line = [min(targets), max(targets)]
+        ax.plot(line, line, ":", color="black", linewidth=1, label="target")
+    ax.set_title("Test coverage against the coverage target (calibrated on val)")
+    ax.set_xlabel("coverage target 1 - alpha")
+    ax.set_ylabel("test coverage")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def plot_size_vs_coverage(runs: Mapping[str, RunResults]) -> Figure:
+    """Mean set size against test coverage: each set rule through its targets, and average-K (dotted) through
+    its K, one colour per run (the smaller the sets at a coverage, the better)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    markers = "os^vDP*X"
+    for i, (name, run) in enumerate(runs.items()):
+        test = run.metrics["test"]
+        for j, (rule, entries) in enumerate(_set_rules(run).items()):
+            points = sorted((e["coverage"], e["avg_set_size"]) for e in entries.values())
+            ax.plot(*zip(*points, strict=True), f"{markers[j % len(markers)]}-", color=f"C{i}", label=f"{name} {rule}")
+        keys = sorted(test.get("avg_k_accuracy", {}), key=float)
+        if keys:
+            ax.plot([test["avg_k_accuracy"][k] for k in keys], [test["avg_set_size"][k] for k in keys], ".:",
+                    color=f"C{i}", label=f"{name} average-K")
+    ax.set_yscale("log")
+    ax.set_title("Mean set size against test coverage")
+    ax.set_xlabel("test coverage (avg-K accuracy for average-K)")
+    ax.set_ylabel("mean set size (log scale)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def coverage_table(runs: Mapping[str, RunResults]) -> str:
+    """Markdown: per run, set rule and target, test coverage (marginal, per class), mean size, classes below target."""
+    rows = ["| run | rule | target | coverage | mean over classes | classes below target | mean set size |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for name, run in runs.items():
+        for rule, entries in _set_rules(run).items():
+            for target in sorted(entries, key=float):
+                e = entries[target]
+                full = " (full label set)" if e["calibration"]["full_label_set"] else ""
+                rows.append(f"| {name} | {rule} | {target}{full} | {100 * e['coverage']:.2f} | "
+                            f"{100 * e['macro_coverage']:.2f} | {e['classes_below_target']} of {e['num_classes']} | "
+                            f"{e['avg_set_size']:.2f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def plot_sweep(df: Any, params: Sequence[str], metric: str, path: str | Path | None = None) -> Figure:
     """One panel per searched parameter: `metric` of each trial against that parameter (a pandas frame)."""
     if not params:
@@ -193,6 +263,9 @@ def comparison_figures(runs: Mapping[str, RunResults]) -> dict[str, Figure]:
         if any(run.per_class is not None for run in runs.values()):
             figures[f"per_class_avg_k{k}.png"] = plot_per_class_accuracy(runs, k=k)
         figures[f"set_size_k{k}.png"] = plot_set_size_histogram(runs, k=k)
+    if any(_set_rules(run) for run in runs.values()):
+        figures["coverage_vs_target.png"] = plot_coverage_vs_target(runs)
+        figures["size_vs_coverage.png"] = plot_size_vs_coverage(runs)
     return figures
 
 
@@ -226,6 +299,9 @@ def run_report(run_dirs: Sequence[str], *, out: str) -> str:
         + "\n".join(f"- `{name}`: {storage.absolute(d)}" for name, d in zip(runs, run_dirs, strict=False))
         + "\n\n" + table + "\n\naccuracies in % on test; 'oracle' thresholds the true posterior (synthetic data only)\n"
     )
+    coverage = coverage_table(runs)
+    if coverage:
+        text += "\n## Set rules with a coverage target (eval.set_rules)\n\n" + coverage + "\n\ncoverages in % on test\n"
     out = storage.absolute(out)
     storage.write_bytes(storage.join(out, "report.md"), text.encode())
     for file, fig in comparison_figures(runs).items():

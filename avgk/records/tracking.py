@@ -207,14 +207,18 @@ RESULT_FILES = ("metrics.json", "thresholds.json", "per_class.parquet", "config.
 
 
 def log_evaluation(uri: str, run_id: str, *, metrics: Mapping[str, Any], run_dir: str) -> None:
-    """A metrics document's test metrics as flat MLflow metrics (test_<name>_k<K>), plus the run directory's
-    result files as artifacts."""
+    """A metrics document's test metrics as flat MLflow metrics (test_<name>_k<K>, and test_<rule>_c<target>_<name>
+    for the set rules), plus the run directory's result files as artifacts."""
     test = metrics["test"]
     flat: dict[str, float] = {}
     for name in TEST_METRICS:
         for key, value in (test.get(name) or {}).items():
             if value is not None:
                 flat[f"test_{name}_k{key}"] = value
+    for rule, targets in (test.get("set_rules") or {}).items():  # eval.set_rules: test_<rule>_c<target>_<metric>
+        for target, entry in targets.items():
+            for name in ("coverage", "macro_coverage", "avg_set_size", "classes_below_target"):
+                flat[f"test_{rule}_c{target}_{name}"] = entry[name]
     log_metrics(uri, run_id, flat, step=0)
     for name in RESULT_FILES:
         local = Path(run_dir) / name

@@ -183,6 +183,10 @@ def test_evaluate_equals_the_trainings_evaluation(trained):
     run = client.get_run(run_id)
     assert run.data.tags["avgk.evaluated_checkpoint"] == str(trained.run_dir / "best" / "checkpoint.pt")
     assert run.data.metrics["test_avg_k_accuracy_k2"] == written["test"]["avg_k_accuracy"]["2"]
+    raps = written["test"]["set_rules"]["raps"]["0.99"]
+    assert run.data.metrics["test_raps_c0.99_coverage"] == raps["coverage"] >= 0.9  # 400 val samples: a loose floor
+    mondrian = written["test"]["set_rules"]["class_coverage"]["0.9"]
+    assert run.data.metrics["test_class_coverage_c0.9_avg_set_size"] == mondrian["avg_set_size"]
     assert {"metrics.json", "thresholds.json", "per_class.parquet"} <= {a.path for a in client.list_artifacts(run_id)}
 
 

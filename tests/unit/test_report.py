@@ -31,6 +31,11 @@ def fake_metrics(shift: float, *, oracle: bool = True) -> dict:
     }
     if oracle:
         test["oracle_avg_k_accuracy"] = {k: 0.9 for k in ks}
+    test["set_rules"] = {rule: {target: {
+        "target": float(target), "coverage": float(target) - 0.01 + shift, "macro_coverage": float(target) - 0.05,
+        "avg_set_size": size * (1 - shift), "classes_below_target": 3, "num_classes": 20,
+        "calibration": {"n": 100, "m": 91, "full_label_set": target == "0.99" and rule == "aps", "pooled_classes": 0},
+    } for target, size in (("0.9", 2.5), ("0.95", 4.0), ("0.99", 9.0))} for rule in ("coverage", "aps")}
     return {"ks": [1.0, 2.0, 3.0], "score_head": "multilabel", "val": {"thresholds": {}}, "test": test}
 
 
@@ -77,6 +82,8 @@ def assert_png(path: Path, size: tuple[int, int]) -> None:
         (lambda r: report.plot_accuracy_vs_k(r), "Test accuracy against K"),
         (lambda r: report.plot_per_class_accuracy(r, k="2"), "Per-class avg-2 accuracy against training frequency"),
         (lambda r: report.plot_set_size_histogram(r, k="2"), "Predicted set sizes at average-K = 2 (test)"),
+        (lambda r: report.plot_coverage_vs_target(r), "Test coverage against the coverage target (calibrated on val)"),
+        (lambda r: report.plot_size_vs_coverage(r), "Mean set size against test coverage"),
     ],
 )
 def test_figures_are_titled_labelled_pngs(runs, make, title, tmp_path):
@@ -109,7 +116,7 @@ def test_write_run_plots(tmp_path):
     written = report.write_run_plots(str(run_dir))
     names = sorted(Path(w).name for w in written)
     assert names == sorted(["accuracy_vs_k.png", *(f"per_class_avg_k{k}.png" for k in "123"),
-                            *(f"set_size_k{k}.png" for k in "123")])
+                            *(f"set_size_k{k}.png" for k in "123"), "coverage_vs_target.png", "size_vs_coverage.png"])
     for name in names:
         assert_png(run_dir / "plots" / name, (700, 450))
 
@@ -127,6 +134,10 @@ def test_cli_report_writes_a_row_per_run(tmp_path, capsys):
     assert rows[1].split("|")[-2].strip() == "-"  # no oracle
     assert "| K | run |" in printed
     assert (out / "accuracy_vs_k.png").is_file() and (out / "per_class_avg_k2.png").is_file()
+    assert (out / "coverage_vs_target.png").is_file() and (out / "size_vs_coverage.png").is_file()
+    coverage = text[text.index("## Set rules with a coverage target"):].splitlines()
+    assert "| two_head | coverage | 0.95 | 99.00 | 90.00 | 3 of 20 | 3.80 |" in coverage
+    assert "| ce | aps | 0.99 (full label set) | 98.00 | 94.00 | 3 of 20 | 9.00 |" in coverage
 
 
 def test_cli_report_missing_run_is_one_error_line(tmp_path, capsys):
