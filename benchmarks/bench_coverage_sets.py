@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Ray workers import this module by name
 
-from benchmarks.bench_top_scores import (  # noqa: E402
+from benchmarks.bench_top_scores import (
     GIB,
     JobRun,
     StoreSampler,
@@ -109,8 +109,8 @@ def evaluate(run: JobRun, *, rules: list, num_rows: int, num_classes: int, block
     splits = {"val": scored(**shape, top_t=run.top_t, set_columns=SetColumns(calibration=True) if top else None)}
     run.materialised = splits["val"].size_bytes()
 
-    def score_test(calibrated: list) -> None:
-        columns = SetColumns(rules=tuple(calibrated)) if top else None
+    def score_test(calibrated: dict) -> None:
+        columns = SetColumns(rules=tuple(calibrated["scores"])) if top else None
         splits["test"] = scored(**shape, top_t=run.top_t, set_columns=columns)
         run.materialised += splits["test"].size_bytes()
 

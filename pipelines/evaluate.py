@@ -98,8 +98,10 @@ def run_evaluate(
         """val scored, its thresholds and set rules calibrated, then test scored with each row's sets."""
         splits = {"val": score("val", top_t, calibration)}
 
-        def score_test(calibrated: list[CalibratedRule]) -> None:
-            splits["test"] = score("test", top_t, SetColumns(rules=tuple(calibrated)) if calibrated else None)
+        def score_test(calibrated: dict[str, list[CalibratedRule]]) -> None:
+            columns = SetColumns(rules=tuple(calibrated.get("scores", ())),
+                                 oracle_rules=tuple(calibrated.get("posterior", ()))) if calibrated else None
+            splits["test"] = score("test", top_t, columns)
             samples.update(account_samples(
                 read={split: splits[split].count() for split in ("val", "test")},
                 expected={split: manifest.split(split).num_samples for split in ("val", "test")},

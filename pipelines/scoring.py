@@ -160,13 +160,18 @@ class SetColumns:
     calibration: bool = False
     with_mass: bool = False
     rules: tuple[CalibratedRule, ...] = ()
+    oracle_rules: tuple[CalibratedRule, ...] = ()
+    """The rules calibrated on the true posteriors (synthetic data): the Bayes-optimal sets."""
 
-    def of(self, scores_NL: np.ndarray, *, labels_N: np.ndarray) -> dict[str, np.ndarray]:
+    def of(self, scores_NL: np.ndarray, *, labels_N: np.ndarray, column: str = "scores") -> dict[str, np.ndarray]:
+        """The set columns of a batch's full rows of `column` ("scores", or "posterior" for the oracle)."""
         columns = {}
         if self.calibration:
-            columns.update(set_rules.calibration_columns(scores_NL, labels_N=labels_N, with_mass=self.with_mass))
-        if self.rules:
-            columns.update(set_rules.rule_columns(scores_NL, labels_N=labels_N, rules=self.rules))
+            columns.update(set_rules.calibration_columns(scores_NL, labels_N=labels_N, with_mass=self.with_mass,
+                                                         column=column))
+        rules = self.rules if column == "scores" else self.oracle_rules
+        if rules:
+            columns.update(set_rules.rule_columns(scores_NL, labels_N=labels_N, rules=rules, column=column))
         return columns
 
 
@@ -220,6 +225,8 @@ class ScoringActor:
                 assert chunk.posterior_NL is not None  # the batch had one
                 columns.update(score_columns(chunk.posterior_NL, labels_N=columns["label"], column="posterior",
                                              top_t=self.top_t, with_classes=False))
+                if self.set_columns is not None:
+                    columns.update(self.set_columns.of(chunk.posterior_NL, labels_N=columns["label"], column="posterior"))
             for name, values in columns.items():
                 outputs.setdefault(name, []).append(values)
         return {name: np.concatenate(parts) for name, parts in outputs.items()}

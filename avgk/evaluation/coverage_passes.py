@@ -35,6 +35,8 @@ class CalibrationPass:
     rules: tuple[SetRuleConfig, ...]
     num_samples: int
     num_classes: int
+    column: str = "scores"
+    """"posterior": the true posteriors' (synthetic data), for the Bayes-optimal sets."""
 
     @property
     def with_mass(self) -> bool:
@@ -52,14 +54,15 @@ class CalibrationPass:
             idx = np.asarray(batch["idx"], dtype=np.int64)
             if idx.size and (idx.min() < 0 or idx.max() >= n):
                 raise ValueError(f"sample indices must lie in [0, {n}) for the split's {n} samples, got {idx.min()}..{idx.max()}")
-            columns = batch if set_rules.CAL_TRUE in batch else set_rules.calibration_columns(
-                batch["scores"], labels_N=batch["label"], with_mass=self.with_mass)
+            at = set_rules.prefix(self.column)
+            columns = batch if at + set_rules.CAL_TRUE in batch else set_rules.calibration_columns(
+                batch[self.column], labels_N=batch["label"], with_mass=self.with_mass, column=self.column)
             np.add.at(state["seen_N"], idx, 1)
             state["label_N"][idx] = batch["label"]
-            state["true_N"][idx] = np.asarray(columns[set_rules.CAL_TRUE], dtype=np.float32).view(np.uint32)
+            state["true_N"][idx] = np.asarray(columns[at + set_rules.CAL_TRUE], dtype=np.float32).view(np.uint32)
             if self.with_mass:
-                state["mass_N"][idx] = np.asarray(columns[set_rules.CAL_MASS], dtype=np.float64).view(np.int64)
-                state["rank_N"][idx] = columns[set_rules.CAL_RANK]
+                state["mass_N"][idx] = np.asarray(columns[at + set_rules.CAL_MASS], dtype=np.float64).view(np.int64)
+                state["rank_N"][idx] = columns[at + set_rules.CAL_RANK]
         return state
 
     def calibrate(self, totals: list[Any]) -> list[CalibratedRule]:
@@ -97,13 +100,14 @@ class CoverageCounts:
                 state[f"{name}@{rule.key}"] = np.zeros(size, np.int64)
         return state
 
-    def update(self, *, labels_N: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+    def update(self, *, labels_N: np.ndarray, columns: Mapping[str, np.ndarray], column: str = "scores") -> None:
         labels = np.asarray(labels_N, dtype=np.int64)
         L = self.num_classes
+        at = set_rules.prefix(column)
         self._state["num_samples_L"] += np.bincount(labels, minlength=L)
         for rule in self.rules:
-            size = np.asarray(columns[set_rules.SIZE + rule.key], dtype=np.int64)
-            covered = np.asarray(columns[set_rules.COVERED + rule.key], dtype=bool)
+            size = np.asarray(columns[at + set_rules.SIZE + rule.key], dtype=np.int64)
+            covered = np.asarray(columns[at + set_rules.COVERED + rule.key], dtype=bool)
             self._state[f"covered_L@{rule.key}"] += np.bincount(labels[covered], minlength=L)
             self._state[f"size_sum_L@{rule.key}"] += np.bincount(labels, weights=size, minlength=L).astype(np.int64)
             self._state[f"sets_S@{rule.key}"] += np.bincount(size, minlength=L + 1)
@@ -186,6 +190,7 @@ class CoverageMetricsPass:
     num_classes: int
     train_class_counts: tuple[int, ...] | None
     freq_bins: tuple[int, int]
+    column: str = "scores"
 
     def counts(self, totals: list[Any] | None = None) -> CoverageCounts:
         counts = CoverageCounts(rules=self.rules, num_classes=self.num_classes, freq_bins=self.freq_bins,
@@ -200,12 +205,13 @@ class CoverageMetricsPass:
 
     def run(self, totals: list[Any], batches: Iterable[Batch]) -> dict[str, np.ndarray]:
         counts = self.counts()
+        at = set_rules.prefix(self.column)
         for batch in batches:
-            missing = [rule.key for rule in self.rules if set_rules.SIZE + rule.key not in batch]
-            if missing and "scores" not in batch:
-                raise ValueError(f"test rows hold neither full scores nor the set sizes of {missing}: score the "
-                                 "split with these rules")
-            columns = batch if not missing else set_rules.rule_columns(batch["scores"], labels_N=batch["label"],
-                                                                        rules=self.rules)
-            counts.update(labels_N=batch["label"], columns=columns)
+            missing = [rule.key for rule in self.rules if at + set_rules.SIZE + rule.key not in batch]
+            if missing and self.column not in batch:
+                raise ValueError(f"test rows hold neither full {self.column} nor the set sizes of {missing}: score "
+                                 "the split with these rules")
+            columns = batch if not missing else set_rules.rule_columns(
+                batch[self.column], labels_N=batch["label"], rules=self.rules, column=self.column)
+            counts.update(labels_N=batch["label"], columns=columns, column=self.column)
         return counts.state()

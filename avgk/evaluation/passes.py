@@ -31,7 +31,7 @@ import numpy as np
 from avgk.config.evaluation import SetRuleConfig
 from avgk.evaluation import set_rules as rules_module
 from avgk.evaluation import top_scores
-from avgk.evaluation.coverage_passes import CalibrationPass, CoverageMetricsPass
+from avgk.evaluation.coverage_passes import CalibrationPass, CoverageCounts, CoverageMetricsPass
 from avgk.evaluation.metrics import SetMetrics, format_k
 from avgk.evaluation.set_rules import CalibratedRule
 from avgk.evaluation.top_scores import NotExact, TopPseudoLabeler, TopThresholds
@@ -300,11 +300,23 @@ def count_metrics(
 
 
 def calibrate_set_rules(
-    run: RunPasses, split: str, *, rules: Sequence[SetRuleConfig], num_samples: int, num_classes: int
+    run: RunPasses, split: str, *, rules: Sequence[SetRuleConfig], num_samples: int, num_classes: int,
+    column: str = "scores",
 ) -> list[CalibratedRule]:
     """Every set rule at every coverage target, from a split's rows gathered by sample index (exact)."""
-    spec = CalibrationPass(rules=tuple(rules), num_samples=int(num_samples), num_classes=int(num_classes))
+    spec = CalibrationPass(rules=tuple(rules), num_samples=int(num_samples), num_classes=int(num_classes), column=column)
     return spec.calibrate(run(spec, split))
+
+
+def count_coverage(
+    run: RunPasses, split: str, *, rules: Sequence[CalibratedRule], num_classes: int,
+    train_class_counts: np.ndarray | None, freq_bins: tuple[int, int], column: str = "scores",
+) -> CoverageCounts:
+    """CoverageCounts of a split's rows for every calibrated target."""
+    spec = CoverageMetricsPass(rules=tuple(rules), num_classes=int(num_classes), freq_bins=freq_bins, column=column,
+                               train_class_counts=None if train_class_counts is None
+                               else tuple(int(c) for c in train_class_counts))
+    return spec.counts(run(spec, split))
 
 
 def evaluate(
@@ -319,23 +331,25 @@ def evaluate(
     top: bool = False,
     set_rules: Sequence[SetRuleConfig] = (),
     num_val_samples: int | None = None,
-    on_calibrated: Callable[[list[CalibratedRule]], None] | None = None,
+    on_calibrated: Callable[[dict[str, list[CalibratedRule]]], None] | None = None,
 ) -> Evaluation:
     """Thresholds calibrated on val only, then every test metric; with the true posteriors (synthetic
     data) the Bayes oracle, thresholded the same way. top: the splits hold top-T rows (raises
     NotExact when they cannot prove a result). `set_rules` are calibrated on val's `num_val_samples`
-    samples; `on_calibrated` is called with them before any pass over test (a job that scores test
-    then computes each row's set sizes from its full row)."""
+    samples (on synthetic data, on the true posteriors too: the Bayes-optimal sets); `on_calibrated`
+    gets them ({"scores": [...], "posterior": [...]}) before any pass over test (a job that scores test
+    then computes each row's sets from its full row)."""
     thresholds = calibrate(run, "val", ks=ks, top=top, num_classes=num_classes)
     oracle_thresholds = None
     if with_posterior:
         oracle_thresholds = calibrate(run, "val", ks=ks, column="posterior", top=top, num_classes=num_classes)
-    calibrated: list[CalibratedRule] = []
+    calibrated: dict[str, list[CalibratedRule]] = {}
     if set_rules:
         if num_val_samples is None:
             raise ValueError("set rules need num_val_samples (the val split's size in its manifest)")
-        calibrated = calibrate_set_rules(run, "val", rules=set_rules, num_samples=num_val_samples,
-                                         num_classes=num_classes)
+        for column in ("scores", "posterior") if with_posterior else ("scores",):
+            calibrated[column] = calibrate_set_rules(run, "val", rules=set_rules, num_samples=num_val_samples,
+                                                     num_classes=num_classes, column=column)
     if on_calibrated is not None:
         on_calibrated(calibrated)
     test = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=thresholds,
@@ -347,10 +361,14 @@ def evaluate(
     document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test, oracle=oracle)
     per_class = test.per_class()
     if calibrated:
-        spec = CoverageMetricsPass(rules=tuple(calibrated), num_classes=int(num_classes), freq_bins=freq_bins,
-                                   train_class_counts=tuple(int(c) for c in train_class_counts))
-        counts = spec.counts(run(spec, "test"))
-        document["val"]["set_rules"] = rules_module.rules_summary(calibrated)
+        counts = count_coverage(run, "test", rules=calibrated["scores"], num_classes=num_classes,
+                                train_class_counts=train_class_counts, freq_bins=freq_bins)
+        document["val"]["set_rules"] = rules_module.rules_summary(calibrated["scores"])
         document["test"]["set_rules"] = counts.compute()
         per_class.update(counts.per_class())
-    return Evaluation(metrics=document, per_class=per_class, thresholds=thresholds, set_rules=calibrated)
+    if "posterior" in calibrated:
+        document["test"]["oracle_set_rules"] = count_coverage(
+            run, "test", rules=calibrated["posterior"], num_classes=num_classes, train_class_counts=train_class_counts,
+            freq_bins=freq_bins, column="posterior").compute()
+    return Evaluation(metrics=document, per_class=per_class, thresholds=thresholds,
+                      set_rules=calibrated.get("scores", []))

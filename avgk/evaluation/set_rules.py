@@ -112,27 +112,36 @@ def needs_mass(rules: Sequence[SetRuleConfig]) -> bool:
     return any(rule.rule in ("aps", "raps") for rule in rules)
 
 
-def calibration_columns(scores_NL: np.ndarray, *, labels_N: np.ndarray, with_mass: bool) -> dict[str, np.ndarray]:
-    """A val batch's calibration columns from its full score rows."""
+def prefix(column: str) -> str:
+    """Names of the set columns of a score column: "" for the model's "scores", "posterior_" for the oracle's."""
+    return "" if column == "scores" else f"{column}_"
+
+
+def calibration_columns(scores_NL: np.ndarray, *, labels_N: np.ndarray, with_mass: bool,
+                        column: str = "scores") -> dict[str, np.ndarray]:
+    """A val batch's calibration columns from its full rows of `column`."""
     scores = np.asarray(scores_NL, dtype=np.float32)
     labels = np.asarray(labels_N, dtype=np.int64)
-    columns = {CAL_TRUE: scores[np.arange(labels.size), labels]}
+    at = prefix(column)
+    columns = {at + CAL_TRUE: scores[np.arange(labels.size), labels]}
     if with_mass:
         mass, rank = cs.true_mass_and_rank(probs_NL=scores, labels_N=labels)
-        columns[CAL_MASS] = mass
-        columns[CAL_RANK] = rank.astype(np.int32)
+        columns[at + CAL_MASS] = mass
+        columns[at + CAL_RANK] = rank.astype(np.int32)
     return columns
 
 
-def rule_columns(scores_NL: np.ndarray, *, labels_N: np.ndarray, rules: Sequence[CalibratedRule]) -> dict[str, np.ndarray]:
-    """A test batch's set size and coverage for every calibrated target, from its full score rows."""
+def rule_columns(scores_NL: np.ndarray, *, labels_N: np.ndarray, rules: Sequence[CalibratedRule],
+                 column: str = "scores") -> dict[str, np.ndarray]:
+    """A test batch's set size and coverage for every calibrated target, from its full rows of `column`."""
     labels = np.asarray(labels_N, dtype=np.int64)
     rows = np.arange(labels.size)
+    at = prefix(column)
     columns: dict[str, np.ndarray] = {}
     for rule in rules:
         members = rule.members(scores_NL)
-        columns[SIZE + rule.key] = np.count_nonzero(members, axis=1).astype(np.int32)
-        columns[COVERED + rule.key] = members[rows, labels]
+        columns[at + SIZE + rule.key] = np.count_nonzero(members, axis=1).astype(np.int32)
+        columns[at + COVERED + rule.key] = members[rows, labels]
     return columns
 
 

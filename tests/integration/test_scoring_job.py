@@ -176,6 +176,8 @@ def test_evaluate_equals_the_trainings_evaluation(trained):
     assert json.loads((trained.run_dir / "thresholds.json").read_text()) == trained.thresholds
     assert_same_document(written, trained.metrics)
     assert "oracle_avg_k_accuracy" in written["test"] and written["test"]["num_samples"] == 400
+    # the Bayes-optimal sets: every rule calibrated on the true posteriors of val, counted on test's
+    assert set(written["test"]["oracle_set_rules"]) == {"coverage", "aps", "raps", "class_coverage"}
     assert evaluation.per_class["num_samples"].sum() == 400
 
     client = MlflowClient(trained.tracking_uri)
