@@ -61,6 +61,8 @@ def rows_of(entries: Sequence[RunEntry]) -> pd.DataFrame:
                 row[f"{name}@{k}"] = value
         for k, value in (test.get("oracle_avg_k_accuracy") or {}).items():  # known posteriors: synthetic data
             row[f"oracle_avg_k_accuracy@{k}"] = value
+        row.update(_set_rule_columns(test.get("set_rules") or {}))
+        row.update(_set_rule_columns(test.get("oracle_set_rules") or {}, prefix="oracle_"))
         rows.append(row)
     frame: pd.DataFrame = pd.DataFrame(rows)
     duplicated = frame[frame.duplicated(["method", "seed"], keep=False)]
@@ -68,6 +70,70 @@ def rows_of(entries: Sequence[RunEntry]) -> pd.DataFrame:
         pairs = sorted({(m, int(s)) for m, s in zip(duplicated["method"], duplicated["seed"], strict=True)})
         raise ValueError(f"two runs share method and seed {pairs}: one run per method and seed")
     return frame
+
+
+BINS = ("few", "medium", "many")
+
+
+def _set_rule_columns(rules: Mapping[str, Mapping[str, Any]], *, prefix: str = "") -> dict[str, float | None]:
+    """coverage@<rule>@<target>, set_size@..., and the same per training-frequency bin (coverage_few@...)."""
+    row: dict[str, float | None] = {}
+    for rule, targets in rules.items():
+        for target, entry in targets.items():
+            at = f"@{rule}@{target}"
+            row[f"{prefix}coverage{at}"] = entry["coverage"]
+            row[f"{prefix}set_size{at}"] = entry["avg_set_size"]
+            for name in BINS:
+                group = (entry.get("by_frequency") or {}).get(name) or {}
+                row[f"{prefix}coverage_{name}{at}"] = group.get("coverage")
+                row[f"{prefix}set_size_{name}{at}"] = group.get("avg_set_size")
+    return row
+
+
+def _num(value: float, *, signed: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def coverage_markdown(rows: pd.DataFrame, *, reference: str) -> str:
+    """Per set rule and coverage target: each method's test coverage and mean set size (+- std over seeds), the
+    paired difference in set size to the reference with its 95% interval, and both per training-frequency bin."""
+    targets = sorted({c.removeprefix("set_size") for c in rows if c.startswith("set_size@")})
+    if not targets:
+        return ""
+    parts = ["", "## Sets with a coverage target (eval.set_rules)", "",
+             "Mean set size at each target (smaller is better at equal coverage); coverage in %; the size "
+             f"difference is paired by seed against `{reference}`, with its 95% t-interval; per bin: the test "
+             "images of the classes with few / medium / many training images (eval.freq_bins)."]
+    for at in targets:
+        rule, target = at.removeprefix("@").split("@")
+        diffs = paired_differences(rows, reference=reference, column=f"set_size{at}").set_index("method")
+        bins = " | ".join(f"{b}: coverage, size" for b in BINS)
+        parts += ["", f"### {rule} at coverage {target}", "",
+                  f"| method | runs | coverage % | mean set size | size vs {reference} | 95% interval | {bins} |",
+                  "|---|---:|---:|---:|---:|---|" + "---|" * len(BINS)]
+        for method, frame in rows.groupby("method", sort=True):
+            size = frame[f"set_size{at}"]
+            line = (f"| {method} | {len(frame)} | {_pts(float(frame[f'coverage{at}'].mean()))} | "
+                    f"{_num(float(size.mean()))} ± {_num(float(size.std(ddof=1)))} |")
+            if method == reference:
+                line += " (reference) | |"
+            else:
+                d = diffs.loc[method]
+                interval = "-" if math.isnan(d["low"]) else f"[{_num(d['low'], signed=True)}, {_num(d['high'], signed=True)}]"
+                line += f" {_num(d['diff'], signed=True)} ({int(d['pairs'])} pairs) | {interval} |"
+            for b in BINS:
+                coverage = pd.to_numeric(frame[f"coverage_{b}{at}"], errors="coerce")
+                bin_size = pd.to_numeric(frame[f"set_size_{b}{at}"], errors="coerce")
+                line += (" - |" if coverage.isna().all() else
+                         f" {_pts(float(coverage.mean()))}, {_num(float(bin_size.mean()))} |")
+            parts.append(line)
+        oracle = f"oracle_set_size{at}"
+        if oracle in rows and rows[oracle].notna().any():
+            parts += ["", f"Bayes-optimal sets (the data's known posterior, calibrated the same way): mean size "
+                          f"{_num(float(rows[oracle].mean()))} at coverage {_pts(float(rows[f'oracle_coverage{at}'].mean()))}%."]
+    return "\n".join(parts) + "\n"
 
 
 def paired_differences(rows: pd.DataFrame, *, reference: str, column: str) -> pd.DataFrame:
@@ -138,7 +204,7 @@ def markdown(rows: pd.DataFrame, *, reference: str, ks: Sequence[str]) -> str:
             epochs = ", ".join("-" if pd.isna(e) else str(int(e)) for e in frame["best_epoch"])
             trained = ", ".join(sorted({str(int(e)) for e in frame["epochs"].dropna()}))
             parts.append(f"| {method} | {trained} | {epochs} |")
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts) + "\n" + coverage_markdown(rows, reference=reference)
 
 
 def plot_val_curves(entries: Sequence[RunEntry]) -> Figure | None:
