@@ -99,7 +99,7 @@ def _num(value: float, *, signed: bool = False) -> str:
 def coverage_markdown(rows: pd.DataFrame, *, reference: str) -> str:
     """Per set rule and coverage target: each method's test coverage and mean set size (+- std over seeds), the
     paired difference in set size to the reference with its 95% interval, and both per training-frequency bin."""
-    targets = sorted({c.removeprefix("set_size") for c in rows if c.startswith("set_size@")})
+    targets = sorted({str(c).removeprefix("set_size") for c in rows.columns if str(c).startswith("set_size@")})
     if not targets:
         return ""
     parts = ["", "## Sets with a coverage target (eval.set_rules)", "",
