@@ -36,6 +36,12 @@ def test_rows_in_batches_give_the_predictors_sets(model, images, predict_smoke_r
         assert a["scores"] == pytest.approx(b.scores, abs=1e-6), f"row {row}"
 
 
+def test_a_served_model_gives_the_sets_of_a_calibrated_coverage_rule(model, images, predict_smoke_run):
+    out = model.predict(None, pd.DataFrame({"image": images}), params={"rule": "coverage", "coverage": 0.95})
+    expected = SetPredictor.from_run(str(predict_smoke_run[1]), "best").predict(images, rule="coverage", coverage=0.95)
+    assert [json.loads(s)["labels"] for s in out["label_set"]] == [s.ids for s in expected]
+
+
 @pytest.mark.parametrize(
     "bad_rows, params, match",
     [
@@ -45,8 +51,9 @@ def test_rows_in_batches_give_the_predictors_sets(model, images, predict_smoke_r
         ({6: "half"}, {"k": 2.0}, r"1 of 7 rows do not: row 6: OSError: .*truncated"),
         ({}, {"k": 1.5}, r"k=1.5 was not calibrated for this run; calibrated K: 1, 2, 3"),
         ({}, {"k": 2.5, "top_k": True}, r"top-K needs an integer k in \[1, 20\], got 2.5"),
+        ({}, {"rule": "aps", "coverage": 0.9}, r"no set rule 'aps' calibrated at coverage 0.9: calibrated are coverage at 0.9"),
     ],
-    ids=["not-images", "truncated", "uncalibrated-k", "fractional-top-k"],
+    ids=["not-images", "truncated", "uncalibrated-k", "fractional-top-k", "uncalibrated-rule"],
 )
 def test_bad_request_is_an_invalid_parameter_naming_it(model, images, bad_rows, params, match):
     rows = list(images)
