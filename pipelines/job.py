@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 from avgk.config import Config, ConfigError
 from avgk.data.prepare import ensure_shards
+from avgk.evaluation import set_rules
 from avgk.records import tracking
 from avgk.records.runs import with_absolute_paths
 from avgk.runtime import locks, safe_fs
+from avgk.runtime.console import say
 from avgk.training import preflight
 from pipelines import ray_env
 
@@ -39,6 +41,12 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
     """
     config = with_absolute_paths(config)
     use_retry_budget(config)
+    if set_rules.needs_mass(config.eval.set_rules):
+        from avgk.method.losses import score_head_for  # torch: only for the runs that ask for aps or raps
+
+        note = set_rules.head_note(config.eval.set_rules, score_head=score_head_for(config.loss))
+        if note:
+            say(note)
     if resume:
         claim_run_dir(config)
     if resume is not None:

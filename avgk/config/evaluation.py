@@ -26,7 +26,8 @@ class SetRuleConfig(Section):
     penalty: float = Field(0.01, ge=0, description="raps: lambda, added per rank of a label beyond k_reg")
     k_reg: int = Field(5, ge=0, description="raps: ranks without penalty")
     min_count: int = Field(
-        10, ge=1, description="class_coverage: classes with fewer val samples share one pooled threshold"
+        10, ge=1, description="class_coverage: classes with fewer val samples, or fewer than the target needs "
+        "((1 - alpha) / alpha: 19 at 0.95), share one pooled threshold"
     )
 
     @field_validator("coverages")

@@ -27,7 +27,7 @@ from avgk.config.evaluation import SetRuleConfig
 from avgk.evaluation.metrics import format_k
 from avgk.method import coverage_sets as cs
 
-__all__ = ["CalibratedRule", "calibrate", "calibration_columns", "needs_mass", "rule_columns", "rules_from_json",
+__all__ = ["CalibratedRule", "calibrate", "calibration_columns", "head_note", "needs_mass", "rule_columns", "rules_from_json",
            "rules_summary", "rules_to_json", "select"]
 
 CAL_TRUE, CAL_MASS, CAL_RANK = "cal_true", "cal_mass", "cal_rank"
@@ -112,6 +112,16 @@ def needs_mass(rules: Sequence[SetRuleConfig]) -> bool:
     return any(rule.rule in ("aps", "raps") for rule in rules)
 
 
+def head_note(rules: Sequence[SetRuleConfig], *, score_head: str) -> str:
+    """A console line when aps or raps run on scores that are not probabilities ('' otherwise)."""
+    names = [rule.key for rule in rules if rule.rule in ("aps", "raps")]
+    if not names or score_head == "softmax":
+        return ""
+    return (f"note: eval.set_rules {', '.join(names)} build sets from cumulative probability mass, but the "
+            f"{score_head} head's scores do not sum to 1: their sets hold their coverage but grow large "
+            "(docs/RESULTS.md, \"Coverage targets\"); coverage and class_coverage suit any score")
+
+
 def prefix(column: str) -> str:
     """Names of the set columns of a score column: "" for the model's "scores", "posterior_" for the oracle's."""
     return "" if column == "scores" else f"{column}_"
@@ -154,7 +164,7 @@ def calibrate(
     calibrated = []
     for rule in rules:
         for coverage in rule.coverages:
-            alpha = 1.0 - coverage
+            alpha = cs.alpha_of(coverage)
             common: dict[str, Any] = dict(name=rule.key, rule=rule.rule, coverage=float(coverage), n=n,
                           m=cs.conformal_rank(n=n, alpha=alpha))
             if rule.rule == "coverage":

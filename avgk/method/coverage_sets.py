@@ -12,7 +12,8 @@ label with probability at least 1 - alpha (marginal coverage; per class for `cla
   the m-th smallest conformity score of the calibration samples; deterministic (not randomised), so a
   set may be empty when the top score alone exceeds q.
 - **class_coverage** (Mondrian): a LAC threshold per class from that class's calibration samples;
-  classes with fewer than `min_count` are pooled into one group that shares a threshold.
+  classes with fewer than `min_count`, or too few for the target's quantile (`min_samples`), are
+  pooled into one group that shares a threshold.
 
 When m > n the quantile is beyond the data: the sets are the whole label set (`FULL`), and the
 caller reports it. Scores are read as float32, as every threshold of avgk is (avgk.method.thresholds).
@@ -32,8 +33,8 @@ import numpy.typing as npt
 FULL = -math.inf
 """The threshold of a set that holds every label (m > n: too few calibration samples for 1 - alpha)."""
 
-__all__ = ["FULL", "ClassThresholds", "aps_conformity", "aps_sets", "class_thresholds", "conformal_rank",
-           "conformity_quantile", "lac_threshold", "raps_conformity", "true_mass_and_rank", "validate_alpha"]
+__all__ = ["FULL", "ClassThresholds", "alpha_of", "aps_conformity", "aps_sets", "class_thresholds", "conformal_rank",
+           "conformity_quantile", "lac_threshold", "min_samples", "raps_conformity", "true_mass_and_rank", "validate_alpha"]
 
 
 def validate_alpha(alpha: float) -> float:
@@ -43,12 +44,25 @@ def validate_alpha(alpha: float) -> float:
     return alpha
 
 
+def alpha_of(coverage: float) -> float:
+    """alpha = 1 - coverage as decimals subtract (1 - 0.9 is 0.1, not the float 0.09999999999999998, which would
+    move ceil((n + 1)(1 - alpha)) up by one whenever (n + 1) * 0.9 is a whole number)."""
+    return float(1 - Fraction(repr(float(coverage))))
+
+
 def conformal_rank(*, n: int, alpha: float) -> int:
     """m = ceil((n + 1)(1 - alpha)), with alpha read as the decimal it prints as (so 0.9 * 10 is 9, not 9.000001)."""
     validate_alpha(alpha)
     if n < 0:
         raise ValueError(f"n must be >= 0 calibration samples, got {n}")
     return math.ceil((n + 1) * (1 - Fraction(repr(float(alpha)))))
+
+
+def min_samples(*, alpha: float) -> int:
+    """The fewest calibration samples whose quantile is not beyond the data (m <= n): ceil((1 - alpha) / alpha),
+    19 at coverage 0.95, 99 at 0.99; with fewer, the sets are the whole label set."""
+    a = Fraction(repr(float(validate_alpha(alpha))))
+    return math.ceil((1 - a) / a)
 
 
 def lac_threshold(*, true_scores_N: npt.ArrayLike, alpha: float) -> float:
@@ -141,9 +155,10 @@ class ClassThresholds:
 def class_thresholds(*, true_scores_N: npt.ArrayLike, labels_N: npt.ArrayLike, num_classes: int, alpha: float,
                      min_count: int) -> ClassThresholds:
     """Mondrian (class-conditional) LAC: class c's threshold from its own calibration samples, so that c's true
-    label is covered with probability >= 1 - alpha for every c. Classes with fewer than `min_count` samples are
-    pooled: one threshold from all their samples (a guarantee for the pool, not each class); with no sample at
-    all in the pool, its classes get the full set (FULL)."""
+    label is covered with probability >= 1 - alpha for every c. Classes with fewer than max(min_count,
+    min_samples(alpha)) samples are pooled: one threshold from all their samples (a guarantee for the pool, not
+    each class). Without the second bound a class of 10 samples would hold its label in every set at coverage
+    0.95. A pool too small itself gives its classes the full set (FULL)."""
     scores = np.asarray(true_scores_N, dtype=np.float32).ravel()
     labels = np.asarray(labels_N, dtype=np.int64).ravel()
     if scores.shape != labels.shape:
@@ -154,8 +169,9 @@ def class_thresholds(*, true_scores_N: npt.ArrayLike, labels_N: npt.ArrayLike, n
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     counts = np.bincount(labels, minlength=num_classes)
     thresholds = np.full(num_classes, FULL)
-    pooled = tuple(int(c) for c in np.flatnonzero(counts < min_count))
-    for c in np.flatnonzero(counts >= min_count):
+    enough = max(min_count, min_samples(alpha=alpha))
+    pooled = tuple(int(c) for c in np.flatnonzero(counts < enough))
+    for c in np.flatnonzero(counts >= enough):
         thresholds[c] = lac_threshold(true_scores_N=scores[labels == c], alpha=alpha)
     if pooled:
         in_pool = np.isin(labels, pooled)

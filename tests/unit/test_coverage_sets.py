@@ -95,3 +95,28 @@ def test_lac_coverage_follows_its_beta_law_over_random_calibration_sets():
     assert stats.kstest(coverages, law.cdf).pvalue > 0.01
     assert abs(coverages.mean() - m / (n + 1)) < 4 * law.std() / math.sqrt(trials)
     assert coverages.mean() >= 1 - alpha
+
+
+@pytest.mark.parametrize(("coverage", "n"), [(0.9, 9), (0.95, 19), (0.99, 99), (0.5, 1)])
+def test_min_samples_is_the_fewest_with_a_quantile_inside_the_data(coverage, n):
+    alpha = cs.alpha_of(coverage)
+    assert cs.min_samples(alpha=alpha) == n
+    assert cs.conformal_rank(n=n, alpha=alpha) <= n < cs.conformal_rank(n=n - 1, alpha=alpha) + 1
+
+
+def test_classes_too_small_for_the_target_are_pooled_not_given_every_set():
+    """At coverage 0.95 a class of 12 calibration samples has no quantile of its own (m = 13 > 12): pooled."""
+    rng = np.random.default_rng(5)
+    labels = np.concatenate([np.zeros(40, np.int64), np.ones(12, np.int64), np.full(12, 2)])
+    scores = rng.random(labels.size).astype(np.float32)
+    found = cs.class_thresholds(true_scores_N=scores, labels_N=labels, num_classes=4, alpha=0.05, min_count=5)
+    assert found.pooled == (1, 2, 3)  # 12, 12 and 0 samples: under 19
+    pool = scores[labels > 0]
+    assert found.thresholds_L[1] == found.thresholds_L[2] == cs.lac_threshold(true_scores_N=pool, alpha=0.05)
+    assert found.thresholds_L[0] == cs.lac_threshold(true_scores_N=scores[:40], alpha=0.05) != cs.FULL
+
+
+@pytest.mark.parametrize(("coverage", "n", "m"), [(0.9, 999, 900), (0.9, 9, 9), (0.95, 19, 19), (0.99, 99, 99)])
+def test_a_coverage_target_gives_the_rank_of_its_decimal(coverage, n, m):
+    """1 - 0.9 in floats is 0.09999999999999998: taken as is, m would be 901 of 999 samples, one too many."""
+    assert cs.conformal_rank(n=n, alpha=cs.alpha_of(coverage)) == m

@@ -189,3 +189,18 @@ def test_register_model_config_is_validated(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
     assert load_config(None, ["tracking.register_model=avgk-demo"]).tracking.register_model == "avgk-demo"
+
+
+def test_the_prediction_job_checks_a_set_rule_before_it_starts(trained_run):
+    from pipelines.predict_job import check_rule, rule_of
+
+    check_rule(str(trained_run), k=None, top_k=False, rule="coverage", coverage=0.95)
+    with pytest.raises(ValueError, match=r"no set rule 'aps' calibrated at coverage 0.95: calibrated are coverage at 0.9"):
+        check_rule(str(trained_run), k=None, top_k=False, rule="aps", coverage=0.95)
+    with pytest.raises(ValueError, match=r"a set rule needs --rule NAME and --coverage C, without --k or --top-k"):
+        check_rule(str(trained_run), k=2, top_k=False, rule="coverage", coverage=0.95)
+    with pytest.raises(ValueError, match=r"choose a calibrated K \(--k\) or a set rule \(--rule NAME --coverage C\)"):
+        check_rule(str(trained_run), k=None, top_k=False)
+    # a part written with one choice is never reused for another
+    assert rule_of(k=None, top_k=False, rule="coverage", coverage=0.95) == {"rule": "coverage", "coverage": "0.95"}
+    assert rule_of(k=2, top_k=False) == {"k": "2", "top_k": False}

@@ -170,3 +170,12 @@ def test_set_rule_config_errors_name_the_value_and_the_rule(override, match):
 def test_two_rules_of_one_kind_with_their_own_names():
     config = load_config(None, ["eval.set_rules=[{rule: raps, name: raps-light, penalty: 0.001}, {rule: raps}]"])
     assert [rule.key for rule in config.eval.set_rules] == ["raps-light", "raps"]
+
+
+def test_aps_on_scores_that_are_not_probabilities_gets_a_note():
+    rules = [SetRuleConfig(rule="coverage"), SetRuleConfig(rule="raps", name="raps-a")]
+    assert set_rules.head_note(rules, score_head="softmax") == ""
+    assert set_rules.head_note(rules[:1], score_head="multilabel") == ""
+    note = set_rules.head_note(rules, score_head="multilabel")
+    assert note.startswith("note: eval.set_rules raps-a build sets from cumulative probability mass, but the "
+                           "multilabel head's scores do not sum to 1")
