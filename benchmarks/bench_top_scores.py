@@ -116,22 +116,32 @@ def wait_for_empty_store(sampler: StoreSampler, timeout: float = 120.0) -> int:
 # ---------------------------------------------------------------- the stand-in model
 
 
-def softmax_block(block: int, rows: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def softmax_block(block: int, rows: int, num_classes: int, seed: int,
+                  drawn: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded softmax rows and labels: uniform, or (`drawn`) drawn from each row (Gumbel-max: the argmax of
+    the logits plus Gumbel noise), which gives the sets of a calibrated model."""
     rng = np.random.default_rng([seed, block])
     logits = rng.standard_normal((rows, num_classes), dtype=np.float32) * 3.0
+    if drawn:
+        gumbel = -np.log(-np.log(rng.random((rows, num_classes), dtype=np.float32) + 1e-30))
+        labels = np.argmax(logits + gumbel, axis=1)
     logits -= logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=1, keepdims=True)
-    return logits, rng.integers(0, num_classes, rows)
+    if not drawn:
+        labels = rng.integers(0, num_classes, rows)
+    return logits, labels.astype(np.int64)
 
 
 class GeneratedScorer:
-    """Stands in for ScoringActor: one block of seeded softmax rows per input id, kept as the jobs keep them."""
+    """Stands in for ScoringActor: one block of seeded softmax rows per input id, kept as the jobs keep them
+    (with `set_columns`, a pipelines.scoring.SetColumns, the set rules' columns too)."""
 
     def __init__(self, *, block_rows: int, num_rows: int, num_classes: int, top_t: int | None,
-                 with_classes: bool, seed: int) -> None:
+                 with_classes: bool, seed: int, drawn: bool = False, set_columns: Any = None) -> None:
         self.block_rows, self.num_rows, self.num_classes = block_rows, num_rows, num_classes
         self.top_t, self.with_classes, self.seed = top_t, with_classes, seed
+        self.drawn, self.set_columns = drawn, set_columns
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.scoring import score_columns
@@ -139,14 +149,17 @@ class GeneratedScorer:
         (block,) = batch["id"]
         start = int(block) * self.block_rows
         rows = min(self.block_rows, self.num_rows - start)
-        scores, labels = softmax_block(int(block), rows, self.num_classes, self.seed)
-        out = {"idx": np.arange(start, start + rows, dtype=np.int64), "label": labels.astype(np.int64)}
+        scores, labels = softmax_block(int(block), rows, self.num_classes, self.seed, self.drawn)
+        out = {"idx": np.arange(start, start + rows, dtype=np.int64), "label": labels}
         out.update(score_columns(scores, labels_N=out["label"], column="scores", top_t=self.top_t,
                                  with_classes=self.with_classes))
+        if self.set_columns is not None:
+            out.update(self.set_columns.of(scores, labels_N=labels))
         return out
 
 
-def scored(*, num_rows: int, num_classes: int, block_rows: int, top_t: int | None, with_classes: bool, seed: int):
+def scored(*, num_rows: int, num_classes: int, block_rows: int, top_t: int | None, with_classes: bool, seed: int,
+           drawn: bool = False, set_columns: Any = None):
     import ray
 
     num_blocks = -(-num_rows // block_rows)
@@ -154,7 +167,8 @@ def scored(*, num_rows: int, num_classes: int, block_rows: int, top_t: int | Non
         ray.data.range(num_blocks, override_num_blocks=num_blocks)
         .map_batches(GeneratedScorer, compute=ray.data.ActorPoolStrategy(size=2), batch_size=1, num_cpus=0.5,
                      fn_constructor_kwargs=dict(block_rows=block_rows, num_rows=num_rows, num_classes=num_classes,
-                                                top_t=top_t, with_classes=with_classes, seed=seed))
+                                                top_t=top_t, with_classes=with_classes, seed=seed, drawn=drawn,
+                                                set_columns=set_columns))
         .materialize()
     )
 

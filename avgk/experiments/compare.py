@@ -9,7 +9,7 @@ interval, and the table says so.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,15 @@ def _num(value: float, *, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _difference_cells(diffs: pd.DataFrame, method: str, *, reference: str, fmt: Callable[..., str]) -> str:
+    """A row's last two cells: its paired difference to the reference (pairs) and the 95% interval."""
+    if method == reference:
+        return " (reference) | |"
+    d = diffs.loc[method]
+    interval = "-" if math.isnan(d["low"]) else f"[{fmt(d['low'], signed=True)}, {fmt(d['high'], signed=True)}]"
+    return f" {fmt(d['diff'], signed=True)} ({int(d['pairs'])} pairs) | {interval} |"
+
+
 def coverage_markdown(rows: pd.DataFrame, *, reference: str) -> str:
     """Per set rule and coverage target: each method's test coverage and mean set size (+- std over seeds), the
     paired difference in set size to the reference with its 95% interval, and both per training-frequency bin."""
@@ -117,12 +126,7 @@ def coverage_markdown(rows: pd.DataFrame, *, reference: str) -> str:
             size = frame[f"set_size{at}"]
             line = (f"| {method} | {len(frame)} | {_pts(float(frame[f'coverage{at}'].mean()))} | "
                     f"{_num(float(size.mean()))} ± {_num(float(size.std(ddof=1)))} |")
-            if method == reference:
-                line += " (reference) | |"
-            else:
-                d = diffs.loc[method]
-                interval = "-" if math.isnan(d["low"]) else f"[{_num(d['low'], signed=True)}, {_num(d['high'], signed=True)}]"
-                line += f" {_num(d['diff'], signed=True)} ({int(d['pairs'])} pairs) | {interval} |"
+            line += _difference_cells(diffs, method, reference=reference, fmt=_num)
             for b in BINS:
                 coverage = pd.to_numeric(frame[f"coverage_{b}{at}"], errors="coerce")
                 bin_size = pd.to_numeric(frame[f"set_size_{b}{at}"], errors="coerce")
@@ -187,12 +191,7 @@ def markdown(rows: pd.DataFrame, *, reference: str, ks: Sequence[str]) -> str:
             for _, r in summary.iterrows():
                 method = str(r["method"])
                 line = f"| {method} | {int(r['runs'])} | {_pts(r['mean'])} | {_pts(r['std'])} |"
-                if method == reference:
-                    line += " (reference) | |"
-                else:
-                    d = diffs.loc[method]
-                    interval = "-" if math.isnan(d["low"]) else f"[{_pts(d['low'], signed=True)}, {_pts(d['high'], signed=True)}]"
-                    line += f" {_pts(d['diff'], signed=True)} ({int(d['pairs'])} pairs) | {interval} |"
+                line += _difference_cells(diffs, method, reference=reference, fmt=_pts)
                 parts.append(line)
             oracle = f"oracle_avg_k_accuracy@{k}"
             if name == METRICS[0] and oracle in rows and rows[oracle].notna().any():
