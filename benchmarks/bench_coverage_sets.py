@@ -10,7 +10,7 @@ The evaluate job's reductions with eval.set_rules = [coverage at 0.9, 0.95, 0.99
              the rows scored once, all L scores kept; lambda_K, SetMetrics, the set rules' calibration
              (gathered by sample index) and their counts all computed in the passes from the full rows;
   top-T      (the job since issue 34) the rows' top-80 form plus, for val, the true label's score
-             (`SetColumns(calibration=True)`); calibration by gathering; then test scored again with the
+             (`SetColumns.calibrating`); calibration by gathering; then test scored again with the
              calibrated rules, each row's set size and coverage computed by the scorer from its full row.
 
 The same rows stand in for val and test, generated and kept twice in both ways, as a job scores both
@@ -63,11 +63,12 @@ def evaluate(run: JobRun, *, rules: list, num_rows: int, num_classes: int, block
     shape = dict(num_rows=num_rows, num_classes=num_classes, block_rows=block_rows, seed=seed, drawn=True,
                  with_classes=False)
     top = run.top_t is not None
-    splits = {"val": scored(**shape, top_t=run.top_t, set_columns=SetColumns(calibration=True) if top else None)}
+    calibration = SetColumns.calibrating(["scores"], with_mass=False) if top else None
+    splits = {"val": scored(**shape, top_t=run.top_t, set_columns=calibration)}
     run.materialised = splits["val"].size_bytes()
 
     def score_test(calibrated: dict) -> None:
-        columns = SetColumns(rules=tuple(calibrated["scores"])) if top else None
+        columns = SetColumns.counting({"scores": calibrated["scores"]}) if top else None
         splits["test"] = scored(**shape, top_t=run.top_t, set_columns=columns)
         run.materialised += splits["test"].size_bytes()
 

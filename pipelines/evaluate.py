@@ -80,7 +80,9 @@ def run_evaluate(
     log(f"evaluating {scoring.uri} ({head} head) on {config.data.shards}")
 
     rules = config.eval.set_rules
-    calibration = SetColumns(calibration=True, with_mass=set_rules.needs_mass(rules)) if rules else None
+    set_rules.check_heads(rules, heads=scoring.heads, loss=scoring.config.loss.name)
+    columns = [*set_rules.by_column(rules, score_head=head), *(["posterior"] if with_posterior else [])]
+    calibration = SetColumns.calibrating(columns, with_mass=set_rules.needs_mass(rules)) if rules else None
     samples: dict[str, dict[str, int]] = {}
 
     def score(split: str, top_t: int | None, set_columns: SetColumns | None) -> ray.data.Dataset:
@@ -99,9 +101,7 @@ def run_evaluate(
         splits = {"val": score("val", top_t, calibration)}
 
         def score_test(calibrated: dict[str, list[CalibratedRule]]) -> None:
-            columns = SetColumns(rules=tuple(calibrated.get("scores", ())),
-                                 oracle_rules=tuple(calibrated.get("posterior", ()))) if calibrated else None
-            splits["test"] = score("test", top_t, columns)
+            splits["test"] = score("test", top_t, SetColumns.counting(calibrated) if calibrated else None)
             samples.update(account_samples(
                 read={split: splits[split].count() for split in ("val", "test")},
                 expected={split: manifest.split(split).num_samples for split in ("val", "test")},

@@ -41,10 +41,12 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
     """
     config = with_absolute_paths(config)
     use_retry_budget(config)
-    if set_rules.needs_mass(config.eval.set_rules):
-        from avgk.method.losses import score_head_for  # torch: only for the runs that ask for aps or raps
+    rules = config.eval.set_rules
+    if set_rules.needs_mass(rules) or any(rule.head for rule in rules):
+        from avgk.method.losses import loss_class, score_head_for  # torch: only for the runs that ask for these
 
-        note = set_rules.head_note(config.eval.set_rules, score_head=score_head_for(config.loss))
+        set_rules.check_heads(rules, heads=loss_class(config.loss.name).heads, loss=config.loss.name)
+        note = set_rules.head_note(rules, score_head=score_head_for(config.loss))
         if note:
             say(note)
     if resume:

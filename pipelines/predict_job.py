@@ -141,7 +141,8 @@ class PredictActor:
                 good.append(i)
             except Exception as err:  # a corrupt, missing or non-image input is a row, never the job's end
                 errors[i] = f"{type(err).__name__}: {err}"
-        scores_NL = self.predictor.score(images) if images else np.zeros((0, self.predictor.num_classes), np.float32)
+        scores_NL = (self.predictor.score(images, head=self.predictor.head_of(**self.choice)) if images
+                     else np.zeros((0, self.predictor.num_classes), np.float32))
         labels: list[list[int]] = [[] for _ in keys]
         scores: list[list[float]] = [[] for _ in keys]
         names: list[list[str]] = [[] for _ in keys]

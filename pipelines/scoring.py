@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -154,24 +154,40 @@ def _read_stream(
 
 @dataclasses.dataclass(frozen=True)
 class SetColumns:
-    """What a scorer adds per row for the set rules (avgk.evaluation.set_rules), from the full row it holds:
-    val's calibration columns (`calibration`), or test's set size and coverage for each calibrated target."""
+    """What a scorer adds per row for the set rules (avgk.evaluation.set_rules), from the full rows it holds:
+    val's calibration columns, or test's set size and coverage for each calibrated target. Columns are named
+    as the passes read them: "scores" (the score head), another head's name ("softmax"), or "posterior"."""
 
-    calibration: bool = False
+    calibration: tuple[str, ...] = ()
+    """The columns whose calibration columns val rows get."""
     with_mass: bool = False
-    rules: tuple[CalibratedRule, ...] = ()
-    oracle_rules: tuple[CalibratedRule, ...] = ()
-    """The rules calibrated on the true posteriors (synthetic data): the Bayes-optimal sets."""
+    rules: tuple[tuple[str, tuple[CalibratedRule, ...]], ...] = ()
+    """(column, its calibrated targets): the targets whose set size and coverage test rows get."""
+
+    @classmethod
+    def calibrating(cls, columns: Iterable[str], *, with_mass: bool) -> SetColumns:
+        return cls(calibration=tuple(columns), with_mass=with_mass)
+
+    @classmethod
+    def counting(cls, calibrated: Mapping[str, Sequence[CalibratedRule]]) -> SetColumns:
+        """For what avgk.evaluation.passes.evaluate calibrated, by column."""
+        return cls(rules=tuple((column, tuple(rules)) for column, rules in calibrated.items() if rules))
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The heads besides the score head whose rows the scorer computes for these columns."""
+        columns = [*self.calibration, *(column for column, _ in self.rules)]
+        return tuple(dict.fromkeys(c for c in columns if c not in ("scores", "posterior")))
 
     def of(self, scores_NL: np.ndarray, *, labels_N: np.ndarray, column: str = "scores") -> dict[str, np.ndarray]:
-        """The set columns of a batch's full rows of `column` ("scores", or "posterior" for the oracle)."""
+        """The set columns of a batch's full rows of `column`."""
         columns = {}
-        if self.calibration:
+        if column in self.calibration:
             columns.update(set_rules.calibration_columns(scores_NL, labels_N=labels_N, with_mass=self.with_mass,
                                                          column=column))
-        rules = self.rules if column == "scores" else self.oracle_rules
-        if rules:
-            columns.update(set_rules.rule_columns(scores_NL, labels_N=labels_N, rules=rules, column=column))
+        for rules_column, rules in self.rules:
+            if rules_column == column:
+                columns.update(set_rules.rule_columns(scores_NL, labels_N=labels_N, rules=rules, column=column))
         return columns
 
 
@@ -215,12 +231,16 @@ class ScoringActor:
                                      "label": torch.from_numpy(np.asarray(rows["label"][i]))}
             if "posterior" in rows:
                 batch["posterior"] = np.asarray(rows["posterior"][i])
-            chunk = next(evaluation.score_batches(self.model, [batch], head=self.head, device=self.device, config=self.config))
+            heads = () if self.set_columns is None else self.set_columns.heads
+            chunk = next(evaluation.score_batches(self.model, [batch], head=self.head, device=self.device,
+                                                  config=self.config, extra_heads=heads))
             columns = {"idx": np.asarray(rows["idx"][i], dtype=np.int64), "label": chunk.labels_N.astype(np.int64)}
             columns.update(score_columns(chunk.scores_NL, labels_N=columns["label"], column="scores",
                                          top_t=self.top_t, with_classes=self.with_classes))
             if self.set_columns is not None:
                 columns.update(self.set_columns.of(chunk.scores_NL, labels_N=columns["label"]))
+                for head in heads:  # another head's rows give their set columns only, never kept whole
+                    columns.update(self.set_columns.of(chunk.heads_NL[head], labels_N=columns["label"], column=head))
             if "posterior" in rows:
                 assert chunk.posterior_NL is not None  # the batch had one
                 columns.update(score_columns(chunk.posterior_NL, labels_N=columns["label"], column="posterior",

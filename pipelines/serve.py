@@ -108,9 +108,11 @@ class LabelSets:
         batcher.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_MS / 1000)
-    async def score_images(self, images: list[Any]) -> list[np.ndarray]:
-        """The scores of images from any number of requests, as one batch of the model."""
-        return list(self.predictor.score(images))
+    async def score_images(self, images: list[Any]) -> list[dict[str, np.ndarray]]:
+        """The scores of images from any number of requests, as one batch of the model: per image, each head's
+        that a request may choose (the predictor's heads)."""
+        scores = self.predictor.score_heads(images)
+        return [{head: rows[i] for head, rows in scores.items()} for i in range(len(images))]
 
     async def __call__(self, request: Request) -> JSONResponse:
         if request.url.path.rstrip("/").endswith("/ping") or request.method == "GET":
@@ -134,7 +136,8 @@ class LabelSets:
         import asyncio
 
         scores = await asyncio.gather(*(self.score_images(image) for image in images))
-        sets = self.predictor.sets_of(np.stack(scores), **choice)
+        head = self.predictor.head_of(**choice)
+        sets = self.predictor.sets_of(np.stack([image_scores[head] for image_scores in scores]), **choice)
         return JSONResponse({"predictions": [{"label_set": json.dumps(s.to_dict())} for s in sets]})
 
     @staticmethod

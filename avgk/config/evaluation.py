@@ -23,6 +23,10 @@ class SetRuleConfig(Section):
     coverages: list[float] = Field(default_factory=lambda: [0.9, 0.95, 0.99], min_length=1)
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$",
                              description="the rule's name in metrics.json and `avgk predict --rule`; default: rule")
+    head: Literal["softmax", "multilabel", "fused"] | None = Field(
+        None, description="the head whose scores the sets threshold; default: the run's score head (loss.score_head). "
+        "two_head: 'softmax' gives aps and raps the probabilities they assume, beside rules on the multi-label head"
+    )
     penalty: float = Field(0.01, ge=0, description="raps: lambda, added per rank of a label beyond k_reg")
     k_reg: int = Field(5, ge=0, description="raps: ranks without penalty")
     min_count: int = Field(

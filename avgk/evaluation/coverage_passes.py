@@ -36,7 +36,10 @@ class CalibrationPass:
     num_samples: int
     num_classes: int
     column: str = "scores"
-    """"posterior": the true posteriors' (synthetic data), for the Bayes-optimal sets."""
+    """"scores", another head's column (avgk.evaluation.set_rules.by_column), or "posterior": the true
+    posteriors' (synthetic data), for the Bayes-optimal sets."""
+    head: str | None = None
+    """The head the column holds, recorded in each calibrated rule."""
 
     @property
     def with_mass(self) -> bool:
@@ -78,7 +81,7 @@ class CalibrationPass:
             mass = np.asarray(state["mass_N"])[present].view(np.float64)
             rank = np.asarray(state["rank_N"])[present]
         return set_rules.calibrate(self.rules, true_N=true, labels_N=np.asarray(state["label_N"])[present],
-                                   num_classes=self.num_classes, mass_N=mass, rank_N=rank)
+                                   num_classes=self.num_classes, mass_N=mass, rank_N=rank, head=self.head)
 
 
 class CoverageCounts:
@@ -144,6 +147,7 @@ class CoverageCounts:
             sizes = np.flatnonzero(sets_S)
             entry: dict[str, Any] = {
                 "target": rule.coverage,
+                "head": rule.head,
                 "coverage": int(covered_L.sum()) / total,
                 "macro_coverage": float(class_coverage.mean()),
                 "worst_class_coverage": float(class_coverage.min()),

@@ -301,10 +301,12 @@ def count_metrics(
 
 def calibrate_set_rules(
     run: RunPasses, split: str, *, rules: Sequence[SetRuleConfig], num_samples: int, num_classes: int,
-    column: str = "scores",
+    column: str = "scores", head: str | None = None,
 ) -> list[CalibratedRule]:
-    """Every set rule at every coverage target, from a split's rows gathered by sample index (exact)."""
-    spec = CalibrationPass(rules=tuple(rules), num_samples=int(num_samples), num_classes=int(num_classes), column=column)
+    """Every set rule at every coverage target, from a split's rows of `column` (`head`'s scores) gathered by
+    sample index (exact)."""
+    spec = CalibrationPass(rules=tuple(rules), num_samples=int(num_samples), num_classes=int(num_classes),
+                           column=column, head=head)
     return spec.calibrate(run(spec, split))
 
 
@@ -336,9 +338,10 @@ def evaluate(
     """Thresholds calibrated on val only, then every test metric; with the true posteriors (synthetic
     data) the Bayes oracle, thresholded the same way. top: the splits hold top-T rows (raises
     NotExact when they cannot prove a result). `set_rules` are calibrated on val's `num_val_samples`
-    samples (on synthetic data, on the true posteriors too: the Bayes-optimal sets); `on_calibrated`
-    gets them ({"scores": [...], "posterior": [...]}) before any pass over test (a job that scores test
-    then computes each row's sets from its full row)."""
+    samples, each on its head's column (set_rules.by_column: "scores", or another head's, such as
+    "softmax"), and on synthetic data on the true posteriors too (the Bayes-optimal sets);
+    `on_calibrated` gets them by column ({"scores": [...], "softmax": [...], "posterior": [...]}) before
+    any pass over test (a job that scores test then computes each row's sets from its full rows)."""
     thresholds = calibrate(run, "val", ks=ks, top=top, num_classes=num_classes)
     oracle_thresholds = None
     if with_posterior:
@@ -347,9 +350,13 @@ def evaluate(
     if set_rules:
         if num_val_samples is None:
             raise ValueError("set rules need num_val_samples (the val split's size in its manifest)")
-        for column in ("scores", "posterior") if with_posterior else ("scores",):
-            calibrated[column] = calibrate_set_rules(run, "val", rules=set_rules, num_samples=num_val_samples,
-                                                     num_classes=num_classes, column=column)
+        groups = rules_module.by_column(set_rules, score_head=score_head)
+        if with_posterior:
+            groups["posterior"] = list(set_rules)
+        for column, group in groups.items():
+            calibrated[column] = calibrate_set_rules(
+                run, "val", rules=group, num_samples=num_val_samples, num_classes=num_classes, column=column,
+                head=rules_module.head_of(column, score_head=score_head))
     if on_calibrated is not None:
         on_calibrated(calibrated)
     test = count_metrics(run, "test", num_classes=num_classes, ks=ks, thresholds=thresholds,
@@ -360,15 +367,18 @@ def evaluate(
                                train_class_counts=None, freq_bins=freq_bins, column="posterior", top=top).compute()
     document = metrics_document(ks=ks, score_head=score_head, thresholds=thresholds, test=test, oracle=oracle)
     per_class = test.per_class()
-    if calibrated:
-        counts = count_coverage(run, "test", rules=calibrated["scores"], num_classes=num_classes,
-                                train_class_counts=train_class_counts, freq_bins=freq_bins)
-        document["val"]["set_rules"] = rules_module.rules_summary(calibrated["scores"])
-        document["test"]["set_rules"] = counts.compute()
-        per_class.update(counts.per_class())
+    model_rules = [rule for column, rules in calibrated.items() if column != "posterior" for rule in rules]
+    if model_rules:
+        document["val"]["set_rules"] = rules_module.rules_summary(model_rules)
+        document["test"]["set_rules"] = {}
+        for column, rules in calibrated.items():
+            if column != "posterior":
+                counts = count_coverage(run, "test", rules=rules, num_classes=num_classes,
+                                        train_class_counts=train_class_counts, freq_bins=freq_bins, column=column)
+                document["test"]["set_rules"].update(counts.compute())
+                per_class.update(counts.per_class())
     if "posterior" in calibrated:
         document["test"]["oracle_set_rules"] = count_coverage(
             run, "test", rules=calibrated["posterior"], num_classes=num_classes, train_class_counts=train_class_counts,
             freq_bins=freq_bins, column="posterior").compute()
-    return Evaluation(metrics=document, per_class=per_class, thresholds=thresholds,
-                      set_rules=calibrated.get("scores", []))
+    return Evaluation(metrics=document, per_class=per_class, thresholds=thresholds, set_rules=model_rules)

@@ -11,6 +11,10 @@ Evaluation needs, per test row and calibrated target, only its set's size and wh
 true label (`rule_columns`): computed from the full row by whoever has it, so the counts are exact
 at any coverage however large the sets grow, and no job keeps more than a few numbers per row.
 
+Each rule thresholds one head's scores (its `head`, else the run's score head). A scoring job keeps
+the score head's rows as the column "scores"; a rule on another head reads that head's rows, named
+by the head ("softmax"), whose set columns carry the head's name as a prefix (`by_column`, `prefix`).
+
 Legend: N samples, L classes.
 """
 
@@ -27,8 +31,8 @@ from avgk.config.evaluation import SetRuleConfig
 from avgk.evaluation.metrics import format_k
 from avgk.method import coverage_sets as cs
 
-__all__ = ["CalibratedRule", "calibrate", "calibration_columns", "head_note", "needs_mass", "rule_columns", "rules_from_json",
-           "rules_summary", "rules_to_json", "select"]
+__all__ = ["CalibratedRule", "by_column", "calibrate", "calibration_columns", "check_heads", "head_note", "head_of",
+           "needs_mass", "rule_columns", "rules_from_json", "rules_summary", "rules_to_json", "select"]
 
 CAL_TRUE, CAL_MASS, CAL_RANK = "cal_true", "cal_mass", "cal_rank"
 """The calibration columns of a val row: true label's score (float32), mass (float64) and rank (int32) up to it."""
@@ -57,6 +61,9 @@ class CalibratedRule:
     """class_coverage: classes with fewer than min_count val samples, sharing one threshold."""
     penalty: float = 0.0
     k_reg: int = 0
+    head: str | None = None
+    """The head whose scores the sets threshold ("posterior": the true posteriors'); None: the run's score head
+    (thresholds.json written before rules had a head)."""
 
     @property
     def key(self) -> str:
@@ -114,12 +121,38 @@ def needs_mass(rules: Sequence[SetRuleConfig]) -> bool:
 
 def head_note(rules: Sequence[SetRuleConfig], *, score_head: str) -> str:
     """A console line when aps or raps run on scores that are not probabilities ('' otherwise)."""
-    names = [rule.key for rule in rules if rule.rule in ("aps", "raps")]
-    if not names or score_head == "softmax":
+    names = [rule.key for rule in rules if rule.rule in ("aps", "raps") and (rule.head or score_head) != "softmax"]
+    if not names:
         return ""
+    heads = sorted({rule.head or score_head for rule in rules if rule.key in names})
     return (f"note: eval.set_rules {', '.join(names)} build sets from cumulative probability mass, but the "
-            f"{score_head} head's scores do not sum to 1: their sets hold their coverage but grow large "
-            "(docs/RESULTS.md, \"Coverage targets\"); coverage and class_coverage suit any score")
+            f"{' and '.join(heads)} head's scores do not sum to 1: their sets hold their coverage but grow large "
+            "(docs/RESULTS.md, \"Coverage targets\"); give them head: softmax, or use coverage and class_coverage, "
+            "which suit any score")
+
+
+def by_column(rules: Sequence[SetRuleConfig], *, score_head: str) -> dict[str, list[SetRuleConfig]]:
+    """The rules grouped by the score column their sets come from: "scores" (the run's score head) or another
+    head's name; "scores" first."""
+    groups: dict[str, list[SetRuleConfig]] = {}
+    for rule in rules:
+        column = "scores" if rule.head in (None, score_head) else str(rule.head)
+        groups.setdefault(column, []).append(rule)
+    return dict(sorted(groups.items(), key=lambda item: item[0] != "scores"))
+
+
+def head_of(column: str, *, score_head: str) -> str:
+    """The head whose scores a set column holds (by_column's inverse; "posterior" stays itself)."""
+    return score_head if column == "scores" else column
+
+
+def check_heads(rules: Sequence[SetRuleConfig], *, heads: Sequence[str], loss: str) -> None:
+    """A one-line error for a rule whose head the model does not have (fused needs both heads)."""
+    available = set(heads) | ({"fused"} if {"softmax", "multilabel"} <= set(heads) else set())
+    for rule in rules:
+        if rule.head is not None and rule.head not in available:
+            raise ValueError(f"eval.set_rules {rule.key!r} has head={rule.head!r}, but loss {loss!r} trains only "
+                             f"{sorted(heads)}")
 
 
 def prefix(column: str) -> str:
@@ -157,16 +190,16 @@ def rule_columns(scores_NL: np.ndarray, *, labels_N: np.ndarray, rules: Sequence
 
 def calibrate(
     rules: Sequence[SetRuleConfig], *, true_N: np.ndarray, labels_N: np.ndarray, num_classes: int,
-    mass_N: np.ndarray | None = None, rank_N: np.ndarray | None = None,
+    mass_N: np.ndarray | None = None, rank_N: np.ndarray | None = None, head: str | None = None,
 ) -> list[CalibratedRule]:
-    """Every rule at every target, from the val samples' calibration columns."""
+    """Every rule at every target, from the val samples' calibration columns (of `head`'s scores)."""
     n = int(np.asarray(true_N).size)
     calibrated = []
     for rule in rules:
         for coverage in rule.coverages:
             alpha = cs.alpha_of(coverage)
             common: dict[str, Any] = dict(name=rule.key, rule=rule.rule, coverage=float(coverage), n=n,
-                          m=cs.conformal_rank(n=n, alpha=alpha))
+                          m=cs.conformal_rank(n=n, alpha=alpha), head=head)
             if rule.rule == "coverage":
                 calibrated.append(CalibratedRule(**common, threshold=cs.lac_threshold(true_scores_N=true_N, alpha=alpha)))
             elif rule.rule == "class_coverage":

@@ -126,7 +126,7 @@ def coverage_markdown(rows: pd.DataFrame, *, reference: str) -> str:
             size = frame[f"set_size{at}"]
             line = (f"| {method} | {len(frame)} | {_pts(float(frame[f'coverage{at}'].mean()))} | "
                     f"{_num(float(size.mean()))} ± {_num(float(size.std(ddof=1)))} |")
-            line += _difference_cells(diffs, method, reference=reference, fmt=_num)
+            line += _difference_cells(diffs, str(method), reference=reference, fmt=_num)
             for b in BINS:
                 coverage = pd.to_numeric(frame[f"coverage_{b}{at}"], errors="coerce")
                 bin_size = pd.to_numeric(frame[f"set_size_{b}{at}"], errors="coerce")

@@ -154,6 +154,14 @@ def _set_rules(run: RunResults) -> dict[str, dict[str, Any]]:
     return rules
 
 
+def _rule_label(rule: str, entries: Mapping[str, Any], *, run: RunResults) -> str:
+    """A rule's name, with its head where the run's rules or average-K use more than one."""
+    heads = {e.get("head") for entries_ in _set_rules(run).values() for e in entries_.values()}
+    heads.add(run.metrics.get("score_head"))
+    head = next(iter(entries.values())).get("head")
+    return f"{rule} ({head} head)" if head and len(heads) > 1 else rule
+
+
 def plot_coverage_vs_target(runs: Mapping[str, RunResults]) -> Figure:
     """Test coverage (solid: marginal, dashed: mean over classes) against the coverage target of each set rule."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -164,7 +172,8 @@ def plot_coverage_vs_target(runs: Mapping[str, RunResults]) -> Figure:
         for j, (rule, entries) in enumerate(_set_rules(run).items()):
             x, y = _sorted_points({t: e["coverage"] for t, e in entries.items()})
             _, macro = _sorted_points({t: e["macro_coverage"] for t, e in entries.items()})
-            ax.plot(x, y, f"{markers[j % len(markers)]}-", color=f"C{i}", label=f"{name} {rule}")
+            ax.plot(x, y, f"{markers[j % len(markers)]}-", color=f"C{i}",
+                    label=f"{name} {_rule_label(rule, entries, run=run)}")
             ax.plot(x, macro, f"{markers[j % len(markers)]}--", color=f"C{i}", alpha=0.6, label="_nolegend_")
             targets += x
     if targets:
@@ -181,7 +190,8 @@ def plot_coverage_vs_target(runs: Mapping[str, RunResults]) -> Figure:
 
 def plot_size_vs_coverage(runs: Mapping[str, RunResults]) -> Figure:
     """Mean set size against test coverage: each set rule through its targets, and average-K (dotted) through
-    its K, one colour per run (the smaller the sets at a coverage, the better)."""
+    its K, one colour per run, each line naming its head (a two-head run's rules on both heads: the smaller
+    the sets at a coverage, the better)."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     markers = "os^vDP*X"
@@ -189,11 +199,13 @@ def plot_size_vs_coverage(runs: Mapping[str, RunResults]) -> Figure:
         test = run.metrics["test"]
         for j, (rule, entries) in enumerate(_set_rules(run).items()):
             points = sorted((e["coverage"], e["avg_set_size"]) for e in entries.values())
-            ax.plot(*zip(*points, strict=True), f"{markers[j % len(markers)]}-", color=f"C{i}", label=f"{name} {rule}")
+            ax.plot(*zip(*points, strict=True), f"{markers[j % len(markers)]}-", color=f"C{i}",
+                    label=f"{name} {_rule_label(rule, entries, run=run)}")
         keys = sorted(test.get("avg_k_accuracy", {}), key=float)
         if keys:
+            head = run.metrics.get("score_head")
             ax.plot([test["avg_k_accuracy"][k] for k in keys], [test["avg_set_size"][k] for k in keys], ".:",
-                    color=f"C{i}", label=f"{name} average-K")
+                    color=f"C{i}", label=f"{name} average-K" + (f" ({head} head)" if head else ""))
     ax.set_yscale("log")
     ax.set_title("Mean set size against test coverage")
     ax.set_xlabel("test coverage (avg-K accuracy for average-K)")
@@ -213,7 +225,7 @@ def coverage_table(runs: Mapping[str, RunResults]) -> str:
             for target in sorted(entries, key=float):
                 e = entries[target]
                 full = " (full label set)" if e["calibration"]["full_label_set"] else ""
-                rows.append(f"| {name} | {rule} | {target}{full} | {100 * e['coverage']:.2f} | "
+                rows.append(f"| {name} | {_rule_label(rule, entries, run=run)} | {target}{full} | {100 * e['coverage']:.2f} | "
                             f"{100 * e['macro_coverage']:.2f} | {e['classes_below_target']} of {e['num_classes']} | "
                             f"{e['avg_set_size']:.2f} |")
     return "\n".join(rows) if len(rows) > 2 else ""

@@ -108,6 +108,11 @@ class SetPredictor:
         if not self.thresholds:
             raise ValueError("thresholds.json holds no calibrated K")
         self.set_rules = set_rules.rules_from_json(thresholds.get("set_rules") or {})
+        for rule in self.set_rules:
+            if rule.head is not None and rule.head not in (*heads, "fused"):
+                raise ValueError(f"set rule {rule.key} was calibrated on head {rule.head!r}, the model has {list(heads)}")
+        self.heads = tuple(dict.fromkeys([self.score_head, *(r.head for r in self.set_rules if r.head is not None)]))
+        """The heads this predictor's choices score: the score head (K) and the set rules' heads."""
         names = [str(c) for c in range(self.num_classes)] if class_names is None else [str(n) for n in class_names]
         if len(names) != self.num_classes:
             raise ValueError(f"class_names must name the model's {self.num_classes} classes, got {len(names)} names")
@@ -186,10 +191,16 @@ class SetPredictor:
             raise ValueError(f"k={key} was not calibrated for this run; calibrated K: {', '.join(self.ks)}")
         return self.thresholds[key]
 
+    def score(self, images: Sequence[ImageInput], *, head: str | None = None) -> np.ndarray:
+        """float32 N x L scores of `head` (default: the head average-K was calibrated on), in batches of batch_size."""
+        head = head or self.score_head
+        return self.score_heads(images, heads=(head,))[head]
+
     @torch.inference_mode()
-    def score(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """float32 N x L scores of the calibrated head, in batches of batch_size."""
-        chunks = [np.zeros((0, self.num_classes), dtype=np.float32)]
+    def score_heads(self, images: Sequence[ImageInput], *, heads: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """float32 N x L scores of each of `heads` (default: every head of self.heads) from one forward pass."""
+        heads = tuple(heads or self.heads)
+        chunks = {head: [np.zeros((0, self.num_classes), dtype=np.float32)] for head in heads}
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([self.transform(decode_image(im)) for im in images[start : start + self.batch_size]])
             batch = batch.to(self.device)
@@ -197,15 +208,25 @@ class SetPredictor:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with models.autocast(self.config, self.device):
                 logits = self.model(batch)
-            chunks.append(head_scores(logits, self.score_head).float().cpu().numpy())
-        return np.concatenate(chunks)
+            for head in heads:
+                chunks[head].append(head_scores(logits, head).float().cpu().numpy())
+        return {head: np.concatenate(parts) for head, parts in chunks.items()}
+
+    def head_of(self, *, k: float | None = None, top_k: bool = False, rule: str | None = None,
+                coverage: float | None = None) -> str:
+        """The head whose scores a choice's sets threshold (sets_of takes that head's scores)."""
+        chosen = self.rule(k=k, top_k=top_k, rule=rule, coverage=coverage)
+        if isinstance(chosen, CalibratedRule) and chosen.head is not None:
+            return chosen.head
+        return self.score_head
 
     def predict(self, images: Sequence[ImageInput], *, k: float | None = None, top_k: bool = False,
                 rule: str | None = None, coverage: float | None = None) -> list[LabelSet]:
         """Per image, the average-K set for a calibrated k, (top_k=True) the k best labels, or the set of a
         calibrated set rule at a calibrated coverage target (eval.set_rules)."""
-        self.rule(k=k, top_k=top_k, rule=rule, coverage=coverage)  # an uncalibrated choice fails before any scoring
-        return self.sets_of(self.score(list(images)), k=k, top_k=top_k, rule=rule, coverage=coverage)
+        choice: dict[str, Any] = dict(k=k, top_k=top_k, rule=rule, coverage=coverage)
+        head = self.head_of(**choice)  # an uncalibrated choice fails before any scoring
+        return self.sets_of(self.score(list(images), head=head), **choice)
 
     def rule(self, *, k: float | None = None, top_k: bool = False, rule: str | None = None,
              coverage: float | None = None) -> np.float32 | CalibratedRule | None:
@@ -229,7 +250,7 @@ class SetPredictor:
 
     def sets_of(self, scores_NL: np.ndarray, *, k: float | None = None, top_k: bool = False, rule: str | None = None,
                 coverage: float | None = None) -> list[LabelSet]:
-        """The label sets of N x L scores (this predictor's head): every place that labels uses this."""
+        """The label sets of N x L scores of the choice's head (head_of): every place that labels uses this."""
         chosen = self.rule(k=k, top_k=top_k, rule=rule, coverage=coverage)
         members_NL = chosen.members(scores_NL) if isinstance(chosen, CalibratedRule) else None
         sets = []

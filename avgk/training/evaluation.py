@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,13 +41,18 @@ class ScoredChunk:
     posterior_NL: np.ndarray | None = None
     idx_N: np.ndarray | None = None
     """The samples' indices in their split (set rules gather val numbers by them)."""
+    heads_NL: dict[str, np.ndarray] = field(default_factory=dict)
+    """Other heads' scores, by head name (the set rules that threshold another head: eval.set_rules[].head)."""
 
 
 @torch.inference_mode()
 def score_batches(
-    model: nn.Module, batches: Iterable[dict[str, Any]], *, head: str, device: torch.device, config: Config
+    model: nn.Module, batches: Iterable[dict[str, Any]], *, head: str, device: torch.device, config: Config,
+    extra_heads: Iterable[str] = (),
 ) -> Iterator[ScoredChunk]:
-    """Scores of one head for each batch, as float32 numpy on the CPU."""
+    """Scores of one head for each batch (and of `extra_heads`, from the same forward pass), as float32 numpy
+    on the CPU."""
+    extra_heads = tuple(extra_heads)
     model.eval()
     for batch in batches:
         images = model_input(batch["image"], device=device, config=config)
@@ -60,6 +65,7 @@ def score_batches(
             labels_N=batch["label"].numpy(),
             posterior_NL=None if posterior is None else np.asarray(posterior, dtype=np.float32),
             idx_N=None if "idx" not in batch else np.asarray(batch["idx"], dtype=np.int64),
+            heads_NL={h: head_scores(logits, h).float().cpu().numpy() for h in extra_heads},
         )
 
 
@@ -71,6 +77,7 @@ def chunk_batches(chunks: list[ScoredChunk]) -> Iterator[passes.Batch]:
             batch["posterior"] = chunk.posterior_NL
         if chunk.idx_N is not None:
             batch["idx"] = chunk.idx_N
+        batch.update(chunk.heads_NL)
         yield batch
 
 
@@ -99,10 +106,11 @@ def split_loader(parts: Parts, split: str, *, with_posterior: bool) -> Iterable[
     return loader
 
 
-def score_split(parts: Parts, split: str, *, with_posterior: bool = False) -> list[ScoredChunk]:
+def score_split(parts: Parts, split: str, *, with_posterior: bool = False, extra_heads: Iterable[str] = ()) -> list[ScoredChunk]:
     """This rank's share of a split, scored (each sample on exactly one rank)."""
     batches = split_loader(parts, split, with_posterior=with_posterior)
-    return list(score_batches(parts.eval_model, batches, head=parts.score_head, device=parts.device, config=parts.config))
+    return list(score_batches(parts.eval_model, batches, head=parts.score_head, device=parts.device, config=parts.config,
+                              extra_heads=extra_heads))
 
 
 def validate(parts: Parts) -> dict[str, float]:
@@ -126,7 +134,9 @@ def final_evaluation(parts: Parts) -> Evaluation:
     """Val thresholds and test metrics, with each split's sample count checked against the manifest."""
     cfg = parts.config
     with_posterior = parts.manifest.source == "synthetic"
-    scored = {split: score_split(parts, split, with_posterior=with_posterior) for split in ("val", "test")}
+    extra_heads = [c for c in set_rules.by_column(cfg.eval.set_rules, score_head=parts.score_head) if c != "scores"]
+    scored = {split: score_split(parts, split, with_posterior=with_posterior, extra_heads=extra_heads)
+              for split in ("val", "test")}
     counts = dist.all_reduce_sum(np.array([sum(len(c.labels_N) for c in scored[s]) for s in scored], dtype=np.int64))
     samples = account_samples(
         read=dict(zip(scored, counts.tolist(), strict=True)),

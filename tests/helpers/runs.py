@@ -15,6 +15,8 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 # The smoke data with larger val and test splits: with 400 samples the test set size strays
 # up to ~8% from K by sampling noise alone (calibration is on val).
 LARGE_EVAL_SPLITS = ["data.synthetic.num_val=2000", "data.synthetic.num_test=2000"]
+# The prediction model's set rules: the default one on the score head (multilabel) and one on the softmax head.
+PREDICT_SET_RULES = "eval.set_rules=[{rule: coverage}, {rule: aps, name: aps_softmax, head: softmax, coverages: [0.9]}]"
 
 
 def free_port() -> int:
@@ -71,7 +73,7 @@ def train_smoke_run(shards: Path, storage: Path, name: str = "predict") -> Path:
 
     config = load_config(SMOKE, [
         f"data.shards={shards}", f"run.storage={storage}", "tracking.enabled=false", f"run.name={name}",
-        *LARGE_EVAL_SPLITS,
+        *LARGE_EVAL_SPLITS, PREDICT_SET_RULES,
     ])
     engine.fit(config, reporter=checkpoints.LocalReporter(config.run_dir), log=lambda _: None)
     return Path(config.run_dir)

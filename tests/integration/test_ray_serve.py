@@ -104,10 +104,11 @@ def test_k_per_request_top_k_and_an_uncalibrated_k(server, predict_smoke_run):
     assert status == 200 and all(json.loads(p["label_set"])["set_size"] == 3 for p in answer["predictions"])
     status, answer = post(f"{url}/invocations", {**rows(images[:2]), "params": {"k": 7}})
     assert status == 400 and "k=7 was not calibrated for this run; calibrated K: 1, 2, 3" in answer["message"]
-    status, answer = post(f"{url}/invocations", {**rows(images[:4]), "params": {"rule": "coverage", "coverage": 0.99}})
-    expected = SetPredictor.from_run(str(predict_smoke_run[1])).predict(images[:4], rule="coverage", coverage=0.99)
-    assert status == 200 and [json.loads(p["label_set"])["labels"] for p in answer["predictions"]] == [
-        s.ids for s in expected]
+    predictor = SetPredictor.from_run(str(predict_smoke_run[1]))
+    for choice in ({"rule": "coverage", "coverage": 0.99}, {"rule": "aps_softmax", "coverage": 0.9}):  # both heads
+        status, answer = post(f"{url}/invocations", {**rows(images[:4]), "params": choice})
+        assert status == 200 and [json.loads(p["label_set"])["labels"] for p in answer["predictions"]] == [
+            s.ids for s in predictor.predict(images[:4], **choice)], choice
     status, answer = post(f"{url}/invocations", {**rows(images[:2]), "params": {"rule": "coverage", "coverage": 0.8}})
     assert status == 400 and "no set rule 'coverage' calibrated at coverage 0.8" in answer["message"]
     status, answer = post(f"{url}/invocations", {"instances": []})

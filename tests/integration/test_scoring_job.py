@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 KS = [1, 1.5, 2, 3, 5, 10]
 ALL_SET_RULES = ("[{rule: coverage}, {rule: aps, coverages: [0.9]}, {rule: raps, coverages: [0.8, 0.99]}, "
-                 "{rule: class_coverage, min_count: 30}]")
+                 "{rule: class_coverage, min_count: 30}, {rule: aps, name: aps_softmax, head: softmax, coverages: [0.9, 0.99]}]")
 
 
 def smoke_config(smoke_shards, storage: Path, *overrides):
@@ -177,7 +177,10 @@ def test_evaluate_equals_the_trainings_evaluation(trained):
     assert_same_document(written, trained.metrics)
     assert "oracle_avg_k_accuracy" in written["test"] and written["test"]["num_samples"] == 400
     # the Bayes-optimal sets: every rule calibrated on the true posteriors of val, counted on test's
-    assert set(written["test"]["oracle_set_rules"]) == {"coverage", "aps", "raps", "class_coverage"}
+    assert set(written["test"]["oracle_set_rules"]) == {"coverage", "aps", "raps", "class_coverage", "aps_softmax"}
+    # both heads of the two-head model: the rules on the multi-label head and one on the softmax head
+    assert {e["head"] for e in written["test"]["set_rules"]["aps"].values()} == {"multilabel"}
+    assert {e["head"] for e in written["test"]["set_rules"]["aps_softmax"].values()} == {"softmax"}
     assert evaluation.per_class["num_samples"].sum() == 400
 
     client = MlflowClient(trained.tracking_uri)
@@ -208,15 +211,23 @@ def test_coverage_sets_larger_than_top_t_are_counted_exactly_from_top_t_rows(tra
         return score_dataset(scoring, manifest=manifest, split=split, head="multilabel", with_posterior=False,
                              top_t=6, num_actors=2, set_columns=set_columns).materialize()
 
-    val = score("val", SetColumns(calibration=True, with_mass=True))
-    assert "scores" not in val.schema().names and val.schema().names.count("scores_top") == 1
+    groups = set_rules.by_column(config.eval.set_rules, score_head="multilabel")
+    assert list(groups) == ["scores", "softmax"]  # the rules on the score head, and one on the softmax head
+    val = score("val", SetColumns.calibrating(groups, with_mass=True))
+    names = val.schema().names
+    assert "scores" not in names and "softmax" not in names and names.count("scores_top") == 1
     run = ray_runner({"val": val})
-    rules = passes.calibrate_set_rules(run, "val", rules=config.eval.set_rules, num_samples=400, num_classes=20)
-    assert set_rules.rules_to_json(rules) == trained.thresholds["set_rules"]  # bit for bit
-    test = score("test", SetColumns(rules=tuple(rules)))
-    spec = CoverageMetricsPass(rules=tuple(rules), num_classes=20, freq_bins=config.eval.freq_bins,
-                               train_class_counts=tuple(manifest.split("train").class_counts))
-    counted = spec.counts(ray_runner({"test": test}, num_tasks=3)(spec, "test")).compute()
+    calibrated = {column: passes.calibrate_set_rules(run, "val", rules=group, num_samples=400, num_classes=20,
+                                                     column=column, head=set_rules.head_of(column, score_head="multilabel"))
+                  for column, group in groups.items()}
+    everything = [rule for rules in calibrated.values() for rule in rules]
+    assert set_rules.rules_to_json(everything) == trained.thresholds["set_rules"]  # bit for bit
+    test = score("test", SetColumns.counting(calibrated))
+    counted = {}
+    for column, rules in calibrated.items():
+        spec = CoverageMetricsPass(rules=tuple(rules), num_classes=20, freq_bins=config.eval.freq_bins, column=column,
+                                   train_class_counts=tuple(manifest.split("train").class_counts))
+        counted.update(spec.counts(ray_runner({"test": test}, num_tasks=3)(spec, "test")).compute())
     assert counted == trained.metrics["test"]["set_rules"]
     sizes = counted["coverage"]["0.99"]["set_size_histogram"]
     assert max(int(size) for size in sizes) > 6  # sets the top-6 rows alone could not have counted

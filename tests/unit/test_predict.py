@@ -70,11 +70,28 @@ def test_coverage_sets_reproduce_the_evaluation(predictor, trained_run, test_spl
         assert all(s.scores == sorted(s.scores, reverse=True) for s in sets)
 
 
+def test_a_rule_on_the_softmax_head_scores_that_head_and_reproduces_the_evaluation(predictor, trained_run, test_split):
+    """The two-head model's aps rule on its softmax head: predict scores the softmax head for it (the score head,
+    multilabel, for K and the coverage rule), and its sets are the evaluation's."""
+    images, labels_N = test_split
+    expected = json.loads((trained_run / "metrics.json").read_text())["test"]["set_rules"]["aps_softmax"]["0.9"]
+    assert expected["head"] == "softmax" and predictor.heads == ("multilabel", "softmax")
+    assert predictor.head_of(rule="aps_softmax", coverage=0.9) == "softmax"
+    assert predictor.head_of(rule="coverage", coverage=0.9) == predictor.head_of(k=2) == "multilabel"
+    sets = predictor.predict(images, rule="aps_softmax", coverage=0.9)
+    assert np.mean([s.size for s in sets]) == pytest.approx(expected["avg_set_size"], abs=1e-12)
+    covered = np.mean([label in s.ids for s, label in zip(sets, labels_N, strict=True)])
+    assert covered == pytest.approx(expected["coverage"], abs=1e-12)
+    softmax = predictor.score(images[:50], head="softmax")
+    np.testing.assert_allclose(softmax.sum(axis=1), 1, atol=1e-5)  # probabilities, as aps assumes
+    assert [s.ids for s in sets[:50]] == [s.ids for s in predictor.sets_of(softmax, rule="aps_softmax", coverage=0.9)]
+
+
 @pytest.mark.parametrize(
     "choice, match",
     [
         ({"rule": "aps", "coverage": 0.9}, r"no set rule 'aps' calibrated at coverage 0.9: calibrated are coverage at "
-                                           r"0.9, coverage at 0.95, coverage at 0.99"),
+                                           r"0.9, coverage at 0.95, coverage at 0.99, aps_softmax at 0.9"),
         ({"rule": "coverage", "coverage": 0.8}, r"no set rule 'coverage' calibrated at coverage 0.8"),
         ({"rule": "coverage"}, r"a set rule needs both a rule name and a coverage target"),
         ({"rule": "coverage", "coverage": 0.9, "k": 2}, r"choose K \(k, top_k\) or a set rule \(rule, coverage\), not both"),
@@ -172,7 +189,7 @@ def test_cli_predict_errors_are_one_line(trained_run, tmp_path, capsys):
                                                "--coverage C (one of the two)")
     assert cli.main(["predict", "--run", str(trained_run), "--rule", "raps", "--coverage", "0.9", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("avgk: error: no set rule 'raps' calibrated at coverage 0.9: calibrated "
-                                               "are coverage at 0.9, coverage at 0.95, coverage at 0.99")
+                                               "are coverage at 0.9, coverage at 0.95, coverage at 0.99, aps_softmax at 0.9")
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,7 @@ def test_calibration_and_counts_over_ranks_equal_the_numpy_reference(ties):
     # calibration: the same as on the whole val matrix in one process
     mass, rank = set_rules.cs.true_mass_and_rank(probs_NL=val[0], labels_N=val[1])
     expected = set_rules.calibrate(RULES, true_N=val[0][np.arange(600), val[1]], labels_N=val[1], num_classes=L,
-                                   mass_N=mass, rank_N=rank)
+                                   mass_N=mass, rank_N=rank, head="softmax")
     assert evaluation.set_rules == expected
     assert [r.key for r in expected] == ["coverage@0.5", "coverage@0.9", "coverage@0.999", "aps@0.8", "raps@0.9",
                                          "class_coverage@0.9"]
@@ -142,7 +142,7 @@ def test_calibrated_rules_survive_thresholds_json():
     probs, labels = _split(np.random.default_rng(1), 200, ties=False)
     mass, rank = set_rules.cs.true_mass_and_rank(probs_NL=probs, labels_N=labels)
     rules = set_rules.calibrate(RULES, true_N=probs[np.arange(200), labels], labels_N=labels, num_classes=L,
-                                mass_N=mass, rank_N=rank)
+                                mass_N=mass, rank_N=rank, head="softmax")
     import json
 
     document = json.loads(json.dumps(set_rules.rules_to_json(rules), allow_nan=False))
@@ -179,3 +179,60 @@ def test_aps_on_scores_that_are_not_probabilities_gets_a_note():
     note = set_rules.head_note(rules, score_head="multilabel")
     assert note.startswith("note: eval.set_rules raps-a build sets from cumulative probability mass, but the "
                            "multilabel head's scores do not sum to 1")
+
+
+def test_rules_on_another_head_read_that_heads_rows():
+    """A two-head run: rules on the score head read "scores", a rule with head=softmax reads the softmax rows,
+    each calibrated and counted as on its own head's matrix; the sets and counts say which head they took."""
+    rng = np.random.default_rng(11)
+    val, test = _split(rng, 400, ties=False), _split(rng, 300, ties=False)
+    sigmoid = {name: (1 / (1 + np.exp(-rng.normal(size=split[0].shape) * 3))).astype(np.float32)
+               for name, split in (("val", val), ("test", test))}
+    rules = [SetRuleConfig(rule="coverage", coverages=[0.9]),
+             SetRuleConfig(rule="aps", name="aps_softmax", head="softmax", coverages=[0.9]),
+             SetRuleConfig(rule="raps", head="multilabel", coverages=[0.8])]  # the score head named: "scores"
+    groups = set_rules.by_column(rules, score_head="multilabel")
+    assert {column: [r.key for r in group] for column, group in groups.items()} == {
+        "scores": ["coverage", "raps"], "softmax": ["aps_softmax"]}
+
+    def streams(split, probs, labels):
+        batches = _streams(sigmoid[split], labels, ranks=2, chunk=50)
+        for rank in batches:  # the same samples' softmax rows beside their sigmoids
+            for batch in rank:
+                batch["softmax"] = probs[batch["idx"]]
+        return batches
+
+    data = {"val": streams("val", *val), "test": streams("test", *test)}
+    evaluation = passes.evaluate(
+        _run_over_ranks(data), ks=[1], num_classes=L, train_class_counts=np.full(L, 50), freq_bins=(40, 100),
+        score_head="multilabel", with_posterior=False, set_rules=rules, num_val_samples=400)
+
+    def reference(scores, labels, group, head):
+        mass, rank = set_rules.cs.true_mass_and_rank(probs_NL=scores, labels_N=labels)
+        return set_rules.calibrate(group, true_N=scores[np.arange(labels.size), labels], labels_N=labels,
+                                   num_classes=L, mass_N=mass, rank_N=rank, head=head)
+
+    expected = (reference(sigmoid["val"], val[1], groups["scores"], "multilabel")
+                + reference(val[0], val[1], groups["softmax"], "softmax"))
+    assert evaluation.set_rules == expected
+    assert [(r.key, r.head) for r in expected] == [("coverage@0.9", "multilabel"), ("raps@0.8", "multilabel"),
+                                                   ("aps_softmax@0.9", "softmax")]
+    for rule in expected:
+        scores = test[0] if rule.head == "softmax" else sigmoid["test"]
+        members = _reference_sets(rule, scores)
+        doc = evaluation.metrics["test"]["set_rules"][rule.name][set_rules.format_k(rule.coverage)]
+        assert doc["head"] == rule.head
+        assert doc["coverage"] == members[np.arange(300), test[1]].mean()
+        assert doc["avg_set_size"] == members.sum(axis=1).mean()
+    assert evaluation.metrics["val"]["set_rules"]["aps_softmax"]["0.9"]["head"] == "softmax"
+    assert set_rules.head_note(rules, score_head="multilabel").startswith("note: eval.set_rules raps build sets")
+
+
+def test_a_rule_on_a_head_the_model_lacks_is_refused_in_one_line():
+    rules = [SetRuleConfig(rule="aps", head="multilabel")]
+    with pytest.raises(ValueError, match=r"^eval.set_rules 'aps' has head='multilabel', but loss 'ce' trains only "
+                                         r"\['softmax'\]$"):
+        set_rules.check_heads(rules, heads=("softmax",), loss="ce")
+    set_rules.check_heads([SetRuleConfig(rule="aps", head="fused")], heads=("softmax", "multilabel"), loss="two_head")
+    with pytest.raises(ConfigError, match=r"eval.set_rules.0.head='sigmoid'"):
+        load_config(None, ["eval.set_rules=[{rule: aps, head: sigmoid}]"])
