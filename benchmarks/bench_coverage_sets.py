@@ -24,12 +24,9 @@ avgk.method.coverage_sets on it, sets counted row by row). Not collected by pyte
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Ray workers import this module by name
 
 from benchmarks.bench_top_scores import (
-    GIB,
     JobRun,
     StoreSampler,
     fmt_bytes,
@@ -46,6 +42,7 @@ from benchmarks.bench_top_scores import (
     measured,
     scored,
     softmax_block,
+    start_local_ray,
 )
 
 __test__ = False
@@ -115,16 +112,9 @@ def main() -> None:
     import ray
 
     from avgk.config.evaluation import SetRuleConfig
-    from pipelines.scoring import quiet_ray_data
 
     rules = [SetRuleConfig(rule="coverage", coverages=args.coverages)]
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    started = datetime.now(timezone.utc)
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=os.cpu_count(), include_dashboard=False,
-             object_store_memory=int(args.object_store_gib * GIB),
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}})
-    quiet_ray_data()
+    commit, started = start_local_ray(object_store_gib=args.object_store_gib)
     sampler = StoreSampler()
     check = []
     try:

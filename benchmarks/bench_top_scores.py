@@ -293,6 +293,23 @@ def fmt_bytes(value: int) -> str:
     return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / MIB:.1f} MiB"
 
 
+
+def start_local_ray(*, object_store_gib: float) -> tuple[str, datetime]:
+    """A local Ray on 127.0.0.1 with the object store capped, its workers importing this checkout, quiet Ray
+    Data; returns the checkout's commit and the start time (UTC) for the benchmark's header."""
+    import ray
+
+    from pipelines.scoring import quiet_ray_data
+
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    started = datetime.now(timezone.utc)
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=os.cpu_count(), include_dashboard=False,
+             object_store_memory=int(object_store_gib * GIB),
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}})
+    quiet_ray_data()
+    return commit, started
+
 def main() -> None:
     from avgk.evaluation.top_scores import default_top_t
 
@@ -310,15 +327,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.scoring import quiet_ray_data
-
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    started = datetime.now(timezone.utc)
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=os.cpu_count(), include_dashboard=False,
-             object_store_memory=int(args.object_store_gib * GIB),
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}})
-    quiet_ray_data()
+    commit, started = start_local_ray(object_store_gib=args.object_store_gib)
     sampler = StoreSampler()
     out = tempfile.mkdtemp(prefix="bench-top-scores-")
     # Warm-up: worker processes and imports, paid once, before anything is timed.
