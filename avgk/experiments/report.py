@@ -164,7 +164,7 @@ def _rule_label(rule: str, entries: Mapping[str, Any], *, run: RunResults) -> st
 
 def plot_coverage_vs_target(runs: Mapping[str, RunResults]) -> Figure:
     """Test coverage (solid: marginal, dashed: mean over classes) against the coverage target of each set rule."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
     ax = fig.add_subplot()
     targets: list[float] = []
     markers = "os^vDP*X"
@@ -184,7 +184,7 @@ def plot_coverage_vs_target(runs: Mapping[str, RunResults]) -> Figure:
     ax.set_ylabel("test coverage")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="x-small", loc="lower right")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not over them
     return fig
 
 
@@ -192,7 +192,7 @@ def plot_size_vs_coverage(runs: Mapping[str, RunResults]) -> Figure:
     """Mean set size against test coverage: each set rule through its targets, and average-K (dotted) through
     its K, one colour per run, each line naming its head (a two-head run's rules on both heads: the smaller
     the sets at a coverage, the better)."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
     ax = fig.add_subplot()
     markers = "os^vDP*X"
     for i, (name, run) in enumerate(runs.items()):
@@ -212,7 +212,7 @@ def plot_size_vs_coverage(runs: Mapping[str, RunResults]) -> Figure:
     ax.set_ylabel("mean set size (log scale)")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not over them
     return fig
 
 
