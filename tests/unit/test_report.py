@@ -35,7 +35,9 @@ def fake_metrics(shift: float, *, oracle: bool = True) -> dict:
         "target": float(target), "coverage": float(target) - 0.01 + shift, "macro_coverage": float(target) - 0.05,
         "avg_set_size": size * (1 - shift), "classes_below_target": 3, "num_classes": 20,
         "calibration": {"n": 100, "m": 91, "full_label_set": target == "0.99" and rule == "aps", "pooled_classes": 0},
-    } for target, size in (("0.9", 2.5), ("0.95", 4.0), ("0.99", 9.0))} for rule in ("coverage", "aps")}
+        "head": head,
+    } for target, size in (("0.9", 2.5), ("0.95", 4.0), ("0.99", 9.0))}
+        for rule, head in (("coverage", "multilabel"), ("aps", "softmax"))}  # a two-head run's two heads
     return {"ks": [1.0, 2.0, 3.0], "score_head": "multilabel", "val": {"thresholds": {}}, "test": test}
 
 
@@ -93,7 +95,14 @@ def test_figures_are_titled_labelled_pngs(runs, make, title, tmp_path):
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert any(label.startswith("two_head") for label in labels) and any(label.startswith("ce") for label in labels)
     report.save_figure(fig, tmp_path / "fig.png")
-    assert_png(tmp_path / "fig.png", (700, 450))
+    assert_png(tmp_path / "fig.png", (1000, 450) if "coverage" in title else (700, 450))  # legends beside the axes
+
+
+def test_size_against_coverage_names_each_lines_head(runs):
+    """A two-head run's rules on its two heads, and its average-K, each named with the head it thresholds."""
+    labels = report.plot_size_vs_coverage(runs).axes[0].get_legend_handles_labels()[1]
+    assert {"two_head coverage (multilabel head)", "two_head aps (softmax head)",
+            "two_head average-K (multilabel head)"} <= set(labels)
 
 
 def test_per_class_plot_has_a_log_frequency_axis(runs):
@@ -118,7 +127,7 @@ def test_write_run_plots(tmp_path):
     assert names == sorted(["accuracy_vs_k.png", *(f"per_class_avg_k{k}.png" for k in "123"),
                             *(f"set_size_k{k}.png" for k in "123"), "coverage_vs_target.png", "size_vs_coverage.png"])
     for name in names:
-        assert_png(run_dir / "plots" / name, (700, 450))
+        assert_png(run_dir / "plots" / name, (1000, 450) if "coverage" in name else (700, 450))
 
 
 def test_cli_report_writes_a_row_per_run(tmp_path, capsys):
@@ -136,8 +145,8 @@ def test_cli_report_writes_a_row_per_run(tmp_path, capsys):
     assert (out / "accuracy_vs_k.png").is_file() and (out / "per_class_avg_k2.png").is_file()
     assert (out / "coverage_vs_target.png").is_file() and (out / "size_vs_coverage.png").is_file()
     coverage = text[text.index("## Set rules with a coverage target"):].splitlines()
-    assert "| two_head | coverage | 0.95 | 99.00 | 90.00 | 3 of 20 | 3.80 |" in coverage
-    assert "| ce | aps | 0.99 (full label set) | 98.00 | 94.00 | 3 of 20 | 9.00 |" in coverage
+    assert "| two_head | coverage (multilabel head) | 0.95 | 99.00 | 90.00 | 3 of 20 | 3.80 |" in coverage
+    assert "| ce | aps (softmax head) | 0.99 (full label set) | 98.00 | 94.00 | 3 of 20 | 9.00 |" in coverage
 
 
 def test_cli_report_missing_run_is_one_error_line(tmp_path, capsys):
