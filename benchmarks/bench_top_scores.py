@@ -293,7 +293,6 @@ def fmt_bytes(value: int) -> str:
     return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / MIB:.1f} MiB"
 
 
-
 def start_local_ray(*, object_store_gib: float) -> tuple[str, datetime]:
     """A local Ray on 127.0.0.1 with the object store capped, its workers importing this checkout, quiet Ray
     Data; returns the checkout's commit and the start time (UTC) for the benchmark's header."""
@@ -309,6 +308,7 @@ def start_local_ray(*, object_store_gib: float) -> tuple[str, datetime]:
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}})
     quiet_ray_data()
     return commit, started
+
 
 def main() -> None:
     from avgk.evaluation.top_scores import default_top_t

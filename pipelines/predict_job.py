@@ -369,5 +369,8 @@ def _input_rows(found: Inputs, todo: list[int], parts: int, *, read_cpus: float)
         return shards.flat_map(_read_shard, num_cpus=read_cpus)
     wanted = set(todo)
     items = sorted((part_of(key, parts), key) for key in found.files if part_of(key, parts) in wanted)
-    blocks = max(1, min(len(items), math.ceil(len(items) / 256)))
+    # At least a block per part and at most 256 rows a block: each block's labels reach the driver when its
+    # block is done, so a part is written soon after its rows are scored, and a killed job loses only the
+    # parts in flight (with fewer, larger blocks an actor's queued blocks finished together at the end).
+    blocks = max(1, min(len(items), max(len(todo), math.ceil(len(items) / 256))))
     return ray.data.from_items([{"part": p, "key": key} for p, key in items], override_num_blocks=blocks)

@@ -133,12 +133,12 @@ def head_note(rules: Sequence[SetRuleConfig], *, score_head: str) -> str:
 
 def by_column(rules: Sequence[SetRuleConfig], *, score_head: str) -> dict[str, list[SetRuleConfig]]:
     """The rules grouped by the score column their sets come from: "scores" (the run's score head) or another
-    head's name; "scores" first."""
+    head's name, in the order of the config's first rule on each."""
     groups: dict[str, list[SetRuleConfig]] = {}
     for rule in rules:
         column = "scores" if rule.head in (None, score_head) else str(rule.head)
         groups.setdefault(column, []).append(rule)
-    return dict(sorted(groups.items(), key=lambda item: item[0] != "scores"))
+    return groups
 
 
 def head_of(column: str, *, score_head: str) -> str:

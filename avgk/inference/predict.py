@@ -108,8 +108,9 @@ class SetPredictor:
         if not self.thresholds:
             raise ValueError("thresholds.json holds no calibrated K")
         self.set_rules = set_rules.rules_from_json(thresholds.get("set_rules") or {})
+        available = {*heads, *(["fused"] if {"softmax", "multilabel"} <= set(heads) else [])}
         for rule in self.set_rules:
-            if rule.head is not None and rule.head not in (*heads, "fused"):
+            if rule.head is not None and rule.head not in available:
                 raise ValueError(f"set rule {rule.key} was calibrated on head {rule.head!r}, the model has {list(heads)}")
         self.heads = tuple(dict.fromkeys([self.score_head, *(r.head for r in self.set_rules if r.head is not None)]))
         """The heads this predictor's choices score: the score head (K) and the set rules' heads."""

@@ -26,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from avgk.config import Config, save_config
 from avgk.data.loaders import num_train_batches, train_loader
 from avgk.data.manifest import read_manifest
+from avgk.evaluation import set_rules
 from avgk.evaluation.accounting import shortfall_warning
 from avgk.evaluation.metrics import format_k
 from avgk.evaluation.passes import Evaluation
@@ -123,6 +124,7 @@ def build_parts(
         loss_config, num_classes=num_classes, num_train=train_info.num_samples, class_counts=train_info.class_counts
     )
     score_head = score_head_for(config.loss)
+    set_rules.check_heads(config.eval.set_rules, heads=loss.heads, loss=config.loss.name)  # before any epoch
     detached = ("multilabel",) if config.loss.ml_stop_gradient else ()
     model: nn.Module = build_model(config.model, num_classes=num_classes, heads=loss.heads, detached_heads=detached).to(device)
     if config.model.channels_last:

@@ -218,3 +218,12 @@ def test_ema_averages_the_weights_and_is_what_is_evaluated_and_checkpointed(smok
         torch.testing.assert_close(a, b)
     for a, b in zip(resumed.ema.module.parameters(), parts.ema.module.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_set_rule_on_a_head_the_loss_lacks_stops_the_training_before_any_epoch(smoke_shards, tmp_path):
+    config = smoke(smoke_shards, tmp_path, "loss.name=ce", "run.name=no-head",
+                   "eval.set_rules=[{rule: aps, name: aps_ml, head: multilabel}]")
+    with pytest.raises(ValueError, match=r"^eval.set_rules 'aps_ml' has head='multilabel', but loss 'ce' trains only "
+                                         r"\['softmax'\]$"):
+        engine.fit(config, reporter=checkpoints.LocalReporter(str(tmp_path / "no-head")), log=lambda _: None)
+    assert not list((tmp_path / "no-head").glob("**/checkpoint*"))  # stopped before any epoch
