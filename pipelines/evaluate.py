@@ -73,14 +73,16 @@ def run_evaluate(
     the checkpoint's own config, so the scores are those of the training's evaluation.
     """
     config, run_dir, scoring, manifest = load_job_inputs(config, run=run, checkpoint=checkpoint)
+    head = score_head_for(scoring.config.loss)
+    rules = config.eval.set_rules
+    set_rules.check_heads(rules, heads=scoring.heads, loss=scoring.config.loss.name)  # the checkpoint's, before Ray
     config = job.start(config, cpus=0, resume=None, data=False)  # the inputs were checked above
     quiet_ray_data()
-    head = score_head_for(scoring.config.loss)
     with_posterior = manifest.source == "synthetic"
     log(f"evaluating {scoring.uri} ({head} head) on {config.data.shards}")
-
-    rules = config.eval.set_rules
-    set_rules.check_heads(rules, heads=scoring.heads, loss=scoring.config.loss.name)
+    note = set_rules.head_note(rules, score_head=head)
+    if note:
+        log(note)
     columns = [*set_rules.by_column(rules, score_head=head), *(["posterior"] if with_posterior else [])]
     calibration = SetColumns.calibrating(columns, with_mass=set_rules.needs_mass(rules)) if rules else None
     samples: dict[str, dict[str, int]] = {}

@@ -42,7 +42,8 @@ def start(config: Config, *, cpus: float, resume: bool | None = True, data: bool
     config = with_absolute_paths(config)
     use_retry_budget(config)
     rules = config.eval.set_rules
-    if set_rules.needs_mass(rules) or any(rule.head for rule in rules):
+    if resume is not None and (set_rules.needs_mass(rules) or any(rule.head for rule in rules)):
+        # a training's set rules against its loss's heads (a job on a checkpoint checks the checkpoint's)
         from avgk.method.losses import loss_class, score_head_for  # torch: only for the runs that ask for these
 
         set_rules.check_heads(rules, heads=loss_class(config.loss.name).heads, loss=config.loss.name)
