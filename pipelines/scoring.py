@@ -28,6 +28,7 @@ from avgk.config import Config
 from avgk.data.manifest import Manifest
 from avgk.evaluation import set_rules, top_scores
 from avgk.evaluation.set_rules import CalibratedRule
+from avgk.method.losses import scoreable_heads
 from avgk.models.inputs import image_transform
 from avgk.training import checkpoints, evaluation
 from pipelines.scoring_inputs import ScoringModel
@@ -313,7 +314,7 @@ def score_dataset(
     columns of scores [and posterior] instead (avgk.evaluation.top_scores.top_rows; the scores' class
     ids too with `with_classes`, which global pseudo-labels need). `set_columns` adds the set rules' columns.
     """
-    if head not in scoring.heads:
+    if head not in scoreable_heads(scoring.heads):
         raise ValueError(f"the checkpoint's model has heads {list(scoring.heads)}, not {head!r}")
     config = scoring.config
     num_streams = num_eval_streams(config)

@@ -26,7 +26,7 @@ from avgk.data.manifest import read_manifest
 from avgk.evaluation import set_rules
 from avgk.evaluation.metrics import format_k
 from avgk.evaluation.set_rules import CalibratedRule
-from avgk.method.losses import head_scores, loss_class
+from avgk.method.losses import head_scores, loss_class, scoreable_heads
 from avgk.models import networks as models
 from avgk.models.inputs import image_transform
 from avgk.records.runs import resolve_checkpoint, saved_run_config
@@ -102,13 +102,13 @@ class SetPredictor:
         self.num_classes = state["num_classes"]
         self.score_head = str(thresholds["score_head"])
         heads = loss_class(config.loss.name).heads
-        if self.score_head not in heads:
+        available = scoreable_heads(heads)  # loss.score_head=fused: the two heads' geometric mean
+        if self.score_head not in available:
             raise ValueError(f"thresholds were calibrated on head {self.score_head!r}, the model has {list(heads)}")
         self.thresholds = {str(k): float(v) for k, v in thresholds["thresholds"].items()}
         if not self.thresholds:
             raise ValueError("thresholds.json holds no calibrated K")
         self.set_rules = set_rules.rules_from_json(thresholds.get("set_rules") or {})
-        available = {*heads, *(["fused"] if {"softmax", "multilabel"} <= set(heads) else [])}
         for rule in self.set_rules:
             if rule.head is not None and rule.head not in available:
                 raise ValueError(f"set rule {rule.key} was calibrated on head {rule.head!r}, the model has {list(heads)}")

@@ -87,6 +87,17 @@ def test_a_rule_on_the_softmax_head_scores_that_head_and_reproduces_the_evaluati
     assert [s.ids for s in sets[:50]] == [s.ids for s in predictor.sets_of(softmax, rule="aps_softmax", coverage=0.9)]
 
 
+def test_a_model_calibrated_on_fused_scores_predicts_with_them(predictor, trained_run, test_split):
+    """loss.score_head=fused: thresholds on the geometric mean of the two heads' scores are served from those."""
+    document = json.loads((trained_run / "thresholds.json").read_text())
+    fused = SetPredictor(checkpoint=checkpoints.load_checkpoint_file_uri(str(trained_run / "best" / "checkpoint.pt")),
+                         thresholds={**document, "score_head": "fused"})
+    images = test_split[0][:20]
+    scores = predictor.score_heads(images, heads=("softmax", "multilabel"))
+    np.testing.assert_allclose(fused.score(images), np.sqrt(scores["softmax"] * scores["multilabel"]), rtol=1e-5)
+    assert fused.head_of(k=2) == "fused" and fused.predict(images, k=2)
+
+
 @pytest.mark.parametrize(
     "choice, match",
     [

@@ -93,6 +93,11 @@ def score_head_for(config: LossConfig) -> str:
     return head
 
 
+def scoreable_heads(heads: Sequence[str]) -> tuple[str, ...]:
+    """The scores a model with these trained heads gives: each head's, and 'fused' when it has both."""
+    return (*heads, *(("fused",) if set(FUSED_HEADS) <= set(heads) else ()))
+
+
 def head_scores(logits: dict[str, torch.Tensor], head: str) -> torch.Tensor:
     """Scores of one head (softmax probabilities or the multi-label head's sigmoids), or 'fused':
     the geometric mean of the two, sqrt(p_softmax * p_sigmoid), computed in log space."""
