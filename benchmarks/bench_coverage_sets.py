@@ -60,7 +60,7 @@ def evaluate(run: JobRun, *, rules: list, num_rows: int, num_classes: int, block
     shape = dict(num_rows=num_rows, num_classes=num_classes, block_rows=block_rows, seed=seed, drawn=True,
                  with_classes=False)
     top = run.top_t is not None
-    calibration = SetColumns.calibrating(["scores"], with_mass=False) if top else None
+    calibration = SetColumns.calibrating({"scores": rules}) if top else None
     splits = {"val": scored(**shape, top_t=run.top_t, set_columns=calibration)}
     run.materialised = splits["val"].size_bytes()
 

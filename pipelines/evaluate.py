@@ -83,8 +83,8 @@ def run_evaluate(
     note = set_rules.head_note(rules, score_head=head)
     if note:
         log(note)
-    columns = [*set_rules.by_column(rules, score_head=head), *(["posterior"] if with_posterior else [])]
-    calibration = SetColumns.calibrating(columns, with_mass=set_rules.needs_mass(rules)) if rules else None
+    groups = set_rules.by_column(rules, score_head=head) | ({"posterior": list(rules)} if with_posterior else {})
+    calibration = SetColumns.calibrating(groups) if rules else None
     samples: dict[str, dict[str, int]] = {}
 
     def score(split: str, top_t: int | None, set_columns: SetColumns | None) -> ray.data.Dataset:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -25,10 +25,11 @@ import ray.data
 import torch
 
 from avgk.config import Config
+from avgk.config.evaluation import SetRuleConfig
+from avgk.config.model import scoreable_heads
 from avgk.data.manifest import Manifest
 from avgk.evaluation import set_rules, top_scores
 from avgk.evaluation.set_rules import CalibratedRule
-from avgk.method.losses import scoreable_heads
 from avgk.models.inputs import image_transform
 from avgk.training import checkpoints, evaluation
 from pipelines.scoring_inputs import ScoringModel
@@ -159,15 +160,16 @@ class SetColumns:
     val's calibration columns, or test's set size and coverage for each calibrated target. Columns are named
     as the passes read them: "scores" (the score head), another head's name ("softmax"), or "posterior"."""
 
-    calibration: tuple[str, ...] = ()
-    """The columns whose calibration columns val rows get."""
-    with_mass: bool = False
+    calibration: tuple[tuple[str, bool], ...] = ()
+    """(column, with mass): the columns whose calibration columns val rows get, and whether their rules (aps,
+    raps) need the mass and rank of the true label too (a sort of each row: only where it is needed)."""
     rules: tuple[tuple[str, tuple[CalibratedRule, ...]], ...] = ()
     """(column, its calibrated targets): the targets whose set size and coverage test rows get."""
 
     @classmethod
-    def calibrating(cls, columns: Iterable[str], *, with_mass: bool) -> SetColumns:
-        return cls(calibration=tuple(columns), with_mass=with_mass)
+    def calibrating(cls, groups: Mapping[str, Sequence[SetRuleConfig]]) -> SetColumns:
+        """For the rules of each column (avgk.evaluation.set_rules.by_column, and "posterior": every rule)."""
+        return cls(calibration=tuple((column, set_rules.needs_mass(rules)) for column, rules in groups.items()))
 
     @classmethod
     def counting(cls, calibrated: Mapping[str, Sequence[CalibratedRule]]) -> SetColumns:
@@ -177,15 +179,16 @@ class SetColumns:
     @property
     def heads(self) -> tuple[str, ...]:
         """The heads besides the score head whose rows the scorer computes for these columns."""
-        columns = [*self.calibration, *(column for column, _ in self.rules)]
+        columns = [*(column for column, _ in self.calibration), *(column for column, _ in self.rules)]
         return tuple(dict.fromkeys(c for c in columns if c not in ("scores", "posterior")))
 
     def of(self, scores_NL: np.ndarray, *, labels_N: np.ndarray, column: str = "scores") -> dict[str, np.ndarray]:
         """The set columns of a batch's full rows of `column`."""
         columns = {}
-        if column in self.calibration:
-            columns.update(set_rules.calibration_columns(scores_NL, labels_N=labels_N, with_mass=self.with_mass,
-                                                         column=column))
+        for calibrated_column, with_mass in self.calibration:
+            if calibrated_column == column:
+                columns.update(set_rules.calibration_columns(scores_NL, labels_N=labels_N, with_mass=with_mass,
+                                                             column=column))
         for rules_column, rules in self.rules:
             if rules_column == column:
                 columns.update(set_rules.rule_columns(scores_NL, labels_N=labels_N, rules=rules, column=column))

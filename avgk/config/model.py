@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from avgk.config.base import Section
 from avgk.config.registry import LOSSES
+
+FUSED_HEADS = ("softmax", "multilabel")
+"""The heads a 'fused' score combines (their geometric mean)."""
+
+
+def scoreable_heads(heads: Sequence[str]) -> tuple[str, ...]:
+    """The scores a model with these trained heads gives: each head's, and 'fused' when it has both."""
+    return (*heads, *(("fused",) if set(FUSED_HEADS) <= set(heads) else ()))
 
 
 class ModelConfig(Section):

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from avgk.config.evaluation import SetRuleConfig
+from avgk.config.model import scoreable_heads
 from avgk.evaluation.metrics import format_k
 from avgk.method import coverage_sets as cs
 
@@ -148,7 +149,7 @@ def head_of(column: str, *, score_head: str) -> str:
 
 def check_heads(rules: Sequence[SetRuleConfig], *, heads: Sequence[str], loss: str) -> None:
     """A one-line error for a rule whose head the model does not have (fused needs both heads)."""
-    available = set(heads) | ({"fused"} if {"softmax", "multilabel"} <= set(heads) else set())
+    available = scoreable_heads(heads)
     for rule in rules:
         if rule.head is not None and rule.head not in available:
             raise ValueError(f"eval.set_rules {rule.key!r} has head={rule.head!r}, but loss {loss!r} trains only "

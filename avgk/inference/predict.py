@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 
 from avgk.config import Config
+from avgk.config.model import scoreable_heads
 from avgk.data.manifest import read_manifest
 from avgk.evaluation import set_rules
 from avgk.evaluation.metrics import format_k
 from avgk.evaluation.set_rules import CalibratedRule
-from avgk.method.losses import head_scores, loss_class, scoreable_heads
+from avgk.method.losses import head_scores, loss_class
 from avgk.models import networks as models
 from avgk.models.inputs import image_transform
 from avgk.records.runs import resolve_checkpoint, saved_run_config

@@ -213,7 +213,7 @@ def test_coverage_sets_larger_than_top_t_are_counted_exactly_from_top_t_rows(tra
 
     groups = set_rules.by_column(config.eval.set_rules, score_head="multilabel")
     assert list(groups) == ["scores", "softmax"]  # the rules on the score head, and one on the softmax head
-    val = score("val", SetColumns.calibrating(groups, with_mass=True))
+    val = score("val", SetColumns.calibrating(groups))
     names = val.schema().names
     assert "scores" not in names and "softmax" not in names and names.count("scores_top") == 1
     run = ray_runner({"val": val})

@@ -240,3 +240,20 @@ def test_a_rule_on_a_head_the_model_lacks_is_refused_in_one_line():
     set_rules.check_heads([SetRuleConfig(rule="aps", head="fused")], heads=("softmax", "multilabel"), loss="two_head")
     with pytest.raises(ConfigError, match=r"eval.set_rules.0.head='sigmoid'"):
         load_config(None, ["eval.set_rules=[{rule: aps, head: sigmoid}]"])
+
+
+def test_a_scorer_adds_each_columns_calibration_with_the_mass_only_its_rules_need():
+    """SetColumns per column: the true label's score for a coverage rule, its mass and rank too for aps; the
+    same numbers calibration_columns gives, and a column nobody calibrates gets none."""
+    from pipelines.scoring import SetColumns
+
+    probs, labels = _split(np.random.default_rng(5), 40, ties=False)
+    columns = SetColumns.calibrating({"scores": [RULES[0]], "softmax": [RULES[1]]})
+    assert columns.heads == ("softmax",)
+    scores = columns.of(probs, labels_N=labels)
+    assert sorted(scores) == ["cal_true"]
+    softmax = columns.of(probs, labels_N=labels, column="softmax")
+    expected = set_rules.calibration_columns(probs, labels_N=labels, with_mass=True, column="softmax")
+    assert sorted(softmax) == ["softmax_cal_mass", "softmax_cal_rank", "softmax_cal_true"]
+    assert all(np.array_equal(softmax[k], expected[k]) for k in expected)
+    assert columns.of(probs, labels_N=labels, column="posterior") == {}

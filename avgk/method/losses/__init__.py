@@ -3,15 +3,7 @@ Part of avgk.method (layer 5): may import the rest of avgk.method, avgk.data, av
 and avgk.runtime, nothing above them.
 """
 
-from avgk.method.losses.base import (
-    Loss,
-    LossOutput,
-    build_loss,
-    head_scores,
-    loss_class,
-    score_head_for,
-    scoreable_heads,
-)
+from avgk.method.losses.base import Loss, LossOutput, build_loss, head_scores, loss_class, score_head_for
 from avgk.method.losses.baselines import (
     an_loss,
     an_ls_loss,
@@ -37,6 +29,5 @@ __all__ = [
     "loss_class",
     "role_loss",
     "score_head_for",
-    "scoreable_heads",
     "wan_loss",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from avgk.config import LOSSES, LossConfig
+from avgk.config.model import scoreable_heads
 
 
 @dataclass
@@ -79,23 +80,13 @@ def build_loss(
     )
 
 
-FUSED_HEADS = ("softmax", "multilabel")
-"""The heads a 'fused' score combines."""
-
-
 def score_head_for(config: LossConfig) -> str:
     """The scores thresholded for average-K: the configured ones, else the loss's default head."""
     cls = loss_class(config.name)
     head = config.score_head or cls.default_score_head
-    needed = FUSED_HEADS if head == "fused" else (head,)
-    if not set(needed) <= set(cls.heads):
+    if head not in scoreable_heads(cls.heads):
         raise ValueError(f"loss.score_head={head!r} but loss {config.name!r} trains only {list(cls.heads)}")
     return head
-
-
-def scoreable_heads(heads: Sequence[str]) -> tuple[str, ...]:
-    """The scores a model with these trained heads gives: each head's, and 'fused' when it has both."""
-    return (*heads, *(("fused",) if set(FUSED_HEADS) <= set(heads) else ()))
 
 
 def head_scores(logits: dict[str, torch.Tensor], head: str) -> torch.Tensor:
